@@ -1,0 +1,141 @@
+"""The token batch every computation in the package takes: which tokens of which sequences are scored.
+
+A target is a token `input_ids[b, t]` scored given its prefix `input_ids[b, :t]`; targets are ordered row-major
+over the `True` entries of `target_mask`, so a target index `m` means the same token everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TokenBatch:
+    """Sequences and the tokens scored in them.
+
+    Args:
+        input_ids (`Tensor[B, T]`, long): token ids, left or right padded.
+        attention_mask (`Tensor[B, T]`): 1 on real tokens, 0 on padding.
+        target_mask (`Tensor[B, T]`, bool): `True` at `t` when `input_ids[b, t]` is a target, scored as
+            `log pi(input_ids[b, t] | input_ids[b, :t])`. Never `True` at `t = 0` or on padding.
+        position_ids (`Tensor[B, T]`, *optional*): passed to the model when the trainer passed them (padding-free).
+        temperature (`float`, *optional*, defaults to `1.0`): the log-probs are `log_softmax(z / temperature)`,
+            as the trainer scores them (GRPO scores at its sampling temperature).
+        model_kwargs (`dict`, *optional*): any other keyword inputs the trainer's forward received.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    target_mask: Tensor
+    position_ids: Tensor | None = None
+    temperature: float = 1.0
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(self.input_ids.shape)}")
+        if self.attention_mask.shape != self.input_ids.shape or self.target_mask.shape != self.input_ids.shape:
+            raise ValueError(
+                "input_ids, attention_mask and target_mask must share one [B, T] shape, got "
+                f"{tuple(self.input_ids.shape)}, {tuple(self.attention_mask.shape)}, {tuple(self.target_mask.shape)}"
+            )
+        self.target_mask = self.target_mask.bool()
+        if self.target_mask[:, 0].any():
+            raise ValueError("target_mask is True at t = 0: the first token has no prefix to be scored against")
+
+    @classmethod
+    def from_labels(
+        cls,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        *,
+        position_ids: Tensor | None = None,
+        temperature: float = 1.0,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> TokenBatch:
+        """Build from Hugging Face labels `[B, T]` (`-100` = not scored; the label at `t` is the token at `t`)."""
+        target_mask = labels != -100
+        target_mask[:, 0] = False
+        return cls(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            target_mask=target_mask & attention_mask.bool(),
+            position_ids=position_ids,
+            temperature=temperature,
+            model_kwargs=dict(model_kwargs or {}),
+        )
+
+    @classmethod
+    def coerce(cls, batch: TokenBatch | Mapping[str, Any]) -> TokenBatch:
+        """Accept a `TokenBatch` or a mapping with the same keys."""
+        if isinstance(batch, TokenBatch):
+            return batch
+        known = {"input_ids", "attention_mask", "target_mask", "position_ids", "temperature", "model_kwargs"}
+        unknown = set(batch) - known
+        if unknown:
+            raise ValueError(f"unknown token-batch keys {sorted(unknown)}; expected a subset of {sorted(known)}")
+        return cls(**dict(batch))
+
+    @property
+    def num_targets(self) -> int:
+        """`M`, the number of scored tokens."""
+        return int(self.target_mask.sum())
+
+    @property
+    def targets(self) -> Tensor:
+        """`[M]` the target token ids, row-major."""
+        return self.input_ids[self.target_mask]
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        """A copy on `device`."""
+        moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.model_kwargs.items()}
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            target_mask=self.target_mask.to(device),
+            position_ids=None if self.position_ids is None else self.position_ids.to(device),
+            model_kwargs=moved,
+        )
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        """Keyword inputs for the model's forward (no labels, no fused head)."""
+        kwargs: dict[str, Any] = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.position_ids is not None:
+            kwargs["position_ids"] = self.position_ids
+        kwargs.update(self.model_kwargs)
+        return kwargs
+
+
+def concat_token_batches(batches: list[TokenBatch], pad_token_id: int = 0) -> TokenBatch:
+    """Concatenate along B, right-padding shorter ones to the longest T (targets keep their row-major order).
+
+    All batches must share one temperature and carry no extra model kwargs.
+    """
+    if not batches:
+        raise ValueError("no token batches to concatenate")
+    if len({b.temperature for b in batches}) != 1:
+        raise ValueError("cannot concatenate token batches scored at different temperatures")
+    if any(b.model_kwargs for b in batches):
+        raise ValueError("cannot concatenate token batches that carry extra model kwargs")
+    length = max(b.input_ids.shape[1] for b in batches)
+
+    def pad(x: Tensor, value: int | bool) -> Tensor:
+        return torch.nn.functional.pad(x, (0, length - x.shape[1]), value=value)
+
+    has_positions = [b.position_ids is not None for b in batches]
+    if any(has_positions) and not all(has_positions):
+        raise ValueError("cannot concatenate token batches with and without position_ids")
+    return TokenBatch(
+        input_ids=torch.cat([pad(b.input_ids, pad_token_id) for b in batches]),
+        attention_mask=torch.cat([pad(b.attention_mask, 0) for b in batches]),
+        target_mask=torch.cat([pad(b.target_mask, False) for b in batches]),
+        position_ids=torch.cat([pad(b.position_ids, 0) for b in batches]) if all(has_positions) else None,
+        temperature=batches[0].temperature,
+    )

@@ -1,0 +1,109 @@
+"""The captured `c_l = dL/d lp_l` reconstruct the gradient the optimizer sees, for every trainer and loss type.
+
+Oracle: the model's plain (non-fused) forward, `log_softmax(logits / T)` gathered at the captured targets, and
+`torch.autograd.grad(sum_l c_l lp_l)`; compared with the accumulated `.grad` at `on_pre_optimizer_step`, after
+undoing the clip factor torch applies (`min(1, max_norm / (norm + 1e-6))`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from tests import trainer_factory
+from trl_ntk.capture import GradientCapture
+
+
+def _plain_logprobs(model, batch):
+    logits = model(**batch.forward_kwargs(), fused_lm_head=False).logits[:, :-1].float() / batch.temperature
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    return logprobs[batch.target_mask[:, 1:]]
+
+
+class ReconstructionCheck(TrainerCallback):
+    """Arms a capture every step and compares its reconstruction with `.grad` before the optimizer steps."""
+
+    def __init__(self, trainer, temperature: float = 1.0):
+        self.trainer = trainer
+        self.model = trainer.accelerator.unwrap_model(trainer.model)
+        self.capture = GradientCapture(self.model, temperature=temperature)
+        self.results: list[tuple[float, float, int]] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.capture.arm()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        micro_batches = self.capture.disarm()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.model.eval()  # the oracle's forward without gradient checkpointing (the toy has no dropout)
+        with self.capture.paused(), torch.enable_grad():
+            objective = sum((mb.grad_coeffs * _plain_logprobs(self.model, mb.batch)).sum() for mb in micro_batches)
+            raw = torch.autograd.grad(objective, params, allow_unused=True)
+        self.model.train()
+        raw = torch.cat([(r if r is not None else torch.zeros_like(p)).flatten() for r, p in zip(raw, params)])
+        applied = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            raw = raw * min(1.0, args.max_grad_norm / (float(raw.norm()) + 1e-6))
+        if float(applied.norm()) == 0.0:  # e.g. GRPO groups without reward variance and no KL: nothing to explain
+            assert float(raw.norm()) == 0.0
+            return
+        cosine = float(torch.nn.functional.cosine_similarity(raw.double(), applied.double(), dim=0))
+        relative_error = float((raw - applied).norm() / applied.norm())
+        self.results.append((cosine, relative_error, len(micro_batches)))
+
+
+def _check(trainer, temperature: float = 1.0, min_micro_batches: int = 1):
+    check = ReconstructionCheck(trainer, temperature)
+    trainer.add_callback(check)
+    trainer.train()
+    assert check.results, "no step had a non-zero gradient"
+    for cosine, relative_error, count in check.results:
+        assert count >= min_micro_batches
+        assert cosine >= 0.99999
+        assert relative_error <= 1e-4
+    return check
+
+
+@pytest.mark.parametrize("accumulation,max_grad_norm", [(1, 0.0), (2, 1e-3)])
+def test_sft_capture_reconstructs_grad(tmp_path, accumulation, max_grad_norm):
+    trainer = trainer_factory.sft_trainer(
+        tmp_path, gradient_accumulation_steps=accumulation, max_grad_norm=max_grad_norm
+    )
+    _check(trainer, min_micro_batches=accumulation)
+
+
+@pytest.mark.parametrize(
+    "loss_type,accumulation,max_grad_norm",
+    [("sigmoid", 1, 0.0), ("ipo", 2, 0.0), ("hinge", 2, 1e-3), (["sigmoid", "ipo"], 2, 0.0)],
+)
+def test_dpo_capture_reconstructs_grad(tmp_path, loss_type, accumulation, max_grad_norm):
+    trainer = trainer_factory.dpo_trainer(
+        tmp_path, loss_type=loss_type, gradient_accumulation_steps=accumulation, max_grad_norm=max_grad_norm
+    )
+    _check(trainer, min_micro_batches=accumulation)
+
+
+@pytest.mark.parametrize(
+    "loss_type,beta,accumulation,max_grad_norm",
+    [("grpo", 0.0, 1, 0.0), ("dr_grpo", 0.04, 2, 0.0), ("dapo", 0.04, 2, 1e-3), ("bnpo", 0.0, 2, 0.0)],
+)
+def test_grpo_capture_reconstructs_grad(tmp_path, loss_type, beta, accumulation, max_grad_norm):
+    trainer = trainer_factory.grpo_trainer(
+        tmp_path,
+        loss_type=loss_type,
+        beta=beta,
+        gradient_accumulation_steps=accumulation,
+        max_grad_norm=max_grad_norm,
+        temperature=0.9,
+    )
+    _check(trainer, temperature=0.9, min_micro_batches=accumulation)
+
+
+def test_capture_keeps_nothing_while_disarmed(tmp_path):
+    trainer = trainer_factory.sft_trainer(tmp_path, max_steps=1)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    capture = GradientCapture(model)
+    trainer.train()
+    assert capture.micro_batches == []
+    assert not capture.armed

@@ -1,0 +1,396 @@
+"""`LearningDynamicsCallback`: maps trainer events to probe scoring and step analysis; no maths inside.
+
+Event flow of one optimizer step with analysis due: `on_step_begin` arms the capture -> the trainer's own
+forward/backward runs, hooks keep the micro-batches and `c_l` -> `on_pre_optimizer_step` (params `w_t`, `.grad`
+complete): score probes, predict -> `on_optimizer_step` (params `w_{t+1}`): score again, observed vs predicted ->
+sinks. Steps without analysis cost one `if`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+import trl
+from transformers import TrainerCallback
+
+from . import __version__, dynamics, records
+from .adapters import adapter_for, label_step
+from .capture import GradientCapture
+from .probes import ProbeSet, sample_responses
+from .scoring import score_responses
+from .sinks import make_sinks
+
+logger = logging.getLogger(__name__)
+
+ATTRIBUTION_LEVELS = ("none", "sums", "tokens")
+
+
+@dataclass
+class DynamicsConfig:
+    """Options of `LearningDynamicsCallback`, logged as run config.
+
+    Args:
+        every_n_steps (`int`, *optional*, defaults to `50`): score the probes (and analyse the update) at every
+            optimizer step whose `global_step` is a multiple of this, and at the end of training.
+        attribution (`str`, *optional*, defaults to `"sums"`): `"none"` (track probe log-probs only, a few no-grad
+            forwards), `"sums"` (predicted vs observed change, sign / group splits: a few backwards and JVPs) or
+            `"tokens"` (adds the probe-token x training-token matrix: about `min(Mp, L)` batch JVPs).
+        tokens_every_n_steps (`int`, *optional*): with `attribution="sums"`, run the `"tokens"` level on the
+            analysis steps that are multiples of this.
+        num_prompts (`int`, *optional*, defaults to `4`): prompts taken from the train dataset for default probes.
+        generate (`bool`, *optional*, defaults to `True`): track the model's own greedy response per probe prompt,
+            regenerated at every scoring step (kind `greedy`).
+        num_samples (`int`, *optional*, defaults to `0`): also track this many sampled responses per prompt.
+        sample_temperature (`float`, *optional*, defaults to `1.0`): temperature of those samples.
+        max_new_tokens (`int`, *optional*, defaults to `48`): generation length for sampled probes.
+        top_k (`int`, *optional*, defaults to `5`): training tokens listed per probe response ("tokens" level).
+        chunk_size (`int`, *optional*): parameter-sized tangents held at once by the kernels.
+        score_batch_size (`int`, *optional*, defaults to `32`): probe responses per scoring forward.
+        kernel_summaries (`bool`, *optional*, defaults to `False`): log-prob kernel and pNTK norms between probes
+            and the batch at "tokens" steps (two more `min(Mp, L)`-JVP passes).
+        strict (`bool`, *optional*, defaults to `False`): raise analysis failures instead of warning and counting.
+        seed (`int`, *optional*, defaults to `0`): probe selection and sampling seed.
+        output_dir (`str`, *optional*): where `dynamics.jsonl` goes; defaults to `<args.output_dir>/dynamics`.
+        report_to (`str` or `list[str]`, *optional*): trackers besides the JSONL; defaults to the trainer's
+            `args.report_to`.
+    """
+
+    every_n_steps: int = 50
+    attribution: str = "sums"
+    tokens_every_n_steps: int | None = None
+    num_prompts: int = 4
+    generate: bool = True
+    num_samples: int = 0
+    sample_temperature: float = 1.0
+    max_new_tokens: int = 48
+    top_k: int = 5
+    chunk_size: int | None = None
+    score_batch_size: int = 32
+    kernel_summaries: bool = False
+    strict: bool = False
+    seed: int = 0
+    output_dir: str | None = None
+    report_to: str | list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.attribution not in ATTRIBUTION_LEVELS:
+            raise ValueError(f"attribution must be one of {ATTRIBUTION_LEVELS}, got {self.attribution!r}")
+        if self.every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {self.every_n_steps}")
+
+
+@dataclass
+class _PendingAnalysis:
+    step: int
+    before: Any  # ResponseScores at w_t
+    explanation: dynamics.UpdateExplanation | None
+    tokens: bool
+    lld_before: Any = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+class LearningDynamicsCallback(TrainerCallback):
+    r"""
+    A [`~transformers.TrainerCallback`] that tracks probe log-probabilities and explains, token by token, how each
+    analysed optimizer step moved them.
+
+    Usage:
+    ```python
+    >>> trainer = DPOTrainer(...)
+    >>> trainer.add_callback(LearningDynamicsCallback(trainer, every_n_steps=20, attribution="sums"))
+    >>> trainer.train()  # -> <output_dir>/dynamics/dynamics.jsonl; `trl-ntk report <output_dir>/dynamics`
+    ```
+
+    Args:
+        trainer (`Trainer`):
+            An `SFTTrainer`, `DPOTrainer` or `GRPOTrainer` (or a subclass).
+        probes (`ProbeSet`, *optional*):
+            Probe responses to track. Defaults to probes built from the trainer's train dataset
+            (`ProbeSet.from_preference_dataset` for DPO, `ProbeSet.from_prompts` otherwise).
+        config (`DynamicsConfig`, *optional*):
+            All options; keyword arguments override its fields (`every_n_steps=...`, `attribution=...`, ...).
+    """
+
+    def __init__(self, trainer: Any, probes: ProbeSet | None = None, config: DynamicsConfig | None = None, **options):
+        self.trainer = trainer
+        self.config = DynamicsConfig(**{**(asdict(config) if config else {}), **options})
+        self.adapter = adapter_for(trainer)
+        self.adapter.validate(trainer)
+        self.tokenizer = trainer.processing_class
+        tokenizer = getattr(self.tokenizer, "tokenizer", self.tokenizer)
+        self.tokenizer = tokenizer
+        model = self._model()
+        if probes is None:
+            probes = self._default_probes(trainer)
+        self.probes = probes
+        self.max_length = _model_max_length(model)
+        self.encoded = probes.encode(tokenizer, max_length=self.max_length)
+        self.encoded.validate(model, tokenizer)
+        self.capture = GradientCapture(model, temperature=self.adapter.temperature(trainer))
+        self._wrap_compute_loss(trainer)
+        self.output_dir = Path(self.config.output_dir or Path(trainer.args.output_dir) / "dynamics")
+        self.sinks = None
+        self.sampled: list = []
+        self.sampled_step: int | None = None
+        self.pending: _PendingAnalysis | None = None
+        self.last_scored_step: int | None = None
+        self.analysis_failures = 0
+        self.last_failure = ""
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _model(self) -> torch.nn.Module:
+        return self.trainer.accelerator.unwrap_model(self.trainer.model)
+
+    def _default_probes(self, trainer: Any) -> ProbeSet:
+        dataset = trainer.train_dataset
+        if dataset is None:
+            raise ValueError("the trainer has no train_dataset to build default probes from; pass probes=ProbeSet(...)")
+        if self.adapter.kind == "dpo":
+            return ProbeSet.from_preference_dataset(
+                dataset,
+                self.tokenizer,
+                num_prompts=self.config.num_prompts,
+                seed=self.config.seed,
+                test_dataset=getattr(trainer, "eval_dataset", None) or None,
+            )
+        return ProbeSet.from_prompts(
+            dataset, self.tokenizer, num_prompts=self.config.num_prompts, seed=self.config.seed
+        )
+
+    def _wrap_compute_loss(self, trainer: Any) -> None:
+        """Tell the capture where each trainer micro-batch starts (its inputs name the tokens for the adapter)."""
+        compute_loss = trainer.compute_loss
+        capture = self.capture
+
+        def compute_loss_with_capture(model, inputs, *args, **kwargs):
+            capture.begin_loss_call(inputs)
+            return compute_loss(model, inputs, *args, **kwargs)
+
+        trainer.compute_loss = compute_loss_with_capture
+
+    # -------------------------------------------------------------------------------------------- schedule
+    def _due(self, step: int) -> bool:
+        return step % self.config.every_n_steps == 0
+
+    def _tokens_due(self, step: int) -> bool:
+        if self.config.attribution == "tokens":
+            return True
+        every = self.config.tokens_every_n_steps
+        return self.config.attribution == "sums" and every is not None and step % every == 0
+
+    # -------------------------------------------------------------------------------------------- events
+    def on_train_begin(self, args, state, control, **kwargs):
+        resumed = state.global_step if state.global_step > 0 else None
+        if state.is_world_process_zero:
+            self.sinks = make_sinks(
+                self.config.report_to if self.config.report_to is not None else args.report_to,
+                self.output_dir,
+                trainer=self.trainer,
+            )
+            if resumed is not None:
+                self.sinks.truncate_after(resumed - 1)
+            self._emit(
+                state.global_step,
+                [records.run_record(state.global_step, self.adapter.kind, asdict(self.config), _versions(), resumed)],
+            )
+            self._emit(state.global_step, [records.probes_record(state.global_step, self.encoded, self.tokenizer)])
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.config.attribution != "none" and self._due(state.global_step):
+            self.capture.arm()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        step = state.global_step
+        if not self._due(step):
+            return
+        armed = self.capture.armed
+        micro_batches = self.capture.disarm() if armed else []
+        self._guarded(step, self._before_update, step, micro_batches, armed)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        self._guarded(pending.step, self._after_update, pending)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if self.last_scored_step != step:
+            self._guarded(step, self._score_only, step)
+        if self.sinks is not None:
+            self._emit(
+                step, [records.status_record(step, self.analysis_failures, self.sinks.failures, self.last_failure)]
+            )
+            self.sinks.close()
+            self.sinks = None
+
+    # ------------------------------------------------------------------------------------------ analysis
+    def _guarded(self, step: int, fn, *args) -> None:
+        if self.config.strict:
+            fn(*args)
+            return
+        try:
+            fn(*args)
+        except Exception as error:  # noqa: BLE001 - non-strict mode must never stop training
+            self.pending = None
+            self.capture.disarm()
+            self.analysis_failures += 1
+            self.last_failure = f"step {step}: {type(error).__name__}: {error}"
+            logger.warning(
+                "learning-dynamics analysis failed at %s (failure #%d)", self.last_failure, self.analysis_failures
+            )
+
+    def _probe_batch(self, step: int):
+        """The fixed probes plus the sampled ones of this scoring step (regenerated when due)."""
+        model = self._model()
+        if self.config.generate and self.sampled_step != step:
+            with self.capture.paused():
+                self.sampled = sample_responses(
+                    model,
+                    self.tokenizer,
+                    self.probes.prompts(),
+                    num_samples=self.config.num_samples,
+                    temperature=self.config.sample_temperature,
+                    max_new_tokens=self.config.max_new_tokens,
+                    seed=self.config.seed + step,
+                )
+            self.sampled_step = step
+            if self.sampled:
+                encoded = ProbeSet.from_responses(self.probes.responses() + self.sampled).encode(
+                    self.tokenizer, max_length=self.max_length
+                )
+                self._emit(step, [records.probes_record(step, encoded, self.tokenizer)])
+                return encoded
+        if self.sampled:
+            return ProbeSet.from_responses(self.probes.responses() + self.sampled).encode(
+                self.tokenizer, max_length=self.max_length
+            )
+        return self.encoded
+
+    def _score(self, encoded):
+        return self._score_batch(encoded.batch)
+
+    def _score_batch(self, batch):
+        with self.capture.paused():
+            return score_responses(self._model(), batch, batch_size=self.config.score_batch_size)
+
+    def _score_only(self, step: int) -> None:
+        encoded = self._probe_batch(step)
+        scores = self._score(encoded)
+        self.last_scored_step = step
+        self._emit(step, records.probe_records(step, encoded, scores))
+
+    def _before_update(self, step: int, micro_batches: list, armed: bool) -> None:
+        encoded = self._probe_batch(step)
+        before = self._score(encoded)
+        self.last_scored_step = step
+        self._emit(step, records.probe_records(step, encoded, before))
+        if not armed:
+            return
+        if not micro_batches:
+            raise RuntimeError("no training forward with a gradient was captured in this step")
+        model = self._model()
+        labels = label_step(self.adapter, micro_batches)
+        tokens = self._tokens_due(step)
+        lld = None
+        if self.adapter.kind == "grpo" and any(bool((lab.group == 0).any()) for lab in labels):
+            lld = dynamics.positive_completion_batches(micro_batches, labels)
+        was_training = model.training
+        model.eval()
+        try:
+            with self.capture.paused():
+                explanation = dynamics.explain_update(
+                    model,
+                    encoded.batch,
+                    micro_batches,
+                    labels,
+                    self.adapter.group_names,
+                    self.trainer.optimizer,
+                    attribution="tokens" if tokens else "sums",
+                    coeff_scale=1.0 / self.trainer.accelerator.num_processes,
+                    all_reduce=_all_reduce(self.trainer.accelerator),
+                    chunk_size=self.config.chunk_size,
+                    kernel_summaries=self.config.kernel_summaries and tokens,
+                    extra_batches={"lld": lld[0]} if lld is not None else None,
+                )
+                lld_before = None if lld is None else self._target_logprobs(lld[0])
+        finally:
+            model.train(was_training)
+        self.pending = _PendingAnalysis(
+            step=step,
+            before=(encoded, before),
+            explanation=explanation,
+            tokens=tokens,
+            lld_before=None if lld is None else (lld, lld_before, labels),
+        )
+
+    def _target_logprobs(self, batch) -> torch.Tensor:
+        """`[M]` log-probs of a token batch's targets (row-major), no grad."""
+        return torch.cat(list(self._score_batch(batch).token_logps))
+
+    def _after_update(self, pending: _PendingAnalysis) -> None:
+        encoded, before = pending.before
+        after = self._score(encoded)
+        step = pending.step
+        out = records.dynamics_records(
+            step, encoded, before, after, pending.explanation, self.tokenizer, top_k=self.config.top_k
+        )
+        if pending.lld_before is not None:
+            (lld_batch, lld_labels), lld_before, all_labels = pending.lld_before
+            groups = dynamics.lazy_likelihood_displacement(
+                lld_before,
+                self._target_logprobs(lld_batch),
+                pending.explanation.extra["lld"],
+                lld_labels,
+                pending.explanation.cell_names,
+                dynamics.concat_labels(all_labels),
+            )
+            out += records.lld_records(step, groups)
+        if pending.tokens and pending.explanation.matrix is not None and self._is_main():
+            matrix_file = self.sinks.save_attributions(
+                step, records.attribution_arrays(encoded, pending.explanation, self.tokenizer)
+            )
+            for record in out:
+                if record["type"] == "dynamics":
+                    record["matrix"] = {"file": matrix_file, "key": record["probe_id"]}
+        self._emit(step, out)
+        logger.info("%s", records.one_line_summary(step, out, time.perf_counter() - pending.started))
+
+    # ------------------------------------------------------------------------------------------- output
+    def _is_main(self) -> bool:
+        return self.trainer.accelerator.is_main_process
+
+    def _emit(self, step: int, batch: list[dict]) -> None:
+        if self.sinks is not None and self._is_main():
+            self.sinks.write_event(step, batch)
+
+
+def _model_max_length(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    return getattr(text_config, "max_position_embeddings", None)
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "trl_ntk": __version__,
+    }
+
+
+def _all_reduce(accelerator: Any):
+    if accelerator.num_processes <= 1:
+        return None
+
+    def reduce(tensor: torch.Tensor) -> None:
+        torch.distributed.all_reduce(tensor)
+
+    return reduce

@@ -1,0 +1,361 @@
+"""One analysis step, trainer-free: why each probe token's log-prob moved in one optimizer update.
+
+Inputs: the model at `w_t` (gradients of the step in `.grad`), the probe token batch, the captured training
+micro-batches with their gradient coefficients `c_l`, the adapter's token labels and the optimizer. With
+`g = sum_l c_l grad lp_l` (times the clip and cross-rank factor `s`) and the optimizer's split of its update
+`dw = -P g + history` (`kernels.optimizer_step_split`), every probe token m gets
+
+    predicted_m         = < grad lp~_m, dw >                                       (JVP along the real update)
+    current_m           = - s * sum_l c_l < grad lp~_m, P grad lp_l >              (= sum over cells below)
+    cell_m[sign, group] = - s * sum_{l in cell} c_l < grad lp~_m, P grad lp_l >    (one backward + one JVP each)
+    history_m           = < grad lp~_m, history >                                  (momentum, weight decay)
+    sgd_m               = - lr * < grad lp~_m, g >                                 (the seed's plain-SGD view)
+
+and, at the "tokens" level, the matrix `a_{m,l} = - s * c_l * < grad lp~_m, P grad lp_l >` whose row sums are
+`current_m`. The observed change comes from scoring the probes again after the optimizer step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+from .adapters import TokenLabels
+from .batches import TokenBatch, concat_token_batches
+from .capture import CapturedMicroBatch
+
+SIGN_NAMES = ("positive", "negative")  # positive gradient: c_l < 0 (pulled up); negative: c_l > 0 (pushed down)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """`{name: parameter}` of the parameters with `requires_grad=True` (LoRA parameters for a PEFT model)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _dot(a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
+    return sum((a[n].double() * b[n].double()).sum() for n in a)
+
+
+def _axpy(scale: float, x: dict[str, Tensor], y: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """`scale * x + y`, name by name."""
+    if y is None:
+        return {n: scale * v for n, v in x.items()}
+    return {n: scale * v + y[n] for n, v in x.items()}
+
+
+def target_rows(batch: TokenBatch) -> Tensor:
+    """`[M]` the row of every target of `batch` (row-major order)."""
+    rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+    return rows[:, None].expand_as(batch.target_mask)[batch.target_mask]
+
+
+def sum_by_row(values: Tensor, batch: TokenBatch) -> Tensor:
+    """`[..., M] -> [..., B]`: per-target values summed over each row's targets."""
+    rows = target_rows(batch).to(values.device)
+    out = values.new_zeros(*values.shape[:-1], batch.input_ids.shape[0])
+    return out.index_add_(-1, rows, values)
+
+
+@dataclass
+class GradientCheck:
+    """How well the captured signal reconstructs the gradient the optimizer applies.
+
+    `clip_scale` is the least-squares factor `s` with `.grad ~= s * sum_l c_l grad lp_l` (the clip factor, 1 when
+    no clipping applied); `cosine` and `relative_error` measure the reconstruction after scaling.
+    """
+
+    cosine: float
+    relative_error: float
+    clip_scale: float
+
+
+@dataclass
+class UpdateExplanation:
+    """The pre-step half of an analysis: everything predicted for the probe tokens, `[Mp]` each.
+
+    Args:
+        predicted: `<grad lp~_m, dw>`.
+        current: the optimizer-aware current-gradient part.
+        history: the momentum / weight-decay part (`predicted = current + history`).
+        sgd: `-lr <grad lp~_m, g>`.
+        cells: `[K, Mp]` the current part by (sign, group) cell, named in `cell_names`.
+        matrix: `[Mp, L]` the token attribution matrix ("tokens" level), else `None`.
+        train_targets: `[L]` training target ids, `train_coeffs` `[L]` their effective `s * c_l`,
+        train_labels: the adapter labels concatenated over micro-batches.
+    """
+
+    predicted: Tensor
+    current: Tensor
+    history: Tensor
+    sgd: Tensor
+    cells: Tensor
+    cell_names: list[tuple[str, str]]
+    gradient_check: GradientCheck
+    path: str
+    grad_coeff_norm: float
+    matrix: Tensor | None = None
+    kernel_norms: dict[str, Tensor] = field(default_factory=dict)
+    train_targets: Tensor | None = None
+    train_batches: list[TokenBatch] = field(default_factory=list)
+    train_coeffs: Tensor | None = None
+    train_labels: TokenLabels | None = None
+    extra: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+
+def _cells(labels: list[TokenLabels], coeffs: list[Tensor], group_names: tuple[str, ...]) -> list[tuple[int, int]]:
+    """(sign index, group index) pairs that hold at least one training token with a non-zero coefficient."""
+    present = set()
+    for lab, c in zip(labels, coeffs):
+        for sign_index, sign_mask in enumerate((c < 0, c > 0)):
+            for g in lab.group[sign_mask.cpu()].unique().tolist():
+                present.add((sign_index, int(g)))
+    return sorted(present)
+
+
+def reconstruct_gradient(
+    model: nn.Module,
+    micro_batches: list[CapturedMicroBatch],
+    weights: list[Tensor],
+    params: dict[str, Tensor],
+) -> dict[str, Tensor]:
+    """`sum_l w_l grad lp_l` over all micro-batches (one weighted backward per micro-batch)."""
+    total: dict[str, Tensor] | None = None
+    for mb, w in zip(micro_batches, weights):
+        if not bool((w != 0).any()):
+            continue
+        grad = kernels.logprob_grad(model, mb.batch, w, params=list(params))
+        total = grad if total is None else {n: total[n] + grad[n] for n in total}
+    if total is None:
+        total = {n: torch.zeros_like(p) for n, p in params.items()}
+    return total
+
+
+def explain_update(
+    model: nn.Module,
+    probe_batch: TokenBatch,
+    micro_batches: list[CapturedMicroBatch],
+    labels: list[TokenLabels],
+    group_names: tuple[str, ...],
+    optimizer: torch.optim.Optimizer,
+    *,
+    attribution: str = "sums",
+    coeff_scale: float = 1.0,
+    all_reduce: Any = None,
+    chunk_size: int | None = None,
+    kernel_summaries: bool = False,
+    extra_batches: dict[str, TokenBatch] | None = None,
+) -> UpdateExplanation:
+    """Predict the change of every probe token over the coming optimizer step (call before `optimizer.step()`).
+
+    Args:
+        model (`nn.Module`): at `w_t`, in eval mode, with the step's gradient in `.grad` (clipped and averaged
+            as the optimizer will apply it).
+        probe_batch (`TokenBatch`): the probe responses; `Mp` targets.
+        micro_batches, labels: the captured training forwards and their adapter labels.
+        group_names (`tuple[str, ...]`): the adapter's group names.
+        optimizer: the (possibly wrapped) torch optimizer about to step.
+        attribution (`str`): `"sums"` (cells, about `K` batch backwards + `K` probe JVPs) or `"tokens"` (adds the
+            `[Mp, L]` matrix, about `min(Mp, L)` batch JVPs).
+        coeff_scale (`float`): factor on `c_l` before clipping (`1 / world_size` under DDP averaging).
+        all_reduce (`callable`, *optional*): sums a tensor across ranks in place (DDP); `None` on one process.
+        chunk_size (`int`, *optional*): rows of parameter-sized tangents held at once.
+        kernel_summaries (`bool`): also compute the log-prob kernel and pNTK norms between probe and batch.
+        extra_batches (`dict[str, TokenBatch]`, *optional*): other token batches whose changes are predicted along
+            the same directions (GRPO's own completions for lazy likelihood displacement); results in
+            `explanation.extra[name]` as `{"predicted", "current", "history", "cells"}`.
+
+    Returns:
+        `UpdateExplanation`. Allocates a few parameter-sized dicts (one per cell, `P`, history), never `[Mp, P]`.
+    """
+    params = trainable_parameters(model)
+    names = list(params)
+    applied = {n: (p.grad.detach() if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
+    coeffs = [mb.grad_coeffs * coeff_scale for mb in micro_batches]
+    cell_ids = _cells(labels, coeffs, group_names)
+
+    cell_grads = []
+    for sign_index, group_index in cell_ids:
+        weights = []
+        for lab, c in zip(labels, coeffs):
+            in_sign = (c < 0) if sign_index == 0 else (c > 0)
+            in_cell = in_sign & (lab.group.to(c.device) == group_index)
+            weights.append(torch.where(in_cell, c, torch.zeros_like(c)))
+        cell_grads.append(reconstruct_gradient(model, micro_batches, weights, params))
+
+    raw = {n: sum((g[n] for g in cell_grads), torch.zeros_like(applied[n])) for n in names}
+    if all_reduce is not None:
+        for n in names:
+            all_reduce(raw[n])
+    raw_norm_sq = float(_dot(raw, raw))
+    applied_norm_sq = float(_dot(applied, applied))
+    scale = float(_dot(applied, raw)) / raw_norm_sq if raw_norm_sq > 0 else 1.0
+    residual = {n: applied[n] - scale * raw[n] for n in names}
+    check = GradientCheck(
+        cosine=float(_dot(applied, raw)) / max((raw_norm_sq * applied_norm_sq) ** 0.5, 1e-300),
+        relative_error=float(_dot(residual, residual)) ** 0.5 / max(applied_norm_sq**0.5, 1e-300),
+        clip_scale=scale,
+    )
+
+    preconditioner, history = kernels.optimizer_step_split(optimizer, params)
+    lr_direction = kernels.sgd_preconditioner(optimizer, params)
+
+    directions = [{n: -scale * preconditioner[n] * g[n] for n in names} for g in cell_grads]
+    directions.append(history)
+    directions.append({n: -lr_direction[n] * applied[n] for n in names})
+    jvps, path = _probe_jvps(model, probe_batch, directions, names)
+    if all_reduce is not None and cell_grads:
+        all_reduce(jvps[: len(cell_grads)])
+    cells = jvps[: len(cell_grads)]
+    history_change = jvps[len(cell_grads)]
+    sgd_change = jvps[len(cell_grads) + 1]
+    current = cells.sum(0) if len(cell_grads) else torch.zeros_like(history_change)
+    extra = {}
+    for name, batch in (extra_batches or {}).items():
+        values, _ = _probe_jvps(model, batch, directions[: len(cell_grads) + 1], names)
+        if all_reduce is not None and cell_grads:
+            all_reduce(values[: len(cell_grads)])
+        extra_current = values[: len(cell_grads)].sum(0)
+        extra[name] = {
+            "cells": values[: len(cell_grads)],
+            "current": extra_current,
+            "history": values[len(cell_grads)],
+            "predicted": extra_current + values[len(cell_grads)],
+        }
+
+    explanation = UpdateExplanation(
+        predicted=current + history_change,
+        current=current,
+        history=history_change,
+        sgd=sgd_change,
+        cells=cells,
+        cell_names=[(SIGN_NAMES[s], group_names[g]) for s, g in cell_ids],
+        gradient_check=check,
+        path=path,
+        grad_coeff_norm=float(torch.cat([c for c in coeffs]).norm()) * abs(scale) if coeffs else 0.0,
+        train_labels=concat_labels(labels),
+        extra=extra,
+    )
+    if attribution == "tokens":
+        columns = []
+        for mb, c in zip(micro_batches, coeffs):
+            kernel = kernels.logprob_kernel(
+                model, probe_batch, mb.batch, params=names, preconditioner=preconditioner, chunk_size=chunk_size
+            )
+            columns.append(-scale * kernel * c.to(kernel.dtype)[None, :])
+        explanation.matrix = torch.cat(columns, dim=1)
+        explanation.train_targets = torch.cat([mb.batch.targets for mb in micro_batches])
+        explanation.train_coeffs = torch.cat(coeffs) * scale
+        explanation.train_batches = [mb.batch for mb in micro_batches]
+    if kernel_summaries:
+        logprob_sq = 0.0
+        pntk_sq = 0.0
+        for mb in micro_batches:
+            logprob_sq += float(kernels.logprob_kernel(model, probe_batch, mb.batch, params=names).pow(2).sum())
+            pntk_sq += float(kernels.pntk(model, probe_batch, mb.batch, params=names).pow(2).sum())
+        explanation.kernel_norms = {"logprob_norm": logprob_sq**0.5, "pntk_norm": pntk_sq**0.5}
+    return explanation
+
+
+def _probe_jvps(
+    model: nn.Module, batch: TokenBatch, directions: list[dict[str, Tensor]], names: list[str]
+) -> tuple[Tensor, str]:
+    """`[len(directions), M]` JVPs of the batch's target log-probs, and the JVP path that ran."""
+    rows = []
+    path = "jvp"
+    for direction in directions:
+        values = kernels.logprob_jvp(model, batch, direction, params=names)
+        path = (
+            getattr(values, "jvp_path", None) or kernels.last_jvp_path() if hasattr(kernels, "last_jvp_path") else path
+        )
+        rows.append(values.detach().float())
+    return torch.stack(rows), str(path)
+
+
+def concat_labels(labels: list[TokenLabels]) -> TokenLabels | None:
+    if not labels:
+        return None
+    return TokenLabels(
+        group=torch.cat([lab.group for lab in labels]),
+        example=torch.cat([lab.example for lab in labels]),
+        sequence_group=torch.cat([lab.sequence_group for lab in labels]),
+    )
+
+
+def positive_completion_batches(
+    micro_batches: list[CapturedMicroBatch], labels: list[TokenLabels], positive_group: int = 0
+) -> tuple[TokenBatch, TokenLabels]:
+    """GRPO's positive-advantage completions of the step as one token batch at temperature 1, with their labels.
+
+    Lazy likelihood displacement is about `ln pi(y_i | x)` of the correct completions, so these are scored at
+    temperature 1 whatever temperature the trainer samples and scores at.
+    """
+    batches, kept = [], []
+    for mb, lab in zip(micro_batches, labels):
+        keep = lab.group == positive_group
+        rows = target_rows(mb.batch).cpu()
+        positive_rows = rows[keep].unique()
+        if positive_rows.numel() == 0:
+            continue
+        row_keep = torch.zeros(mb.batch.input_ids.shape[0], dtype=torch.bool)
+        row_keep[positive_rows] = True
+        row_keep = row_keep.to(mb.batch.input_ids.device)
+        batches.append(
+            TokenBatch(
+                input_ids=mb.batch.input_ids[row_keep],
+                attention_mask=mb.batch.attention_mask[row_keep],
+                target_mask=mb.batch.target_mask[row_keep],
+                position_ids=None if mb.batch.position_ids is None else mb.batch.position_ids[row_keep],
+            )
+        )
+        kept.append(
+            TokenLabels(group=lab.group[keep], example=lab.example[keep], sequence_group=lab.sequence_group[keep])
+        )
+    if not batches:
+        raise ValueError("no positive-advantage completion in this step's batch")
+    return concat_token_batches(batches), concat_labels(kept)
+
+
+def lazy_likelihood_displacement(
+    before: Tensor,
+    after: Tensor,
+    prediction: dict[str, Tensor],
+    labels: TokenLabels,
+    cell_names: list[tuple[str, str]],
+    all_labels: TokenLabels,
+) -> list[dict[str, Any]]:
+    """Per GRPO group: `Delta = mean_{i in P} [lp(y_i|x) after - before]` (sequence log-probs), its prediction,
+    and the part of the current-gradient prediction due to negative-advantage completions.
+
+    Args:
+        before, after (`Tensor[M]`): log-probs of the positive completions' targets at `w_t`, `w_{t+1}`.
+        prediction: `explanation.extra[...]` for the same targets.
+        labels (`TokenLabels`): labels of those targets; `all_labels`: of every training target of the step
+            (to count each group's negative completions).
+    """
+    negative_cells = [k for k, (_, group) in enumerate(cell_names) if group == "negative_advantage"]
+    from_negative = prediction["cells"][negative_cells].sum(0) if negative_cells else torch.zeros_like(before)
+    out = []
+    for group in labels.sequence_group.unique().tolist():
+        in_group = labels.sequence_group == group
+        examples = labels.example[in_group].unique()
+
+        def mean_over_completions(values: Tensor) -> float:
+            per_completion = [float(values[in_group & (labels.example == e)].sum()) for e in examples.tolist()]
+            return sum(per_completion) / len(per_completion)
+
+        group_all = all_labels.sequence_group == group
+        out.append(
+            {
+                "group": int(group),
+                "delta_observed": mean_over_completions((after - before).cpu()),
+                "delta_predicted": mean_over_completions(prediction["predicted"].cpu()),
+                "delta_from_negative": mean_over_completions(from_negative.cpu()),
+                "num_positive": int(examples.numel()),
+                "num_negative": int(all_labels.example[group_all & (all_labels.group == 1)].unique().numel()),
+            }
+        )
+    return out

@@ -135,10 +135,11 @@ class GradientCapture:
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if log_probs.shape != (input_ids.shape[0], input_ids.shape[1] - 1):
+        expected = (input_ids.shape[0], input_ids.shape[1] - 1)
+        if tuple(log_probs.shape) != expected:
             raise RuntimeError(
-                f"fused log-probs have shape {tuple(log_probs.shape)}, expected {(input_ids.shape[0], input_ids.shape[1] - 1)}"
-                " (prompt-learning PEFT adapters that prepend virtual tokens are not supported)"
+                f"fused log-probs have shape {tuple(log_probs.shape)}, expected {expected} (prompt-learning PEFT "
+                "adapters that prepend virtual tokens are not supported)"
             )
         scored = labels[:, 1:] != -100
         if not torch.equal(labels[:, 1:][scored], input_ids[:, 1:][scored]):

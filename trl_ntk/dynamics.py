@@ -201,11 +201,11 @@ def explain_update(
     )
 
     preconditioner, history = kernels.optimizer_step_split(optimizer, params)
-    lr_direction = kernels.sgd_preconditioner(optimizer, params)
+    lr = _learning_rate(optimizer)
 
     directions = [{n: -scale * preconditioner[n] * g[n] for n in names} for g in cell_grads]
     directions.append(history)
-    directions.append({n: -lr_direction[n] * applied[n] for n in names})
+    directions.append({n: -lr * applied[n] for n in names})
     jvps, path = _probe_jvps(model, probe_batch, directions, names)
     if all_reduce is not None and cell_grads:
         all_reduce(jvps[: len(cell_grads)])
@@ -239,11 +239,12 @@ def explain_update(
         train_labels=concat_labels(labels),
         extra=extra,
     )
+    chunking = {} if chunk_size is None else {"chunk_size": chunk_size}
     if attribution == "tokens":
         columns = []
         for mb, c in zip(micro_batches, coeffs):
             kernel = kernels.logprob_kernel(
-                model, probe_batch, mb.batch, params=names, preconditioner=preconditioner, chunk_size=chunk_size
+                model, probe_batch, mb.batch, params=names, preconditioner=preconditioner, **chunking
             )
             columns.append(-scale * kernel * c.to(kernel.dtype)[None, :])
         explanation.matrix = torch.cat(columns, dim=1)
@@ -254,8 +255,10 @@ def explain_update(
         logprob_sq = 0.0
         pntk_sq = 0.0
         for mb in micro_batches:
-            logprob_sq += float(kernels.logprob_kernel(model, probe_batch, mb.batch, params=names).pow(2).sum())
-            pntk_sq += float(kernels.pntk(model, probe_batch, mb.batch, params=names).pow(2).sum())
+            logprob_sq += float(
+                kernels.logprob_kernel(model, probe_batch, mb.batch, params=names, **chunking).pow(2).sum()
+            )
+            pntk_sq += float(kernels.pntk(model, probe_batch, mb.batch, params=names, **chunking).pow(2).sum())
         explanation.kernel_norms = {"logprob_norm": logprob_sq**0.5, "pntk_norm": pntk_sq**0.5}
     return explanation
 
@@ -264,15 +267,20 @@ def _probe_jvps(
     model: nn.Module, batch: TokenBatch, directions: list[dict[str, Tensor]], names: list[str]
 ) -> tuple[Tensor, str]:
     """`[len(directions), M]` JVPs of the batch's target log-probs, and the JVP path that ran."""
-    rows = []
-    path = "jvp"
-    for direction in directions:
-        values = kernels.logprob_jvp(model, batch, direction, params=names)
-        path = (
-            getattr(values, "jvp_path", None) or kernels.last_jvp_path() if hasattr(kernels, "last_jvp_path") else path
-        )
-        rows.append(values.detach().float())
-    return torch.stack(rows), str(path)
+    path = kernels.select_jvp_path(model, names)
+    rows = [kernels.logprob_jvp(model, batch, direction, path=path).detach().float() for direction in directions]
+    return torch.stack(rows), path.value
+
+
+def _learning_rate(optimizer: Any) -> float:
+    """The learning rate of the coming step (one value: the plain-SGD view needs a single `eta`)."""
+    inner = optimizer
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    rates = {float(group["lr"]) for group in inner.param_groups if any(p.requires_grad for p in group["params"])}
+    if len(rates) != 1:
+        raise ValueError(f"the plain-SGD view needs one learning rate; the optimizer has {sorted(rates)}")
+    return rates.pop()
 
 
 def concat_labels(labels: list[TokenLabels]) -> TokenLabels | None:
@@ -343,7 +351,7 @@ def lazy_likelihood_displacement(
         in_group = labels.sequence_group == group
         examples = labels.example[in_group].unique()
 
-        def mean_over_completions(values: Tensor) -> float:
+        def mean_over_completions(values: Tensor, in_group: Tensor = in_group, examples: Tensor = examples) -> float:
             per_completion = [float(values[in_group & (labels.example == e)].sum()) for e in examples.tolist()]
             return sum(per_completion) / len(per_completion)
 

@@ -104,7 +104,10 @@ def per_target_gradients(model, batch, params=None, output="logprob") -> torch.T
         grads = torch.autograd.grad(values[m], list(params.values()), retain_graph=True, allow_unused=True)
         rows.append(
             torch.cat(
-                [(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params.values(), strict=True)]
+                [
+                    (torch.zeros_like(p) if g is None else g).flatten()
+                    for g, p in zip(grads, params.values(), strict=True)
+                ]
             )
         )
     return torch.stack(rows)
@@ -231,10 +234,15 @@ def test_lora_kernel_is_over_adapter_parameters_including_a_wrapped_lm_head():
     assert adapter and all("lora_" in name for name in adapter)
     expected = bruteforce_kernel(model, probe, train, params=adapter)
     assert relative_error(kernels.logprob_kernel(model, probe, train, chunk_size=4), expected) < EXACT
-    assert relative_error(kernels.pntk(model, probe, train), bruteforce_kernel(model, probe, train, output="logit_sum")) < EXACT
+    assert (
+        relative_error(kernels.pntk(model, probe, train), bruteforce_kernel(model, probe, train, output="logit_sum"))
+        < EXACT
+    )
 
 
-def test_softcapped_logits_kernel_and_logprobs_match_bruteforce():
+def test_softcapped_logits_and_attended_padding_token_match_bruteforce():
+    """Gemma2: final logit softcapping, scaled embeddings, and `padding_idx = 0` — a padding token the attention
+    mask keeps gets no gradient through the embedding lookup in backward, and must get none in forward mode."""
     torch.manual_seed(2)
     config = Gemma2Config(
         vocab_size=64,
@@ -249,9 +257,25 @@ def test_softcapped_logits_kernel_and_logprobs_match_bruteforce():
     )
     model = Gemma2ForCausalLM(config).eval()
     probe, train = probe_and_train(model)
+    train.input_ids[1, 0] = model.config.pad_token_id  # attended (attention_mask 1)
+    assert model.get_input_embeddings().padding_idx == model.config.pad_token_id
     assert torch.allclose(kernels.target_logprobs(model, probe), model_outputs(model, probe), atol=1e-5, rtol=0)
     expected = bruteforce_kernel(model, probe, train)
     assert relative_error(kernels.logprob_kernel(model, probe, train), expected) < EXACT
+
+
+def test_unembedding_bias_enters_kernel_and_jvp():
+    model = qwen2(tied=False)
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    model.lm_head = torch.nn.Linear(hidden, vocab, bias=True)  # the model's forward uses it too
+    torch.nn.init.normal_(model.lm_head.bias, std=0.5)
+    probe, train = probe_and_train(model)
+    expected = bruteforce_kernel(model, probe, train)
+    assert relative_error(kernels.logprob_kernel(model, probe, train), expected) < EXACT
+    bias_only = {"lm_head.bias": model.lm_head.bias}
+    direction = {"lm_head.bias": torch.randn(vocab, generator=torch.Generator().manual_seed(4))}
+    jvp = kernels.logprob_jvp(model, train, direction)
+    assert relative_error(jvp, per_target_gradients(model, train, bias_only) @ direction["lm_head.bias"]) < EXACT
 
 
 def test_gradient_checkpointing_in_train_mode_runs_forward_ad_and_matches_bruteforce():
@@ -316,3 +340,283 @@ def test_unknown_attention_falls_back_to_finite_differences_or_is_switched_and_r
     fallback = kernels.logprob_jvp(model, probe, direction)
     assert calls  # auto: finite differences through the model's own attention
     assert relative_error(fallback, expected) < FINITE_DIFFERENCE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Last layer, JVPs, weighted gradients
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def unembedding_gradients(model, batch) -> torch.Tensor:
+    """`[M, V * H]`: per-target gradient w.r.t. the unembedding weight alone (final hidden states held fixed)."""
+    hidden = (
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+        .hidden_states[-1][:, :-1][batch.target_mask[:, 1:]]
+        .detach()
+    )
+    weight = model.get_output_embeddings().weight.detach().clone().requires_grad_(True)
+    logprobs = torch.log_softmax(hidden @ weight.T / batch.temperature, dim=-1)
+    values = logprobs.gather(-1, batch.targets[:, None])[:, 0]
+    return torch.stack(
+        [torch.autograd.grad(values[m], weight, retain_graph=True)[0].flatten() for m in range(len(values))]
+    )
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_last_layer_kernel_equals_unembedding_weight_gradient_products(tied):
+    model = qwen2(tied=tied)
+    probe, train = probe_and_train(model)
+    probe_grads, train_grads = unembedding_gradients(model, probe), unembedding_gradients(model, train)
+    assert relative_error(kernels.last_layer_kernel(model, probe, train), probe_grads @ train_grads.T) < EXACT
+
+    head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    weight = dict(model.named_parameters())[head_name]
+    full = torch.rand(weight.shape, generator=torch.Generator().manual_seed(8)) + 0.5
+    expected = probe_grads @ (train_grads * full.flatten()).T
+    preconditioned = kernels.last_layer_kernel(model, probe, train, preconditioner={head_name: full}, chunk_size=3)
+    assert relative_error(preconditioned, expected) < EXACT
+    scalar = kernels.last_layer_kernel(model, probe, train, preconditioner={head_name: torch.tensor(0.25)})
+    assert relative_error(scalar, 0.25 * probe_grads @ train_grads.T) < EXACT
+
+
+@pytest.mark.parametrize("path", ["func", "forward_ad", "finite_difference"])
+def test_logprob_jvp_matches_gradient_dot_direction(path):
+    model = llama()
+    _, train = probe_and_train(model)
+    params = trainable(model)
+    direction = random_direction(params)
+    expected = per_target_gradients(model, train) @ flat(direction, params)
+    tolerance = FINITE_DIFFERENCE if path == "finite_difference" else EXACT
+    assert relative_error(kernels.logprob_jvp(model, train, direction, path=path), expected) < tolerance
+    partial = {name: value for name, value in direction.items() if "layers.1" in name}
+    expected_partial = per_target_gradients(model, train, {n: params[n] for n in partial}) @ flat(partial, partial)
+    assert relative_error(kernels.logprob_jvp(model, train, partial, path=path), expected_partial) < tolerance
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_logprob_grad_is_the_weighted_sum_of_per_target_gradients(architecture):
+    model = ARCHITECTURES[architecture]()
+    _, train = probe_and_train(model)
+    weights = torch.randn(train.num_targets, generator=torch.Generator().manual_seed(9))
+    grads = kernels.logprob_grad(model, train, weights)
+    assert set(grads) == set(trainable(model))
+    expected = weights @ per_target_gradients(model, train)
+    assert relative_error(flat(grads, trainable(model)), expected) < EXACT
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attributions: from the kernel and by the direct routes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_attribution_helpers_on_a_hand_kernel():
+    kernel = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 4.0]])
+    grad_coeffs = torch.tensor([-2.0, 1.0, 0.0])
+    matrix = kernels.attribution_matrix(kernel, grad_coeffs, lr=0.1)
+    assert torch.allclose(matrix, torch.tensor([[0.2, -0.2, 0.0], [-0.2, -0.05, 0.0]]))
+    rows = kernels.attribution_row_sums(kernel, grad_coeffs, lr=0.1)
+    assert torch.allclose(rows.positive_gradient, torch.tensor([0.2, -0.2]))  # c < 0: token pulled up
+    assert torch.allclose(rows.negative_gradient, torch.tensor([-0.2, -0.05]))
+    assert torch.allclose(rows.total, matrix.sum(1))
+    assert torch.allclose(kernels.attribution_column_sums(kernel, grad_coeffs, lr=0.1), matrix.sum(0))
+    groups = torch.tensor([1, 0, 1])
+    assert torch.allclose(
+        kernels.attribution_group_sums(kernel, grad_coeffs, groups, lr=0.1),
+        torch.stack([matrix[:, 1], matrix[:, 0]], 1),
+    )
+
+
+@pytest.mark.parametrize("preconditioned", [False, True], ids=["sgd", "preconditioned"])
+def test_direct_routes_equal_sums_of_the_full_matrix(preconditioned):
+    model = qwen2(tied=False)
+    probe, train = probe_and_train(model)
+    grad_coeffs = torch.randn(train.num_targets, generator=torch.Generator().manual_seed(10))
+    preconditioner = random_preconditioner(trainable(model)) if preconditioned else None
+    lr = 1.0 if preconditioned else 0.05
+    kernel = kernels.logprob_kernel(model, probe, train, preconditioner=preconditioner)
+
+    rows = kernels.attribution_row_sums(kernel, grad_coeffs, lr=lr)
+    direct_rows = kernels.attribution_row_sums_direct(
+        model, probe, train, grad_coeffs, lr=lr, preconditioner=preconditioner
+    )
+    assert relative_error(direct_rows.positive_gradient, rows.positive_gradient) < EXACT
+    assert relative_error(direct_rows.negative_gradient, rows.negative_gradient) < EXACT
+
+    columns = kernels.attribution_column_sums(kernel, grad_coeffs, lr=lr)
+    direct_columns = kernels.attribution_column_sums_direct(
+        model, probe, train, grad_coeffs, lr=lr, preconditioner=preconditioner
+    )
+    assert relative_error(direct_columns, columns) < EXACT
+
+    per_response = torch.zeros(2, probe.num_targets)
+    first_row_targets = int(probe.target_mask[0].sum())
+    per_response[0, :first_row_targets], per_response[1, first_row_targets:] = 1.0, 1.0
+    direct_per_response = kernels.attribution_column_sums_direct(
+        model, probe, train, grad_coeffs, lr=lr, preconditioner=preconditioner, probe_weights=per_response
+    )
+    expected = kernels.attribution_column_sums(kernel, grad_coeffs, lr=lr, probe_weights=per_response)
+    assert relative_error(direct_per_response, expected) < EXACT
+
+    groups = torch.arange(train.num_targets) % 3
+    direct_groups = kernels.attribution_group_sums_direct(
+        model, probe, train, grad_coeffs, groups, lr=lr, preconditioner=preconditioner, chunk_size=2
+    )
+    assert relative_error(direct_groups, kernels.attribution_group_sums(kernel, grad_coeffs, groups, lr=lr)) < EXACT
+
+
+def sgd_step_change(lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(observed, predicted) change of the probe log-probs under one real SGD step on `L = sum_l c_l lp_l`."""
+    model = qwen2()
+    probe, train = probe_and_train(model)
+    grad_coeffs = torch.randn(train.num_targets, generator=torch.Generator().manual_seed(12)) / train.num_targets
+    kernel = kernels.logprob_kernel(model, probe, train)
+    predicted = kernels.attribution_row_sums(kernel, grad_coeffs, lr=lr).total
+    before = kernels.target_logprobs(model, probe)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    (grad_coeffs * model_outputs(model, train)).sum().backward()
+    optimizer.step()
+    return kernels.target_logprobs(model, probe) - before, predicted
+
+
+def test_sgd_step_changes_probe_logprobs_as_the_attributions_predict():
+    """Linearization: after `w <- w - lr * sum_l c_l grad lp_l`, the probe log-probs move by `sum_l a[m, l]`, and
+    the gap is second order (halves with the step)."""
+    observed, predicted = sgd_step_change(lr=0.004)
+    assert observed.abs().max() > 1e-3  # the step really moved the probes
+    error = relative_error(predicted, observed)
+    assert error < 0.02
+    half_observed, half_predicted = sgd_step_change(lr=0.002)
+    assert relative_error(half_predicted, half_observed) < 0.6 * error
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer steps: dw = -P * g + history
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def two_group_problem(seed: int = 0) -> tuple[dict[str, torch.nn.Parameter], list[dict]]:
+    """Three float64 parameters (float error far below the checks) and two param groups with different lr (fresh
+    dicts: torch optimizers write their defaults into the group dicts they are given)."""
+    generator = torch.Generator().manual_seed(seed)
+    named = {
+        "a": torch.nn.Parameter(torch.randn(4, 3, generator=generator, dtype=torch.float64)),
+        "b": torch.nn.Parameter(torch.randn(5, generator=generator, dtype=torch.float64)),
+        "c": torch.nn.Parameter(torch.randn(2, 2, generator=generator, dtype=torch.float64)),
+    }
+    return named, [{"params": [named["a"], named["b"]]}, {"params": [named["c"]], "lr": 0.02}]
+
+
+OPTIMIZERS = {
+    "sgd": lambda groups: torch.optim.SGD(groups, lr=0.1),
+    "sgd-momentum-dampening-decay": lambda groups: torch.optim.SGD(
+        groups, lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01
+    ),
+    "sgd-nesterov-decay": lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.1),
+    "adam": lambda groups: torch.optim.Adam(groups, lr=0.01),
+    "adam-l2-decay": lambda groups: torch.optim.Adam(groups, lr=0.01, betas=(0.8, 0.9), weight_decay=0.1),
+    "adamw": lambda groups: torch.optim.AdamW(groups, lr=0.01, weight_decay=0.1),
+    "adamw-amsgrad": lambda groups: torch.optim.AdamW(groups, lr=0.01, weight_decay=0.05, amsgrad=True),
+}
+
+
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_optimizer_step_split_reproduces_torch_steps(kind):
+    named, groups = two_group_problem()
+    optimizer = OPTIMIZERS[kind](groups)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(4):  # step 1 with empty state, then with state
+        for param in named.values():
+            param.grad = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+        split = kernels.optimizer_step_split(optimizer, named)
+        predicted = {name: -split.preconditioner[name] * p.grad + split.history[name] for name, p in named.items()}
+        before = {name: p.detach().clone() for name, p in named.items()}
+        optimizer.step()
+        for name, param in named.items():
+            update = param.detach() - before[name]
+            assert torch.allclose(predicted[name], update, rtol=1e-9, atol=1e-12), (kind, step, name)
+    assert optimizer.param_groups[0]["lr"] != optimizer.param_groups[1]["lr"]  # each group's own lr was used
+
+
+def test_optimizer_step_split_unwraps_accelerate_and_handles_missing_gradients():
+    accelerate_optimizer = pytest.importorskip("accelerate.optimizer")
+    named, groups = two_group_problem()
+    inner = torch.optim.AdamW(groups, lr=0.01, weight_decay=0.1)
+    wrapped = accelerate_optimizer.AcceleratedOptimizer.__new__(accelerate_optimizer.AcceleratedOptimizer)
+    wrapped.optimizer = inner  # what AcceleratedOptimizer holds (its constructor needs a live Accelerator)
+    named["a"].grad = torch.ones_like(named["a"])
+    split = kernels.optimizer_step_split(wrapped, named)
+    before = named["b"].detach().clone()
+    update_a = -split.preconditioner["a"] * named["a"].grad + split.history["a"]
+    start_a = named["a"].detach().clone()
+    inner.step()
+    assert torch.allclose(named["a"].detach() - start_a, update_a, rtol=1e-9, atol=1e-12)
+    assert torch.equal(named["b"].detach(), before)  # no gradient: torch leaves it alone ...
+    assert not split.preconditioner["b"].any() and not split.history["b"].any()  # ... and so does the split
+
+
+def test_optimizer_step_split_refuses_what_it_cannot_split_exactly():
+    named, groups = two_group_problem()
+    for param in named.values():
+        param.grad = torch.ones_like(param)
+    with pytest.raises(ValueError, match="unsupported optimizer RMSprop"):
+        kernels.optimizer_step_split(torch.optim.RMSprop(groups, lr=0.1), named)
+    with pytest.raises(ValueError, match="maximize"):
+        kernels.optimizer_step_split(torch.optim.AdamW(list(named.values()), maximize=True), named)
+    stranger = {"x": torch.nn.Parameter(torch.zeros(2))}
+    with pytest.raises(ValueError, match="not managed by the optimizer"):
+        kernels.optimizer_step_split(torch.optim.SGD(list(named.values()), lr=0.1), stranger)
+
+
+def test_preconditioned_kernel_and_history_give_the_real_adamw_update():
+    """`sum_l -c_l K^P[m, l] + <grad lp~_m, history> = <grad lp~_m, dw>` for the update AdamW really takes."""
+    model = llama()
+    probe, train = probe_and_train(model)
+    grad_coeffs = torch.randn(train.num_targets, generator=torch.Generator().manual_seed(13))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    (grad_coeffs * model_outputs(model, train)).sum().backward()
+    optimizer.step()  # the state now carries momentum
+    optimizer.zero_grad()
+    (grad_coeffs * model_outputs(model, train)).sum().backward()
+
+    split = kernels.optimizer_step_split(optimizer, model.named_parameters())
+    kernel = kernels.logprob_kernel(model, probe, train, preconditioner=split.preconditioner)
+    predicted = kernels.attribution_row_sums(kernel, grad_coeffs).total + kernels.logprob_jvp(
+        model, probe, split.history
+    )
+    probe_grads = per_target_gradients(model, probe)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer.step()
+    update = {name: p.detach() - before[name] for name, p in model.named_parameters()}
+    assert relative_error(predicted, probe_grads @ flat(update, before)) < EXACT
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Side effects, precision
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_kernels_leave_model_state_untouched():
+    model = llama()
+    model.train()
+    probe, train = probe_and_train(model)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    state = {name: p.detach().clone() for name, p in model.named_parameters()}
+    kernels.logprob_kernel(model, probe, train, params=lambda name, _: "layers.0" in name)
+    kernels.last_layer_kernel(model, probe, train)
+    kernels.logprob_grad(model, train, torch.ones(train.num_targets))
+    assert model.training
+    assert model.config._attn_implementation == "sdpa"
+    assert all(p.grad is None for p in model.parameters())
+    assert flags == {name: p.requires_grad for name, p in model.named_parameters()}
+    assert all(torch.equal(state[name], p) for name, p in model.named_parameters())
+
+
+def test_bfloat16_model_kernel_accumulates_in_float32():
+    reference = qwen2()
+    low = qwen2().to(torch.bfloat16)
+    reference.load_state_dict({name: value.float() for name, value in low.state_dict().items()})
+    probe, train = probe_and_train(reference)
+    kernel = kernels.logprob_kernel(low, probe, train)
+    assert kernel.dtype == torch.float32
+    assert relative_error(kernel, kernels.logprob_kernel(reference, probe, train)) < 5e-2

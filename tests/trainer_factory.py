@@ -39,10 +39,12 @@ def sft_trainer(output_dir: Path, warmup: bool | str = "pretrain", n: int = 32, 
     return SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
 
 
-def dpo_trainer(output_dir: Path, warmup: bool | str = True, n: int = 32, **overrides: Any):
+def dpo_trainer(output_dir: Path, warmup: bool | str = True, n: int = 32, dtype: Any = None, **overrides: Any):
     from trl import DPOConfig, DPOTrainer
 
     model, tokenizer = toy.model_and_tokenizer(warmup=warmup)
+    if dtype is not None:
+        model = model.to(dtype)
     data = toy.preference_dataset(n=n, seed=0)
     config = DPOConfig(**_common(output_dir, **overrides), max_length=128, beta=0.1)
     return DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)

@@ -194,11 +194,14 @@ def explain_update(
     applied_norm_sq = float(_dot(applied, applied))
     scale = float(_dot(applied, raw)) / raw_norm_sq if raw_norm_sq > 0 else 1.0
     residual = {n: applied[n] - scale * raw[n] for n in names}
-    check = GradientCheck(
-        cosine=float(_dot(applied, raw)) / max((raw_norm_sq * applied_norm_sq) ** 0.5, 1e-300),
-        relative_error=float(_dot(residual, residual)) ** 0.5 / max(applied_norm_sq**0.5, 1e-300),
-        clip_scale=scale,
-    )
+    if raw_norm_sq == 0 and applied_norm_sq == 0:  # nothing to explain (e.g. GRPO groups without reward variance)
+        check = GradientCheck(cosine=1.0, relative_error=0.0, clip_scale=1.0)
+    else:
+        check = GradientCheck(
+            cosine=float(_dot(applied, raw)) / max((raw_norm_sq * applied_norm_sq) ** 0.5, 1e-300),
+            relative_error=float(_dot(residual, residual)) ** 0.5 / max(applied_norm_sq**0.5, 1e-300),
+            clip_scale=scale,
+        )
 
     preconditioner, history = kernels.optimizer_step_split(optimizer, params)
     lr = _learning_rate(optimizer)

@@ -59,7 +59,8 @@ class JvpPath(str, Enum):
       checkpointing wrappers, which `torch.func` transforms do not compose with in general.
     - `FINITE_DIFFERENCE`: central differences `[f(w + h d) - f(w - h d)] / 2h`, two no-grad forwards per tangent,
       with `||h d|| = fd_step * max(||w||, 1)`. Works with any attention kernel; accurate to about `1e-3` relative
-      in float32. The fallback and an independent oracle.
+      in float32. The fallback and an independent oracle. Unlike backward (and the two paths above), it sees the
+      input-embedding row of `padding_idx` as a variable: it differs where a padding token is attended to.
     """
 
     FUNC = "func"
@@ -177,6 +178,11 @@ def _final_hidden(model: nn.Module, batch: TokenBatch) -> Tensor:
     decoder, _ = _decoder_and_head(model)
     embeddings = decoder.get_input_embeddings()
     inputs_embeds = embeddings.forward(batch.input_ids)  # .forward: hooks on the embedding module are not run
+    padding_idx = getattr(getattr(embeddings, "base_layer", embeddings), "padding_idx", None)
+    if padding_idx is not None:
+        # Backward gives the padding row no gradient through the lookup; forward mode would: match backward.
+        is_padding = (batch.input_ids == padding_idx)[..., None]
+        inputs_embeds = torch.where(is_padding, inputs_embeds.detach(), inputs_embeds)
     kwargs: dict[str, Any] = {"inputs_embeds": inputs_embeds, "attention_mask": batch.attention_mask}
     if batch.position_ids is not None:
         kwargs["position_ids"] = batch.position_ids
@@ -307,14 +313,28 @@ def _prepare_batch(model: nn.Module, batch: TokenBatchLike) -> TokenBatch:
     return batch if batch.input_ids.device == device else batch.to(device)
 
 
-def target_logprobs(model: nn.Module, batch: TokenBatchLike, *, params: ParamSelection = None) -> Tensor:
+def _prepare(model: nn.Module, *batches: TokenBatchLike) -> list[TokenBatch]:
+    """Coerce and move the batches; warn once when the model would compute stochastically (dropout in train mode)."""
+    for module in model.modules():
+        rate = module.p if isinstance(module, nn.Dropout) else getattr(module, "attention_dropout", 0.0)
+        if module.training and isinstance(rate, int | float) and rate > 0:
+            logger.warning(
+                "%s is in train mode with dropout %.3g: results are stochastic; call model.eval() first",
+                type(module).__name__,
+                rate,
+            )
+            break
+    return [_prepare_batch(model, batch) for batch in batches]
+
+
+def target_logprobs(model: nn.Module, batch: TokenBatchLike, *, params: Mapping[str, Tensor] | None = None) -> Tensor:
     """`[M]` per-target log-probs `log_softmax(z / temperature)[y]` (no grad), the function every kernel here
-    differentiates; with `params` a mapping, evaluated at those parameter values.
+    differentiates; with `params` (`name -> tensor`), evaluated at those parameter values.
 
     Cost: one no-grad forward; allocates `[M, V]` logits at the targets only, never `[B, T, V]`.
     """
-    batch = _prepare_batch(model, batch)
-    values = select_params(model, params) if isinstance(params, Mapping) else {}
+    (batch,) = _prepare(model, batch)
+    values = {} if params is None else select_params(model, params)
     with torch.no_grad():
         return _score_fn(model, batch, "logprob", differentiable=False)(values)
 
@@ -347,8 +367,12 @@ def _uses_reentrant_checkpointing(module: nn.Module) -> bool:
 
 
 def _has_sharded_params(values: TensorDict) -> bool:
-    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
-    return any(hasattr(v, "ds_id") or (dtensor is not None and isinstance(v, dtensor)) for v in values.values())
+    """DeepSpeed ZeRO-3 parameters carry `ds_id`; FSDP2 / tensor-parallel parameters are DTensors."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        DTensor = ()  # noqa: N806
+    return any(hasattr(v, "ds_id") or isinstance(v, DTensor) for v in values.values())
 
 
 def select_jvp_path(model: nn.Module, params: ParamSelection = None) -> JvpPath:
@@ -397,20 +421,6 @@ def _forward_mode_attention(model: nn.Module, path: JvpPath) -> Iterator[None]:
         for config, impl in saved.values():
             if config._attn_implementation != impl:
                 config._attn_implementation = impl
-
-
-def _warn_if_stochastic(model: nn.Module) -> None:
-    for module in model.modules():
-        if not module.training:
-            continue
-        rate = module.p if isinstance(module, nn.Dropout) else getattr(module, "attention_dropout", 0.0)
-        if isinstance(rate, int | float) and rate > 0:
-            logger.warning(
-                "%s is in train mode with dropout %.3g: kernels are stochastic; call model.eval() first",
-                type(module).__name__,
-                rate,
-            )
-            return
 
 
 def _global_norm(tensors: Iterable[Tensor]) -> float:
@@ -491,16 +501,16 @@ class _Backward:
 
 
 def _precondition(grads: TensorDict, preconditioner: Mapping[str, Tensor] | None) -> TensorDict:
+    """`P * g` in place (the gradients are fresh), the product taken in float32 or wider."""
     if preconditioner is None:
         return grads
     missing = [name for name in grads if name not in preconditioner]
     if missing:
         raise ValueError(f"the preconditioner has no entry for parameters {missing[:5]}")
-    result = {}
     for name, grad in grads.items():
-        scale = preconditioner[name].to(grad.device)
-        result[name] = (scale.to(_compute_dtype(grad.dtype)) * grad).to(grad.dtype)
-    return result
+        dtype = _compute_dtype(grad.dtype)
+        grad.copy_(preconditioner[name].to(grad.device, dtype) * grad.to(dtype))
+    return grads
 
 
 def _one_hot_chunks(num_rows: int, chunk_size: int, device: torch.device) -> Iterator[Tensor]:
@@ -583,9 +593,8 @@ def _kernel(
 ) -> Tensor:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    probe, train = _prepare_batch(model, probe), _prepare_batch(model, train)
+    probe, train = _prepare(model, probe, train)
     values = select_params(model, params)
-    _warn_if_stochastic(model)
     num_probe, num_train = probe.num_targets, train.num_targets
     device = next(iter(values.values())).device
     dtype = _compute_dtype(next(iter(values.values())).dtype)
@@ -715,7 +724,7 @@ class LastLayerFactors(NamedTuple):
 
 def last_layer_factors(model: nn.Module, batch: TokenBatchLike, *, output: Output = "logprob") -> LastLayerFactors:
     """`LastLayerFactors` of a batch from one no-grad forward. Allocates `[M, V]`, never `[B, T, V]`."""
-    batch = _prepare_batch(model, batch)
+    (batch,) = _prepare(model, batch)
     _, head = _decoder_and_head(model)
     with torch.no_grad():
         hidden = _final_hidden(model, batch)
@@ -789,7 +798,7 @@ def logprob_jvp(
     Cost: one JVP (about 2-3 forwards; two forwards on the finite-difference path). Allocates no parameter copy
     except on the finite-difference path (one perturbed copy of the named parameters at a time).
     """
-    batch = _prepare_batch(model, batch)
+    (batch,) = _prepare(model, batch)
     values = select_params(model, list(direction))
     resolved = _resolve_path(model, values, path)
     tangents = {name: torch.as_tensor(direction[name]).to(values[name].device)[None] for name in values}
@@ -809,7 +818,7 @@ def logprob_grad(
 
     `weights [M]`. Cost: one forward and one backward of the batch. Leaves `.grad` of the model untouched.
     """
-    batch = _prepare_batch(model, batch)
+    (batch,) = _prepare(model, batch)
     values = select_params(model, params)
     backward = _Backward(_score_fn(model, batch, output), values, model)
     if weights.shape != (backward.num_targets,):
@@ -1044,7 +1053,7 @@ def attribution_group_sums_direct(
     then `-lr <grad lp~_m, P * G_g>` for all `m` by one batched JVP of the probe batch. Cost about one training
     step plus one probe JVP per group; allocates `min(G, chunk_size)` parameter-sized gradients, never `K`.
     """
-    probe, train = _prepare_batch(model, probe), _prepare_batch(model, train)
+    probe, train = _prepare(model, probe, train)
     _check_coeffs(grad_coeffs, train.num_targets)
     values = select_params(model, params)
     num_groups = int(groups.max()) + 1 if num_groups is None else num_groups
@@ -1116,7 +1125,7 @@ def attribution_column_sums_direct(
 
     Cost about one training step (forward + JVP of the training batch) for every training token at once.
     """
-    probe, train = _prepare_batch(model, probe), _prepare_batch(model, train)
+    probe, train = _prepare(model, probe, train)
     _check_coeffs(grad_coeffs, train.num_targets)
     values = select_params(model, params)
     device = next(iter(values.values())).device

@@ -338,6 +338,11 @@ class ProbeSet:
         context_ids: list[list[int]] = []
         response_ids: list[list[int]] = []
         for probe_response in responses:
+            if not _response_text(probe_response.response).strip():
+                raise ValueError(
+                    f"probe {probe_response.probe_id!r} has an empty response (0 response tokens besides the chat "
+                    "template's end of turn); give it text or drop it"
+                )
             if probe_response.prompt_id not in prompt_cache:
                 prompt_cache[probe_response.prompt_id] = _prompt_token_ids(tokenizer, probe_response, kwargs)
             prompt_ids = prompt_cache[probe_response.prompt_id]
@@ -997,3 +1002,10 @@ def _add_shuffled(probe_set: ProbeSet, prompt_id: str, kind: str, response: Prom
         logger.info("no %s probe for prompt %s: its words cannot be reordered", kind, prompt_id)
         return
     probe_set.add(prompt_id, kind, shuffled)
+
+
+def _response_text(response: Any) -> str:
+    """The text of a response given as a string or as a list of chat messages."""
+    if isinstance(response, str):
+        return response
+    return "".join(str(message.get("content", "")) for message in response)

@@ -26,13 +26,18 @@ import random
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Qwen2ForCausalLM, Qwen2Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +263,8 @@ _INTEGER_PATTERN = re.compile(r"-?\d+")
 
 @dataclass(frozen=True)
 class _WarmupRecipe:
+    """Model shape and warm-up hyper-parameters (AdamW, linear decay to 0, gradient clipping at 1)."""
+
     seed: int = 0
     hidden_size: int = 128
     intermediate_size: int = 256
@@ -284,6 +291,9 @@ _RECIPE = _WarmupRecipe()
 Stage = Literal["random", "pretrain", "sft"]
 _STAGES: tuple[Stage, ...] = ("random", "pretrain", "sft")
 _DONE_MARKER = "BUILD_COMPLETE"
+_IN_PROCESS_LOCK = threading.Lock()
+"""Serializes build and load across threads: `from_pretrained` toggles process-global initialization flags, and two
+threads loading at once can leave them wrong (later models then come out untied)."""
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -368,7 +378,7 @@ def preference_dataset(
     seed: int = 0,
     split: Literal["train", "test"] = "train",
     conversational: bool = True,
-):
+) -> Dataset:
     """Synthetic preference data over 4 fact categories (colours, animal sounds, capitals, opposites).
 
     Every prompt asks one fact (18 per category) in one of 4 phrasings; for each fact one phrasing is held out, so
@@ -421,13 +431,15 @@ def _math_row(rng: random.Random, conversational: bool) -> dict[str, Any]:
     return {"prompt": _plain_prompt(question), "solution": " " + solution, "answer": a + b}
 
 
-def math_dataset(n: int = 256, seed: int = 0, conversational: bool = True):
+def math_dataset(n: int = 256, seed: int = 0, conversational: bool = True) -> Dataset:
     """Prompt-only arithmetic data for GRPO: `"What is 3 plus 4?"` with operands in `1 .. 5`.
 
     The reference solution is a short worked answer, `"3 plus 4 makes 7. So the answer is 7."`: the answer is stated
     and then restated, so a right and a wrong completion share structure *after* the token where they diverge
     (the room a negative gradient needs to displace the right answer's likelihood). The warm model samples the right
-    answer roughly half the time at temperature 1, so most GRPO groups are mixed.
+    answer roughly half the time at temperature 1 (48-53 % over 400 samples; each of the 25 operand pairs is right
+    between 2 and 7 times out of 8), so most GRPO groups are mixed. A completion is 16-18 tokens with `<|im_end|>`
+    (digits are single tokens): `max_completion_length >= 18` keeps the restated answer.
 
     Args:
         n (`int`, *optional*, defaults to `256`): number of rows (the 25 operand pairs x 4 phrasings repeat).
@@ -553,7 +565,7 @@ def _sft_documents(recipe: _WarmupRecipe, epoch: int) -> list[_Document]:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _train_tokenizer(recipe: _WarmupRecipe):
+def _train_tokenizer(recipe: _WarmupRecipe) -> Qwen2Tokenizer:
     """Byte-level BPE with `VOCAB_SIZE` entries trained on the synthetic corpus, as a `Qwen2Tokenizer`.
 
     The normalizer (NFC) and pre-tokenizer (Qwen2's split regex, one token per digit, then byte-level) are Qwen2's
@@ -617,11 +629,11 @@ def tiny_random_model(
     num_attention_heads: int = 4,
     num_key_value_heads: int = 2,
     seed: int = 0,
-):
+) -> PreTrainedModel:
     """A randomly initialised causal LM of the given architecture, in memory, eager attention, float32.
 
-    Defaults give the toy's shape (about 0.37M parameters for `vocab_size=600`), with `pad_token_id = 0`,
-    `eos_token_id = 2` (the toy tokenizer's `<|endoftext|>` and `<|im_end|>`) and `max_position_embeddings = MAX_LENGTH`.
+    Defaults give the toy's shape (about 0.37M parameters for `vocab_size=600`), with `pad_token_id = 0` and
+    `eos_token_id = 2` (the toy tokenizer's `<|endoftext|>` and `<|im_end|>`), `max_position_embeddings = MAX_LENGTH`.
 
     Args:
         arch (`str`, *optional*, defaults to `"qwen2"`): `"qwen2"` (`Qwen2ForCausalLM`, q/k/v biases) or `"llama"`
@@ -659,7 +671,7 @@ def tiny_random_model(
     return model
 
 
-def _build_random_model(recipe: _WarmupRecipe, tokenizer):
+def _build_random_model(recipe: _WarmupRecipe, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     model = tiny_random_model(
         arch="qwen2",
         vocab_size=len(tokenizer),
@@ -681,7 +693,9 @@ def _build_random_model(recipe: _WarmupRecipe, tokenizer):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _encode(tokenizer, documents: Sequence[_Document], loss_on_prompt: bool) -> list[tuple[list[int], list[int]]]:
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, documents: Sequence[_Document], loss_on_prompt: bool
+) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per document; labels are -100 on the prompt unless `loss_on_prompt`."""
     encoded = []
     for doc in documents:
@@ -713,7 +727,7 @@ def _batches(
 
 
 def _train(
-    model,
+    model: PreTrainedModel,
     epochs: Sequence[Sequence[tuple[list[int], list[int]]]],
     batch_size: int,
     lr: float,
@@ -742,7 +756,7 @@ def _train(
     return sum(last_losses) / max(len(last_losses), 1)
 
 
-def _pretrain(model, tokenizer, recipe: _WarmupRecipe) -> None:
+def _pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, recipe: _WarmupRecipe) -> None:
     documents = _pretrain_documents(recipe, recipe.pretrain_documents, seed=f"pretrain-{recipe.seed}")
     encoded = _encode(tokenizer, documents, loss_on_prompt=True)
     loss = _train(
@@ -757,7 +771,7 @@ def _pretrain(model, tokenizer, recipe: _WarmupRecipe) -> None:
     logger.info("toy pre-training done: last-epoch loss %.3f", loss)
 
 
-def _sft(model, tokenizer, recipe: _WarmupRecipe) -> None:
+def _sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, recipe: _WarmupRecipe) -> None:
     epochs = [_encode(tokenizer, _sft_documents(recipe, e), loss_on_prompt=False) for e in range(recipe.sft_epochs)]
     loss = _train(
         model,
@@ -837,38 +851,56 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _save_stage(model, tokenizer, folder: Path, stage: Stage) -> None:
-    """Write one stage atomically: into a temporary sibling folder, then rename into place."""
+def _is_built(folder: Path, stage: Stage) -> bool:
+    return (folder / stage / _DONE_MARKER).exists()
+
+
+def _load(path: Path) -> tuple[Qwen2ForCausalLM, Qwen2Tokenizer]:
+    """`(model, tokenizer)` from one stage folder: eager attention, float32, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+    model.eval()
+    return model, tokenizer
+
+
+def _save_stage(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, stage: Stage) -> None:
+    """Write one stage atomically: into a temporary sibling folder, then rename it into place with its marker."""
     target = folder / stage
-    if (target / _DONE_MARKER).exists():
-        return
     tmp = Path(tempfile.mkdtemp(prefix=f".{stage}-", dir=folder))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / _DONE_MARKER).write_text(json.dumps({"stage": stage, "hash": folder.name}))
-    if target.exists():  # a leftover without marker from an interrupted build
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _DONE_MARKER).write_text(json.dumps({"stage": stage, "recipe": folder.name}))
+        if target.exists():  # left by an interrupted build, without its marker
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _build(folder: Path, stage: Stage) -> None:
-    """Build every stage up to `stage` that is not on disk yet (the tokenizer and random model are always first)."""
+    """Build every stage up to `stage` that is not on disk yet, each from the previous stage's saved folder, so a
+    stage's weights do not depend on which stages an earlier call happened to build."""
     recipe = _RECIPE
     folder.mkdir(parents=True, exist_ok=True)
-    wanted = _STAGES[: _STAGES.index(stage) + 1]
     start = time.perf_counter()
     with _single_thread(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
-        tokenizer = _train_tokenizer(recipe)
-        model = _build_random_model(recipe, tokenizer)
-        _save_stage(model, tokenizer, folder, "random")
-        if "pretrain" in wanted:
-            _pretrain(model, tokenizer, recipe)
-            _save_stage(model, tokenizer, folder, "pretrain")
-        if "sft" in wanted:
-            _sft(model, tokenizer, recipe)
-            _save_stage(model, tokenizer, folder, "sft")
-    logger.info("built toy stages %s in %s in %.1f s", wanted, folder, time.perf_counter() - start)
+        if not _is_built(folder, "random"):
+            torch.manual_seed(recipe.seed)
+            tokenizer = _train_tokenizer(recipe)
+            _save_stage(_build_random_model(recipe, tokenizer), tokenizer, folder, "random")
+        training = {"pretrain": _pretrain, "sft": _sft}
+        for previous, current in zip(_STAGES[: _STAGES.index(stage)], _STAGES[1 : _STAGES.index(stage) + 1]):
+            if _is_built(folder, current):
+                continue
+            model, tokenizer = _load(folder / previous)
+            torch.manual_seed(recipe.seed)
+            training[current](model, tokenizer, recipe)
+            _save_stage(model, tokenizer, folder, current)
+    logger.info("toy model up to stage %r ready in %s (%.1f s)", stage, folder, time.perf_counter() - start)
 
 
 def _stage_of(warmup: bool | str) -> Stage:
@@ -884,18 +916,20 @@ def _stage_of(warmup: bool | str) -> Stage:
 def model_and_tokenizer(
     cache_dir: str | os.PathLike[str] | None = None,
     warmup: bool | Literal["random", "pretrain", "sft"] = True,
-):
+) -> tuple[Qwen2ForCausalLM, Qwen2Tokenizer]:
     """The toy tiny Qwen2 model and its tokenizer, built once, cached on disk and loaded from their folder.
 
-    The build (first call for a recipe; ~1 minute on 2 CPUs; later calls load in well under a second) trains a
-    600-token byte-level BPE tokenizer with a ChatML template on the synthetic corpus, creates a Qwen2 model (hidden
-    128, 2 layers, 4 heads / 2 KV heads, intermediate 256, tied embeddings, about 0.37M parameters) and warms it up:
+    The build (first call for a recipe: about 30 s on one free CPU core, 45 s on a busy shared one; later calls load
+    in tens of milliseconds) trains a 600-token byte-level BPE tokenizer with a ChatML template on the synthetic
+    corpus, creates a Qwen2 model (hidden 128, 2 layers, 4 heads / 2 KV heads, intermediate 256, tied embeddings,
+    372,864 parameters) and warms it up:
 
     1. `"pretrain"`: 2 epochs of language modelling on 4,000 broad documents (uniform wording over all word pools,
        half of the answers wrong, facts and arithmetic, chat and plain formats);
     2. `"sft"`: 6 epochs of completion-only SFT on `chosen`-distributed responses to the train prompts and on correct
-       worked arithmetic. Under this model `rejected` has far lower log-prob than `chosen` and arithmetic is
-       answered right about half of the time when sampled at temperature 1.
+       worked arithmetic. Under this model `rejected` has far lower log-prob than `chosen` (mean summed log-prob
+       -6.4 vs -16.0 on the train split; the pre-trained base: -12.2 vs -14.7), and arithmetic sampled at
+       temperature 1 is right about half of the time.
 
     Each stage is saved with the tokenizer to `toy_cache_path(cache_dir) / stage` (atomic rename, inter-process
     lock) and loaded with `from_pretrained(path)`, so `model.name_or_path` is that folder and trainers that reload the
@@ -911,18 +945,14 @@ def model_and_tokenizer(
 
     Returns:
         `(model, tokenizer)`: a `Qwen2ForCausalLM` in eval mode with eager attention, float32, on CPU, and a
-        `PreTrainedTokenizerFast` (eos `<|im_end|>`, pad `<|pad|>`, right padding, `model_max_length = 256`).
+        `Qwen2Tokenizer`, a `PreTrainedTokenizerFast` (eos `<|im_end|>`, pad `<|endoftext|>`, no bos, right padding,
+        `model_max_length = 256`, ChatML `chat_template` with generation markers).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     stage = _stage_of(warmup)
     folder = toy_cache_path(cache_dir)
-    path = folder / stage
-    if not (path / _DONE_MARKER).exists():
-        with _file_lock(folder.parent / f"{folder.name}.lock"):
-            if not (path / _DONE_MARKER).exists():
-                _build(folder, stage)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
-    model.eval()
-    return model, tokenizer
+    with _IN_PROCESS_LOCK:
+        if not _is_built(folder, stage):
+            with _file_lock(folder.parent / f"{folder.name}.lock"):
+                if not _is_built(folder, stage):
+                    _build(folder, stage)
+        return _load(folder / stage)

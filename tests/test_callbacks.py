@@ -1,0 +1,189 @@
+"""LearningDynamicsCallback inside real SFT/DPO/GRPO trainers: records, non-interference, errors, resume, accuracy."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from tests import trainer_factory
+from trl_ntk import toy
+from trl_ntk.callbacks import LearningDynamicsCallback
+from trl_ntk.probes import ProbeSet
+
+
+def _records(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "dynamics" / "dynamics.jsonl").read_text().splitlines()]
+
+
+def _losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def _make(kind: str, output_dir: Path, **overrides):
+    return getattr(trainer_factory, f"{kind}_trainer")(output_dir, **overrides)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo"])
+def test_each_trainer_writes_one_probe_record_per_probe_per_scoring_step(tmp_path, kind):
+    overrides = {"per_device_train_batch_size": 8} if kind == "grpo" else {}
+    trainer = _make(kind, tmp_path, max_steps=3, **overrides)
+    callback = LearningDynamicsCallback(trainer, every_n_steps=2, attribution="sums", num_prompts=2, strict=True,
+                                        max_new_tokens=8)
+    trainer.add_callback(callback)
+    trainer.train()
+    records = _records(tmp_path)
+    assert records[0]["type"] == "run" and records[0]["trainer"] == kind
+    probe_ids = {p["probe_id"] for r in records if r["type"] == "probes" for p in r["probes"]}
+    per_step = Counter((r["step"], r["probe_id"]) for r in records if r["type"] == "probe")
+    assert {step for step, _ in per_step} == {0, 2, 3}
+    assert set(per_step.values()) == {1}
+    for step in (0, 2, 3):
+        assert {pid for s, pid in per_step if s == step} <= probe_ids
+        assert len([1 for s, _ in per_step if s == step]) >= 2 * (3 if kind != "dpo" else 8)
+    dynamics = [r for r in records if r["type"] == "dynamics"]
+    assert {r["step"] for r in dynamics} == {0, 2}
+    for record in dynamics:
+        assert record["gradient_check"]["cosine"] > 0.9999
+        assert record["predicted"] == pytest.approx(record["predicted_current"] + record["history"], abs=1e-4)
+    if kind == "grpo":
+        assert all(r["type"] != "lld" or r["num_positive"] >= 1 for r in records)
+    assert records[-1]["type"] == "status" and records[-1]["analysis_failures"] == 0
+
+
+@pytest.mark.parametrize("level", ["none", "sums", "tokens"])
+def test_dpo_training_losses_identical_with_and_without_callback(tmp_path, level):
+    plain = _make("dpo", tmp_path / "plain", max_steps=3)
+    plain.train()
+    observed = _make("dpo", tmp_path / "observed", max_steps=3)
+    observed.add_callback(LearningDynamicsCallback(observed, every_n_steps=1, attribution=level, num_prompts=2,
+                                                   strict=True, max_new_tokens=8))
+    observed.train()
+    assert _losses(plain) == _losses(observed)
+    for a, b in zip(plain.model.parameters(), observed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_grpo_training_losses_identical_with_and_without_callback(tmp_path):
+    plain = _make("grpo", tmp_path / "plain", max_steps=2, per_device_train_batch_size=8)
+    plain.train()
+    observed = _make("grpo", tmp_path / "observed", max_steps=2, per_device_train_batch_size=8)
+    observed.add_callback(LearningDynamicsCallback(observed, every_n_steps=1, attribution="sums", num_prompts=2,
+                                                   strict=True, max_new_tokens=8))
+    observed.train()
+    assert _losses(plain) == _losses(observed)
+
+
+def test_unknown_trainer_fails_before_training(tmp_path):
+    model, tokenizer = toy.model_and_tokenizer()
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
+                      processing_class=tokenizer)
+    with pytest.raises(ValueError, match="Trainer is not supported"):
+        LearningDynamicsCallback(trainer)
+
+
+def test_probe_longer_than_the_model_limit_fails_before_training(tmp_path):
+    trainer = _make("dpo", tmp_path, max_steps=1)
+    probes = ProbeSet()
+    probes.add("long", "chosen", "word " * 400, prompt="Tell me a long story.")
+    with pytest.raises(ValueError, match="long"):
+        LearningDynamicsCallback(trainer, probes=probes)
+
+
+def test_empty_probe_response_fails_before_training(tmp_path):
+    trainer = _make("dpo", tmp_path, max_steps=1)
+    probes = ProbeSet()
+    probes.add("p0", "chosen", "", prompt="What colour is the sky?")
+    with pytest.raises(ValueError, match="empty response"):
+        LearningDynamicsCallback(trainer, probes=probes)
+
+
+def test_resumed_run_continues_the_jsonl_exactly(tmp_path):
+    def run(output_dir: Path, resume: bool) -> list[dict]:
+        trainer = _make("dpo", output_dir, max_steps=4, save_strategy="steps", save_steps=2)
+        trainer.add_callback(LearningDynamicsCallback(trainer, every_n_steps=1, attribution="sums", num_prompts=2,
+                                                      strict=True, max_new_tokens=8))
+        trainer.train(resume_from_checkpoint=str(output_dir / "checkpoint-2") if resume else None)
+        return _records(output_dir)
+
+    full = run(tmp_path / "full", resume=False)
+    interrupted = tmp_path / "interrupted"
+    run(interrupted, resume=False)
+    resumed = run(interrupted, resume=True)
+
+    def key(r):
+        return (r["type"], r["step"], r.get("probe_id"))
+
+    content = [r for r in full if r["type"] in ("probe", "dynamics")]
+    continued = [r for r in resumed if r["type"] in ("probe", "dynamics")]
+    assert [key(r) for r in continued] == [key(r) for r in content]
+    for a, b in zip(content, continued):
+        if a["type"] == "probe":
+            assert a["logp_sum"] == pytest.approx(b["logp_sum"], abs=1e-5)
+    assert sum(r["type"] == "run" and r["resumed_from"] == 2 for r in resumed) == 1
+
+
+def _attribution_run(tmp_path, optim: str, learning_rate: float):
+    # float64 so that sums over many cancelling token attributions are compared at 1e-4, not at float32 round-off
+    trainer = _make("dpo", tmp_path, max_steps=1, optim=optim, learning_rate=learning_rate,
+                    lr_scheduler_type="constant", dtype=torch.float64)
+    trainer.add_callback(LearningDynamicsCallback(trainer, every_n_steps=1, attribution="tokens", num_prompts=2,
+                                                  generate=False, strict=True))
+    trainer.train()
+    return [r for r in _records(tmp_path) if r["type"] == "dynamics"]
+
+
+def _scale(record: dict) -> float:
+    """The size of the terms that cancel in a probe's change: float round-off is relative to this."""
+    return abs(record["split"]["positive"]) + abs(record["split"]["negative"])
+
+
+def _moving(dynamics: list[dict]) -> list[dict]:
+    """Probes whose change is not dwarfed by second-order terms (at least 5% of the largest change)."""
+    largest = max(abs(r["observed"]) for r in dynamics)
+    return [r for r in dynamics if abs(r["observed"]) >= 0.05 * largest]
+
+
+def test_sgd_token_attributions_sum_to_the_prediction_and_match_the_observed_change(tmp_path):
+    dynamics = _attribution_run(tmp_path, "sgd", 1e-4)
+    assert dynamics
+    for record in dynamics:
+        archive = np.load(tmp_path / "dynamics" / record["matrix"]["file"])
+        matrix = archive[record["matrix"]["key"]]
+        assert matrix.shape[0] == len(record["token_predicted"])
+        tolerance = 1e-4 * _scale(record)
+        assert abs(float(matrix.sum()) - record["predicted_current"]) <= tolerance
+        assert abs(record["predicted_current"] - record["predicted_sgd"]) <= tolerance
+        assert record["history"] == pytest.approx(0.0, abs=1e-12)
+    moving = _moving(dynamics)
+    assert len(moving) >= len(dynamics) // 2
+    for record in moving:
+        assert record["observed"] == pytest.approx(record["predicted"], rel=0.05)
+
+
+def test_adamw_optimizer_aware_prediction_matches_the_observed_change(tmp_path):
+    dynamics = _attribution_run(tmp_path, "adamw_torch", 1e-5)
+    moving = _moving(dynamics)
+    assert len(moving) >= len(dynamics) // 2
+    for record in moving:
+        assert record["observed"] == pytest.approx(record["predicted"], rel=0.05)
+        assert record["predicted_sgd"] != pytest.approx(record["predicted"], rel=0.05)  # a different view
+
+
+def test_dpo_rejected_falls_and_its_fall_comes_from_the_negative_gradient(tmp_path):
+    # the probes' prompts are all in the step's batch, as in the seed's one-step picture
+    trainer = _make("dpo", tmp_path, max_steps=1, optim="sgd", learning_rate=1e-2, lr_scheduler_type="constant",
+                    per_device_train_batch_size=8, n=8)
+    trainer.add_callback(LearningDynamicsCallback(trainer, every_n_steps=1, attribution="sums", num_prompts=8,
+                                                  generate=False, strict=True))
+    trainer.train()
+    rejected = [r for r in _records(tmp_path) if r["type"] == "dynamics" and r["kind"] == "rejected"]
+    assert rejected
+    assert sum(r["observed"] for r in rejected) < 0
+    assert sum(r["split"]["negative"] for r in rejected) < sum(r["split"]["positive"] for r in rejected)
+    assert abs(sum(r["split"]["negative"] for r in rejected)) > abs(sum(r["split"]["positive"] for r in rejected))

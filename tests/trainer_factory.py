@@ -55,7 +55,7 @@ def grpo_trainer(output_dir: Path, warmup: bool | str = True, n: int = 32, **ove
 
     model, tokenizer = toy.model_and_tokenizer(warmup=warmup)
     data = toy.math_dataset(n=n, seed=0)
-    defaults = {"num_generations": 4, "max_completion_length": 12, "temperature": 1.0}
+    defaults = {"num_generations": 4, "max_completion_length": 20, "temperature": 1.0}
     defaults.update(overrides)
     config = GRPOConfig(**_common(output_dir, **defaults))
     return GRPOTrainer(

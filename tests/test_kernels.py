@@ -62,8 +62,8 @@ ARCHITECTURES = {"qwen2-tied-eager": lambda: qwen2(tied=True), "llama-untied-sdp
 
 
 def token_batch(model: torch.nn.Module, rows: int, length: int, seed: int, temperature: float = 1.0) -> TokenBatch:
-    """Row 0 left-padded (3 pads), the last row right-padded (2 pads); targets on every real token after the first
-    real one, except the first two real tokens of row 0 (a prompt)."""
+    """Row 0 left-padded (3 pads), the last row right-padded (2 pads); every real token is a target except the first
+    of each row, and row 0's first two real tokens form an unscored prompt."""
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     input_ids = torch.randint(0, vocab, (rows, length), generator=generator)
@@ -190,6 +190,7 @@ def test_gradients_implementation_matches_bruteforce():
 )
 def test_every_jvp_path_gives_the_bruteforce_kernel(path, tolerance):
     model = qwen2()
+    assert kernels.select_jvp_path(model) is kernels.JvpPath.FUNC  # eager attention, no checkpointing
     probe, train = probe_and_train(model)
     expected = bruteforce_kernel(model, probe, train)
     assert relative_error(kernels.logprob_kernel(model, probe, train, path=path), expected) < tolerance
@@ -294,7 +295,7 @@ def test_reentrant_checkpointing_in_train_mode_raises_with_the_fix():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.train()
     probe, train = probe_and_train(model)
-    with pytest.raises(ValueError, match="model.eval()"):
+    with pytest.raises(ValueError, match=r"call model\.eval\(\)"):
         kernels.logprob_kernel(model, probe, train)
     model.eval()  # checkpointing idles in eval mode
     assert relative_error(kernels.logprob_kernel(model, probe, train), bruteforce_kernel(model, probe, train)) < EXACT
@@ -536,6 +537,20 @@ def test_optimizer_step_split_reproduces_torch_steps(kind):
             update = param.detach() - before[name]
             assert torch.allclose(predicted[name], update, rtol=1e-9, atol=1e-12), (kind, step, name)
     assert optimizer.param_groups[0]["lr"] != optimizer.param_groups[1]["lr"]  # each group's own lr was used
+
+
+def test_sgd_preconditioner_is_plain_sgd_split_and_scales_the_kernel():
+    model = qwen2()
+    probe, train = probe_and_train(model)
+    lr = 0.05
+    preconditioner = kernels.sgd_preconditioner(model.named_parameters(), lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    split = kernels.optimizer_step_split(optimizer, model.named_parameters())
+    assert all(torch.equal(preconditioner[name], split.preconditioner[name]) for name in preconditioner)
+    preconditioned = kernels.logprob_kernel(model, probe, train, preconditioner=preconditioner)
+    assert relative_error(preconditioned, lr * kernels.logprob_kernel(model, probe, train)) < EXACT
 
 
 def test_optimizer_step_split_unwraps_accelerate_and_handles_missing_gradients():

@@ -807,19 +807,39 @@ def test_callback_under_two_processes_counts_groups_that_span_ranks_once(tmp_pat
 
     script = tmp_path / "ddp_nthr.py"
     script.write_text(_DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", str(script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    log = tmp_path / "ddp.log"
+    with open(log, "w") as stream:
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+            env={**os.environ, "PYTHONPATH": path},
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
+    assert result.returncode == 0, log.read_text()[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert ranks[0]["stats"] == ranks[1]["stats"] and len(ranks[0]["stats"]) == 3
     assert ranks[1]["records"] == [] and len(ranks[0]["records"]) == 3
     assert all(record["num_groups"] == 1 for record in ranks[0]["records"])
+
+
+def test_a_capture_that_disagrees_with_the_policy_falls_back_to_the_forward(tmp_path, monkeypatch, caplog):
+    from trl_ntk import nthr
+
+    hook = nthr._HiddenCapture._hook
+
+    def skewed(self, module, args, output):
+        hook(self, module, args, output)
+        if self.mode == "generation":
+            self.generation_steps[-1] = 3 * self.generation_steps[-1]
+
+    monkeypatch.setattr(nthr._HiddenCapture, "_hook", skewed)
+    trainer = _grpo_trainer(tmp_path)
+    callback = nthr.NTHRCallback(trainer, beta=0.0)
+    trainer.add_callback(callback)
+    with caplog.at_level("WARNING", logger="trl_ntk.nthr"):
+        _generate(trainer)
+    assert callback.last_path == "forward" and "'generation' path" in caplog.text
+    _generate(trainer, seed=1)
+    assert callback.last_path == "forward" and callback._rejected_paths == {"generation"}

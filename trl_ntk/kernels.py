@@ -56,7 +56,9 @@ class JvpPath(str, Enum):
     - `FUNC`: `torch.func.jvp` under `torch.func.vmap` over a chunk of tangents (one batched forward per chunk).
       Needs an attention kernel with forward-mode AD: eager or SDPA (run with its MATH backend).
     - `FORWARD_AD`: `torch.autograd.forward_ad` dual tensors, one forward per tangent. Passes through gradient
-      checkpointing wrappers, which `torch.func` transforms do not compose with in general.
+      checkpointing wrappers, which `torch.func` transforms do not compose with in general (reentrant checkpoints
+      are old-style autograd Functions).
+    All paths run under `torch.no_grad()`: no autograd graph is kept, and Hugging Face layers skip checkpointing.
     - `FINITE_DIFFERENCE`: central differences `[f(w + h d) - f(w - h d)] / 2h`, two no-grad forwards per tangent,
       with `||h d|| = fd_step * max(||w||, 1)`. Works with any attention kernel; accurate to about `1e-3` relative
       in float32. The fallback and an independent oracle. Unlike backward (and the two paths above), it sees the
@@ -187,7 +189,8 @@ def _final_hidden(model: nn.Module, batch: TokenBatch) -> Tensor:
     if batch.position_ids is not None:
         kwargs["position_ids"] = batch.position_ids
     kwargs.update(batch.model_kwargs)
-    outputs = decoder(**kwargs, use_cache=False)
+    kwargs["use_cache"] = False
+    outputs = decoder(**kwargs)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     return hidden[:, :-1][batch.target_mask[:, 1:]]
 
@@ -345,11 +348,16 @@ def target_logprobs(model: nn.Module, batch: TokenBatchLike, *, params: Mapping[
 
 
 def _attention_implementations(model: nn.Module) -> dict[int, tuple[Any, str | None]]:
+    """`id -> (config, attn_implementation)` for every config of the model's modules and their sub-configs,
+    parents before children."""
     configs: dict[int, tuple[Any, str | None]] = {}
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation") and id(config) not in configs:
-            configs[id(config)] = (config, config._attn_implementation)
+    pending = [getattr(module, "config", None) for module in model.modules()]
+    while pending:
+        config = pending.pop(0)
+        if config is None or id(config) in configs or not hasattr(config, "_attn_implementation"):
+            continue
+        configs[id(config)] = (config, config._attn_implementation)
+        pending.extend(getattr(config, key, None) for key in getattr(config, "sub_configs", {}))
     return configs
 
 
@@ -437,7 +445,7 @@ def _jvp_rows(score: ScoreFn, primals: TensorDict, tangents: TensorDict, path: J
             def directional(tangent: TensorDict) -> Tensor:
                 return torch.func.jvp(score, (primals,), (tangent,))[1]
 
-            return torch.func.vmap(directional)(tangents)
+            return torch.func.vmap(directional, randomness="same")(tangents)  # one dropout mask per chunk
         rows = []
         if path is JvpPath.FORWARD_AD:
             for c in range(num_rows):
@@ -485,7 +493,7 @@ class _Backward:
         grads = torch.autograd.grad(
             self.outputs,
             self.leaves,
-            grad_outputs=weights.to(self.outputs.dtype),
+            grad_outputs=weights.to(self.outputs),
             retain_graph=True,
             is_grads_batched=True,
             materialize_grads=True,
@@ -495,7 +503,7 @@ class _Backward:
     def single(self, weights: Tensor) -> TensorDict:
         """`weights [M]` -> `name -> [*shape]` (one backward, the graph freed)."""
         grads = torch.autograd.grad(
-            self.outputs, self.leaves, grad_outputs=weights.to(self.outputs.dtype), materialize_grads=True
+            self.outputs, self.leaves, grad_outputs=weights.to(self.outputs), materialize_grads=True
         )
         return dict(zip(self.names, grads, strict=True))
 
@@ -539,7 +547,7 @@ def _contract(
     the column batch per chunk. Never forms the kernel when `W` is not the identity.
     """
     backward = _Backward(_score_fn(model, row_batch, output), values, model)
-    column_score = _score_fn(model, column_batch, output)
+    column_score = _score_fn(model, column_batch, output, differentiable=path is not JvpPath.FINITE_DIFFERENCE)
     rows = []
     with _forward_mode_attention(model, path):
         for weights in row_weights:
@@ -696,7 +704,7 @@ def pntk(
     """pNTK `K[m, l] = <grad_w s~_m, P * grad_w s_l>`, `s = (1/sqrt V) * sum_j z_j` at the target's position.
 
     `z` are the model's logits (after logit scaling/softcapping, temperature not applied). Arguments, shapes, cost
-    and allocations as `logprob_kernel`; with a plain linear unembedding the head's share of each JVP is `O(H)`.
+    and allocations as `logprob_kernel`.
     """
     return _kernel(
         model,
@@ -800,10 +808,16 @@ def logprob_jvp(
     """
     (batch,) = _prepare(model, batch)
     values = select_params(model, list(direction))
+    for name, value in values.items():
+        if direction[name].shape != value.shape:
+            raise ValueError(
+                f"direction[{name!r}] has shape {tuple(direction[name].shape)}, the parameter {tuple(value.shape)}"
+            )
     resolved = _resolve_path(model, values, path)
-    tangents = {name: torch.as_tensor(direction[name]).to(values[name].device)[None] for name in values}
+    tangents = {name: direction[name].to(values[name].device)[None] for name in values}
     with _forward_mode_attention(model, resolved):
-        return _jvp_rows(_score_fn(model, batch, output), values, tangents, resolved, fd_step)[0]
+        score = _score_fn(model, batch, output, differentiable=resolved is not JvpPath.FINITE_DIFFERENCE)
+        return _jvp_rows(score, values, tangents, resolved, fd_step)[0]
 
 
 def logprob_grad(
@@ -823,7 +837,7 @@ def logprob_grad(
     backward = _Backward(_score_fn(model, batch, output), values, model)
     if weights.shape != (backward.num_targets,):
         raise ValueError(f"weights must have shape [M] = [{backward.num_targets}], got {tuple(weights.shape)}")
-    return backward.single(weights.to(backward.outputs.device))
+    return backward.single(weights)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,9 +17,11 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+import trl
 from packaging.version import Version
 from torch import Tensor
 from transformers import TrainerCallback
+from trl import GRPOTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -570,9 +572,6 @@ def nthr_record(step: int, stats: NTHRStats, seconds: float, path: str, time_fra
 
 def _check_trainer(trainer: Any) -> None:
     """Fail early, naming the TRL version, when the wrapped internals are not those this module knows."""
-    import trl
-    from trl import GRPOTrainer
-
     release = Version(trl.__version__).release[:2]
     low, high = SUPPORTED_TRL
     if not low.release <= release < high.release:
@@ -885,15 +884,20 @@ class NTHRCallback(TrainerCallback):
         """`[B, T, d]` hidden states that predict `output["completion_ids"]`, and the path that produced them."""
         capture, source = self._capture, self.config.hidden_source
         batch, length = output["completion_ids"].shape
-        if source in ("auto", "old_logps") and capture.policy_chunks:
+        if source in ("auto", "old_logps") and self._on_every_rank(bool(capture.policy_chunks)):
             hidden = torch.cat(capture.policy_chunks)
             if self._agrees(hidden, output, model, "old_logps", output.get("old_per_token_logps")):
                 return hidden, "old_logps"
-        if source in ("auto", "generation") and capture.generation_steps and "pixel_values" not in output:
-            steps = len(capture.generation_steps)
-            longest = int(output["completion_mask"].sum(-1).max())
-            if capture.generation_steps[0].shape[0] == batch and longest <= steps:
-                hidden = torch.stack(capture.generation_steps[:length], dim=1)
+        if source in ("auto", "generation"):
+            steps = capture.generation_steps
+            usable = (
+                bool(steps)
+                and "pixel_values" not in output
+                and steps[0].shape[0] == batch
+                and int(output["completion_mask"].sum(-1).max()) <= len(steps)
+            )
+            if self._on_every_rank(usable):
+                hidden = torch.stack(steps[:length], dim=1)
                 hidden = F.pad(hidden, (0, 0, 0, length - hidden.shape[1]))
                 if self._agrees(hidden, output, model, "generation", None):
                     return hidden, "generation"
@@ -902,6 +906,14 @@ class NTHRCallback(TrainerCallback):
         raise RuntimeError(
             f"hidden_source={source!r} is not available for this trainer's configuration; use hidden_source='auto'"
         )
+
+    def _on_every_rank(self, flag: bool) -> bool:
+        """`flag` and-ed over ranks, so every rank takes the same path (and runs the same forwards)."""
+        accelerator = self.trainer.accelerator
+        if accelerator.num_processes == 1:
+            return flag
+        flags = accelerator.gather(torch.tensor([float(flag)], device=accelerator.device))
+        return bool(flags.min() > 0)
 
     def _policy_forward(self, output: dict[str, Any]) -> Tensor:
         """One no-grad forward of the policy over prompt + completion, through TRL's own log-prob method."""
@@ -927,7 +939,8 @@ class NTHRCallback(TrainerCallback):
     @torch.no_grad()
     def _agrees(self, hidden: Tensor, output: dict[str, Any], model: Any, path: str, reference: Tensor | None) -> bool:
         """Check a captured path once: the log-probs its hidden states give match TRL's old-policy log-probs (or,
-        for the generation path, those of one full forward). On mismatch, warn and never use the path again."""
+        for the generation path, those of one full forward) within 0.01 nats on average, on every rank. On mismatch,
+        warn and never use the path again."""
         if path in self._verified_paths:
             return True
         if path in self._rejected_paths:
@@ -938,7 +951,7 @@ class NTHRCallback(TrainerCallback):
         mask = output["completion_mask"].bool()
         mine = _completion_logprobs(hidden, output, _PolicyHead(model), self.trainer.temperature)
         error = float((mine - reference.float())[mask].abs().mean()) if mask.any() else 0.0
-        if error <= 1e-2:
+        if self._on_every_rank(error <= 1e-2):
             self._verified_paths.add(path)
             return True
         logger.warning(
@@ -991,13 +1004,7 @@ def _completion_logprobs(hidden: Tensor, output: dict[str, Any], head: _PolicyHe
     return logprobs
 
 
-def _grpo_trainer_class() -> type:
-    from trl import GRPOTrainer
-
-    return GRPOTrainer
-
-
-class NTHRGRPOTrainer(_grpo_trainer_class()):
+class NTHRGRPOTrainer(GRPOTrainer):
     """A `trl.GRPOTrainer` with NTHR: the same arguments, plus `nthr_config`.
 
     Usage:

@@ -1,0 +1,95 @@
+"""DPO with learning-dynamics tracking: why do chosen *and* rejected log-probs go down?
+
+Offline, on the embedded toy model and preference data (CPU, about a minute):
+
+    python examples/dpo_dynamics.py
+
+On a hub model (network; a GPU helps):
+
+    python examples/dpo_dynamics.py --model Qwen/Qwen2.5-0.5B-Instruct \
+        --dataset trl-lib/ultrafeedback_binarized --report-to wandb
+
+Then open `<output-dir>/dynamics/report.html` (or run `trl-ntk report <output-dir>/dynamics`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from trl import DPOConfig, DPOTrainer
+
+from trl_ntk.callbacks import LearningDynamicsCallback
+from trl_ntk.report import build_report
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="hub model id (default: the offline toy model)")
+    parser.add_argument("--dataset", default=None, help="hub preference dataset (default: the toy preference data)")
+    parser.add_argument("--num-rows", type=int, default=None, help="training rows (default: toy 288, hub 2000)")
+    parser.add_argument("--output-dir", default="runs/dpo_dynamics")
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: all epochs)")
+    parser.add_argument("--epochs", type=float, default=None, help="default: toy 12, hub 1")
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: toy 5e-3 (SGD), hub 5e-7")
+    parser.add_argument("--beta", type=float, default=None, help="default: toy 0.5, hub 0.1")
+    parser.add_argument("--every-n-steps", type=int, default=20, help="probe scoring / analysis period")
+    parser.add_argument("--attribution", choices=("none", "sums", "tokens"), default="sums")
+    parser.add_argument("--report-to", default="none", help="none, wandb, tensorboard or trackio")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    toy_run = args.model is None
+    if toy_run:
+        from trl_ntk import toy
+
+        model, tokenizer = toy.model_and_tokenizer()  # the warm (SFT'd) toy model, cached on first use
+        train = toy.preference_dataset(n=args.num_rows or 288, seed=args.seed)
+        if args.dataset is not None:
+            raise SystemExit("--dataset needs --model (the toy tokenizer only knows the toy data)")
+    else:
+        from datasets import load_dataset
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        train = load_dataset(args.dataset or "trl-lib/ultrafeedback_binarized", split="train")
+        train = train.shuffle(seed=args.seed).select(range(min(args.num_rows or 2000, len(train))))
+    on_gpu = torch.cuda.is_available()
+    config = DPOConfig(
+        output_dir=args.output_dir,
+        num_train_epochs=args.epochs or (12 if toy_run else 1),
+        max_steps=args.max_steps,
+        per_device_train_batch_size=16 if toy_run else 4,
+        gradient_accumulation_steps=1 if toy_run else 4,
+        learning_rate=args.learning_rate or (5e-3 if toy_run else 5e-7),
+        optim="sgd" if toy_run else "adamw_torch",
+        lr_scheduler_type="constant",
+        beta=args.beta or (0.5 if toy_run else 0.1),
+        max_length=128 if toy_run else 1024,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=args.report_to,
+        seed=args.seed,
+        use_cpu=not on_gpu,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+    )
+    trainer = DPOTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
+    # Every `every_n_steps` steps: score the probe responses (chosen, rejected, rephrases, other prompts' answers,
+    # shuffled text, the model's greedy answer) and split each step's predicted change into the part pulled up by
+    # the chosen tokens and the part pushed down by the rejected ones.
+    trainer.add_callback(
+        LearningDynamicsCallback(trainer, every_n_steps=args.every_n_steps, attribution=args.attribution)
+    )
+    trainer.train()
+    report = build_report(Path(args.output_dir) / "dynamics")
+    print(f"report: {report}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

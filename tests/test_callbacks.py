@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -187,3 +188,30 @@ def test_dpo_rejected_falls_and_its_fall_comes_from_the_negative_gradient(tmp_pa
     assert sum(r["observed"] for r in rejected) < 0
     assert sum(r["split"]["negative"] for r in rejected) < sum(r["split"]["positive"] for r in rejected)
     assert abs(sum(r["split"]["negative"] for r in rejected)) > abs(sum(r["split"]["positive"] for r in rejected))
+
+
+def test_analysis_failure_is_one_warning_and_a_counter_not_a_crash(tmp_path, monkeypatch):
+    from trl_ntk import dynamics
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(dynamics, "explain_update", broken)
+    trainer = _make("dpo", tmp_path, max_steps=3)
+    trainer.add_callback(LearningDynamicsCallback(trainer, every_n_steps=1, attribution="sums", num_prompts=2,
+                                                  generate=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert sum("injected failure" in str(w.message) for w in caught) == 3
+    records = _records(tmp_path)
+    status = records[-1]
+    assert status["type"] == "status"
+    assert status["analysis_failures"] == 3
+    assert "injected failure" in status["message"]
+    assert {r["step"] for r in records if r["type"] == "probe"} == {0, 1, 2, 3}
+    with pytest.raises(RuntimeError, match="injected failure"):
+        strict = _make("dpo", tmp_path / "strict", max_steps=1)
+        strict.add_callback(LearningDynamicsCallback(strict, every_n_steps=1, num_prompts=2, generate=False,
+                                                     strict=True))
+        strict.train()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,8 +243,10 @@ class LearningDynamicsCallback(TrainerCallback):
             self.capture.disarm()
             self.analysis_failures += 1
             self.last_failure = f"step {step}: {type(error).__name__}: {error}"
-            logger.warning(
-                "learning-dynamics analysis failed at %s (failure #%d)", self.last_failure, self.analysis_failures
+            warnings.warn(
+                f"learning-dynamics analysis failed at {self.last_failure} (failure #{self.analysis_failures}); "
+                "training goes on, the count is in the status record",
+                stacklevel=2,
             )
 
     def _probe_batch(self, step: int):

@@ -71,6 +71,7 @@ def dynamics_records(
     }
     cells = _per_response(explanation.cells, batch)
     matrix = _per_response(explanation.matrix.T, batch) if explanation.matrix is not None else None
+    contexts = _train_token_contexts(explanation) if matrix is not None else []
     out = []
     for i, response in enumerate(encoded.responses):
         observed_tokens = (after.token_logps[i] - before.token_logps[i]).float()
@@ -110,19 +111,26 @@ def dynamics_records(
         }
         if matrix is not None:
             totals = matrix[i].T.sum(0)  # [L]: each training token's total push on this response
-            record["top_up"] = _top_tokens(totals, explanation, tokenizer, top_k, largest=True)
-            record["top_down"] = _top_tokens(totals, explanation, tokenizer, top_k, largest=False)
+            record["top_up"] = _top_tokens(totals, explanation, contexts, tokenizer, top_k, largest=True)
+            record["top_down"] = _top_tokens(totals, explanation, contexts, tokenizer, top_k, largest=False)
         out.append(record)
     return out
 
 
-def _top_tokens(totals: Tensor, explanation: UpdateExplanation, tokenizer: Any, k: int, largest: bool) -> list[dict]:
+def _top_tokens(
+    totals: Tensor,
+    explanation: UpdateExplanation,
+    contexts: list[tuple[int, list[int]]],
+    tokenizer: Any,
+    k: int,
+    largest: bool,
+) -> list[dict]:
+    """The `k` training tokens with the largest positive (or negative) total push, with their text and context."""
     k = min(k, totals.numel())
     if k == 0:
         return []
     values, index = torch.topk(totals if largest else -totals, k)
     out = []
-    contexts = _train_token_contexts(explanation)
     for value, l in zip(values.tolist(), index.tolist()):
         signed = value if largest else -value
         if (signed <= 0) if largest else (signed >= 0):

@@ -133,7 +133,7 @@ def one_step_delta(trainer, state, batch: dict[str, Any], advantages: torch.Tens
     """From `state`, one optimizer step on `batch` with `advantages`; `[B]` change of the summed log-probs."""
     model, optimizer = trainer.model, trainer.optimizer.optimizer
     model.load_state_dict(state[0])
-    optimizer.load_state_dict(state[1])
+    optimizer.load_state_dict(copy.deepcopy(state[1]))  # loading aliases the tensors, which step() updates
     before = sequence_logprobs(trainer, batch)
     optimizer.zero_grad()
     trainer.compute_loss(model, {**batch, "advantages": advantages}).backward()
@@ -220,6 +220,7 @@ def summarize_paired(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "plain": arm("delta_plain"),
         "nthr": arm("delta_nthr"),
         "difference_mean": statistics.mean(differences),
+        "difference_sem": statistics.stdev(differences) / math.sqrt(len(differences)) if len(rows) > 1 else math.nan,
         "repeat_max_abs_gap": repeat_gap,
         "difference_frac_positive": sum(d > 0 for d in differences) / len(differences),
         "groups_with_downweighted_tokens": len(touched),
@@ -314,7 +315,8 @@ def main() -> None:
         stats = paired[arm]
         print(f"{arm:<8}{stats['mean']:>14.4f}{stats['median']:>14.4f}{stats['frac_nonpositive']:>15.3f}")
     print(
-        f"paired Delta_nthr - Delta_plain: mean {paired['difference_mean']:.5f}, "
+        f"paired Delta_nthr - Delta_plain: mean {paired['difference_mean']:.5f} "
+        f"+- {paired['difference_sem']:.5f} (s.e.), "
         f"fraction > 0 {paired['difference_frac_positive']:.3f}; in the "
         f"{paired['groups_with_downweighted_tokens']} groups where NTHR downweighted something: mean "
         f"{paired['difference_mean_in_those']:.5f}"

@@ -456,6 +456,8 @@ def _token_weights_on_rank(
             stats = stats + result.stats(completion_mask[local], advantages[local], slice(None), count_group=True)
         else:
             spanning.append((group, local))
+    if spanning and world == 1:
+        raise ValueError(f"the batch has {batch} rows, not a multiple of the group size {group_size}")
     if world > 1 and batch % group_size:
         rows = torch.cat([torch.arange(batch, device=completion_ids.device)[local] for _, local in spanning])
         shared = _gather_rows(

@@ -215,3 +215,16 @@ def test_analysis_failure_is_one_warning_and_a_counter_not_a_crash(tmp_path, mon
         strict.add_callback(LearningDynamicsCallback(strict, every_n_steps=1, num_prompts=2, generate=False,
                                                      strict=True))
         strict.train()
+
+
+def test_nthr_records_reach_the_dynamics_jsonl(tmp_path):
+    from trl_ntk.nthr import NTHRCallback
+
+    trainer = _make("grpo", tmp_path, max_steps=2, per_device_train_batch_size=8)
+    trainer.add_callback(NTHRCallback(trainer))
+    trainer.add_callback(LearningDynamicsCallback(trainer, every_n_steps=1, attribution="none", num_prompts=2,
+                                                  generate=False, strict=True))
+    trainer.train()
+    nthr = [r for r in _records(tmp_path) if r["type"] == "nthr"]
+    assert len(nthr) >= 1
+    assert all(0.0 <= r["frac_downweighted"] <= 1.0 for r in nthr)

@@ -201,6 +201,18 @@ class LearningDynamicsCallback(TrainerCallback):
                 [records.run_record(state.global_step, self.adapter.kind, asdict(self.config), _versions(), resumed)],
             )
             self._emit(state.global_step, [records.probes_record(state.global_step, self.encoded, self.tokenizer)])
+        self._adopt_nthr_records()
+
+    def _adopt_nthr_records(self) -> None:
+        """Route the records of an `NTHRCallback` on the same trainer through this callback's sinks."""
+        from .nthr import NTHRCallback
+
+        for callback in self.trainer.callback_handler.callbacks:
+            if isinstance(callback, NTHRCallback) and callback.record_fn is None:
+                callback.record_fn = self._write_external
+
+    def _write_external(self, record: dict) -> None:
+        self._emit(int(record.get("step", self.trainer.state.global_step)), [record])
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.config.attribution != "none" and self._due(state.global_step):
@@ -251,18 +263,8 @@ class LearningDynamicsCallback(TrainerCallback):
 
     def _probe_batch(self, step: int):
         """The fixed probes plus the sampled ones of this scoring step (regenerated when due)."""
-        model = self._model()
         if self.config.generate and self.sampled_step != step:
-            with self.capture.paused():
-                self.sampled = sample_responses(
-                    model,
-                    self.tokenizer,
-                    self.probes.prompts(),
-                    num_samples=self.config.num_samples,
-                    temperature=self.config.sample_temperature,
-                    max_new_tokens=self.config.max_new_tokens,
-                    seed=self.config.seed + step,
-                )
+            self.sampled = self._sample_on_main(step)
             self.sampled_step = step
             if self.sampled:
                 encoded = ProbeSet.from_responses(self.probes.responses() + self.sampled).encode(
@@ -275,6 +277,38 @@ class LearningDynamicsCallback(TrainerCallback):
                 self.tokenizer, max_length=self.max_length
             )
         return self.encoded
+
+    def _sample_on_main(self, step: int) -> list:
+        """The model's own responses, generated on the main process and shared with the other ranks (DDP), so that
+        every rank explains the same probe tokens: the cross-rank sums of the probe JVPs add up token by token.
+
+        A generation failure on the main process is shared as well and raised on every rank, so that no rank is left
+        waiting in a collective the others skip.
+        """
+        sampled, error = None, None
+        if self._is_main():
+            try:
+                with self.capture.paused():
+                    sampled = sample_responses(
+                        self._model(),
+                        self.tokenizer,
+                        self.probes.prompts(),
+                        num_samples=self.config.num_samples,
+                        temperature=self.config.sample_temperature,
+                        max_new_tokens=self.config.max_new_tokens,
+                        seed=self.config.seed + step,
+                    )
+            except Exception as exception:
+                if self.trainer.accelerator.num_processes <= 1:
+                    raise
+                error = f"{type(exception).__name__}: {exception}"
+        if self.trainer.accelerator.num_processes > 1:
+            shared = [sampled, error]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            sampled, error = shared
+        if error is not None:
+            raise RuntimeError(f"probe generation failed on the main process: {error}")
+        return sampled
 
     def _score(self, encoded):
         return self._score_batch(encoded.batch)
@@ -318,6 +352,7 @@ class LearningDynamicsCallback(TrainerCallback):
                     attribution="tokens" if tokens else "sums",
                     coeff_scale=1.0 / self.trainer.accelerator.num_processes,
                     all_reduce=_all_reduce(self.trainer.accelerator),
+                    all_gather=_all_gather(self.trainer.accelerator),
                     chunk_size=self.config.chunk_size,
                     kernel_summaries=self.config.kernel_summaries and tokens,
                     extra_batches={"lld": lld[0]} if lld is not None else None,
@@ -397,3 +432,15 @@ def _all_reduce(accelerator: Any):
         torch.distributed.all_reduce(tensor)
 
     return reduce
+
+
+def _all_gather(accelerator: Any):
+    if accelerator.num_processes <= 1:
+        return None
+
+    def gather(value: Any) -> list:
+        gathered = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
+    return gather

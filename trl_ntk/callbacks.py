@@ -21,7 +21,8 @@ import trl
 from transformers import TrainerCallback
 
 from . import __version__, dynamics, records
-from .adapters import adapter_for, label_step
+from .adapters import TokenLabels, adapter_for, label_step
+from .batches import concat_token_batches
 from .capture import GradientCapture
 from .probes import ProbeSet, sample_responses
 from .scoring import score_responses
@@ -237,8 +238,10 @@ class LearningDynamicsCallback(TrainerCallback):
         if self.last_scored_step != step:
             self._guarded(step, self._score_only, step)
         if self.sinks is not None:
+            sink_status = self.sinks.status()
+            message = self.last_failure or sink_status["message"]
             self._emit(
-                step, [records.status_record(step, self.analysis_failures, self.sinks.failures, self.last_failure)]
+                step, [records.status_record(step, self.analysis_failures, sink_status["sink_failures"], message)]
             )
             self.sinks.close()
             self.sinks = None
@@ -335,9 +338,7 @@ class LearningDynamicsCallback(TrainerCallback):
         model = self._model()
         labels = label_step(self.adapter, micro_batches)
         tokens = self._tokens_due(step)
-        lld = None
-        if self.adapter.kind == "grpo" and any(bool((lab.group == 0).any()) for lab in labels):
-            lld = dynamics.positive_completion_batches(micro_batches, labels)
+        lld = self._positive_completions(micro_batches, labels) if self.adapter.kind == "grpo" else None
         was_training = model.training
         model.eval()
         try:
@@ -365,8 +366,38 @@ class LearningDynamicsCallback(TrainerCallback):
             before=(encoded, before),
             explanation=explanation,
             tokens=tokens,
-            lld_before=None if lld is None else (lld, lld_before, labels),
+            lld_before=None if lld is None else (lld[:2], lld_before, lld[2]),
         )
+
+    def _positive_completions(self, micro_batches: list, labels: list):
+        """GRPO's positive-advantage completions of the step (for lazy likelihood displacement): `(batch, their
+        labels, labels of all the step's training tokens)`, or None when there is none.
+
+        Under DDP those of every rank, concatenated in rank order on every rank, so that every rank predicts the
+        same tokens (the cross-rank sums of their JVPs add up token by token) and the main process reports every
+        rank's groups; examples and groups are renumbered per rank (a group split across ranks shows as parts).
+        """
+        has_positive = any(bool((lab.group == 0).any()) for lab in labels)
+        local = dynamics.positive_completion_batches(micro_batches, labels) if has_positive else None
+        all_labels = dynamics.concat_labels(labels)
+        gather = _all_gather(self.trainer.accelerator)
+        if gather is None:
+            return None if local is None else (*local, all_labels)
+        parts = gather((None if local is None else (local[0].to("cpu"), local[1]), all_labels))
+        batches, positive_labels, step_labels = [], [], []
+        example_offset = group_offset = 0
+        for part, rank_labels in parts:
+            if part is not None:
+                batches.append(part[0])
+                positive_labels.append(_renumbered(part[1], example_offset, group_offset))
+            step_labels.append(_renumbered(rank_labels, example_offset, group_offset))
+            if rank_labels.example.numel():
+                example_offset += int(rank_labels.example.max()) + 1
+                group_offset += int(rank_labels.sequence_group.max()) + 1
+        if not batches:
+            return None
+        batch = concat_token_batches(batches).to(self._model().get_input_embeddings().weight.device)
+        return batch, dynamics.concat_labels(positive_labels), dynamics.concat_labels(step_labels)
 
     def _target_logprobs(self, batch) -> torch.Tensor:
         """`[M]` log-probs of a token batch's targets (row-major), no grad."""
@@ -387,7 +418,7 @@ class LearningDynamicsCallback(TrainerCallback):
                 pending.explanation.extra["lld"],
                 lld_labels,
                 pending.explanation.cell_names,
-                dynamics.concat_labels(all_labels),
+                all_labels,
             )
             out += records.lld_records(step, groups)
         if pending.tokens and pending.explanation.matrix is not None and self._is_main():
@@ -432,6 +463,12 @@ def _all_reduce(accelerator: Any):
         torch.distributed.all_reduce(tensor)
 
     return reduce
+
+
+def _renumbered(labels: TokenLabels, example_offset: int, group_offset: int) -> TokenLabels:
+    return TokenLabels(
+        group=labels.group, example=labels.example + example_offset, sequence_group=labels.sequence_group + group_offset
+    )
 
 
 def _all_gather(accelerator: Any):

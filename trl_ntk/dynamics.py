@@ -13,6 +13,10 @@ micro-batches with their gradient coefficients `c_l`, the adapter's token labels
 
 and, at the "tokens" level, the matrix `a_{m,l} = - s * c_l * < grad lp~_m, P grad lp_l >` whose row sums are
 `current_m`. The observed change comes from scoring the probes again after the optimizer step.
+
+Under DDP every rank captures its own micro-batches: the cell JVPs and the raw gradient are summed across ranks
+(`all_reduce`), and the matrix columns (with their training tokens, coefficients and labels) are gathered in rank
+order (`all_gather`), so every rank holds the full `[Mp, L_all]` matrix and its row sums are the global `current_m`.
 """
 
 from __future__ import annotations
@@ -145,6 +149,7 @@ def explain_update(
     attribution: str = "sums",
     coeff_scale: float = 1.0,
     all_reduce: Any = None,
+    all_gather: Any = None,
     chunk_size: int | None = None,
     kernel_summaries: bool = False,
     extra_batches: dict[str, TokenBatch] | None = None,
@@ -162,6 +167,8 @@ def explain_update(
             `[Mp, L]` matrix, about `min(Mp, L)` batch JVPs).
         coeff_scale (`float`): factor on `c_l` before clipping (`1 / world_size` under DDP averaging).
         all_reduce (`callable`, *optional*): sums a tensor across ranks in place (DDP); `None` on one process.
+        all_gather (`callable`, *optional*): `obj -> [obj of rank 0, obj of rank 1, ...]` (DDP); gathers the
+            "tokens" level columns of every rank. Without it under DDP the matrix holds this rank's columns only.
         chunk_size (`int`, *optional*): rows of parameter-sized tangents held at once.
         kernel_summaries (`bool`): also compute the log-prob kernel and pNTK norms between probe and batch.
         extra_batches (`dict[str, TokenBatch]`, *optional*): other token batches whose changes are predicted along
@@ -229,6 +236,11 @@ def explain_update(
             "predicted": extra_current + values[len(cell_grads)],
         }
 
+    coeff_sq = torch.cat(coeffs).double().pow(2).sum() if coeffs else torch.zeros((), dtype=torch.float64)
+    coeff_sq = coeff_sq.to(next(iter(applied.values())).device) if applied else coeff_sq
+    if all_reduce is not None:
+        all_reduce(coeff_sq)
+
     explanation = UpdateExplanation(
         predicted=current + history_change,
         current=current,
@@ -238,7 +250,7 @@ def explain_update(
         cell_names=[(SIGN_NAMES[s], group_names[g]) for s, g in cell_ids],
         gradient_check=check,
         path=path,
-        grad_coeff_norm=float(torch.cat([c for c in coeffs]).norm()) * abs(scale) if coeffs else 0.0,
+        grad_coeff_norm=float(coeff_sq) ** 0.5 * abs(scale),
         train_labels=concat_labels(labels),
         extra=extra,
     )
@@ -254,25 +266,79 @@ def explain_update(
         explanation.train_targets = torch.cat([mb.batch.targets for mb in micro_batches])
         explanation.train_coeffs = torch.cat(coeffs) * scale
         explanation.train_batches = [mb.batch for mb in micro_batches]
+        if all_gather is not None:
+            _gather_columns(explanation, all_gather)
     if kernel_summaries:
-        logprob_sq = 0.0
-        pntk_sq = 0.0
+        squares = torch.zeros(2, dtype=torch.float64, device=coeff_sq.device)
         for mb in micro_batches:
-            logprob_sq += float(
-                kernels.logprob_kernel(model, probe_batch, mb.batch, params=names, **chunking).pow(2).sum()
-            )
-            pntk_sq += float(kernels.pntk(model, probe_batch, mb.batch, params=names, **chunking).pow(2).sum())
-        explanation.kernel_norms = {"logprob_norm": logprob_sq**0.5, "pntk_norm": pntk_sq**0.5}
+            squares[0] += kernels.logprob_kernel(model, probe_batch, mb.batch, params=names, **chunking).pow(2).sum()
+            squares[1] += kernels.pntk(model, probe_batch, mb.batch, params=names, **chunking).pow(2).sum()
+        if all_reduce is not None:
+            all_reduce(squares)
+        explanation.kernel_norms = {"logprob_norm": float(squares[0]) ** 0.5, "pntk_norm": float(squares[1]) ** 0.5}
     return explanation
+
+
+def _gather_columns(explanation: UpdateExplanation, all_gather: Any) -> None:
+    """Replace this rank's "tokens" level columns by those of every rank, in rank order (DDP).
+
+    Examples and sequence groups are renumbered so that they stay distinct across ranks (rank r's numbers follow
+    those of ranks < r). Moves `[Mp, L_rank]` floats per rank through the CPU; every rank must call it.
+    """
+    device = explanation.matrix.device
+    labels = explanation.train_labels
+    local = (
+        explanation.matrix.cpu(),
+        explanation.train_targets.cpu(),
+        explanation.train_coeffs.cpu(),
+        [batch.to("cpu") for batch in explanation.train_batches],
+        None if labels is None else (labels.group.cpu(), labels.example.cpu(), labels.sequence_group.cpu()),
+    )
+    gathered = all_gather(local)
+    explanation.matrix = torch.cat([part[0] for part in gathered], dim=1).to(device)
+    explanation.train_targets = torch.cat([part[1] for part in gathered])
+    explanation.train_coeffs = torch.cat([part[2] for part in gathered])
+    explanation.train_batches = [batch for part in gathered for batch in part[3]]
+    if labels is None:
+        return
+    groups, examples, sequence_groups = [], [], []
+    example_offset = sequence_offset = 0
+    for part in gathered:
+        group, example, sequence_group = part[4]
+        groups.append(group)
+        examples.append(example + example_offset)
+        sequence_groups.append(sequence_group + sequence_offset)
+        example_offset += int(example.max()) + 1 if example.numel() else 0
+        sequence_offset += int(sequence_group.max()) + 1 if sequence_group.numel() else 0
+    explanation.train_labels = TokenLabels(
+        group=torch.cat(groups), example=torch.cat(examples), sequence_group=torch.cat(sequence_groups)
+    )
 
 
 def _probe_jvps(
     model: nn.Module, batch: TokenBatch, directions: list[dict[str, Tensor]], names: list[str]
 ) -> tuple[Tensor, str]:
-    """`[len(directions), M]` JVPs of the batch's target log-probs, and the JVP path that ran."""
+    """`[len(directions), M]` JVPs of the batch's target log-probs, and the JVP path that ran.
+
+    The directions run as one batched JVP (`vmap` over stacked tangents, `kernels.DEFAULT_CHUNK_SIZE` at a time), so
+    the primal forward is shared; an all-zero direction (e.g. `history` without momentum or weight decay) is not run.
+    Allocates one stacked copy of (at most a chunk of) the directions, in the parameters' dtype.
+    """
     path = kernels.select_jvp_path(model, names)
-    rows = [kernels.logprob_jvp(model, batch, direction, path=path).detach().float() for direction in directions]
-    return torch.stack(rows), path.value
+    (batch,) = kernels._prepare(model, batch)
+    values = kernels.select_params(model, names)
+    rows = torch.zeros(len(directions), batch.num_targets, device=next(iter(values.values())).device)
+    nonzero = [
+        k for k, direction in enumerate(directions) if bool(torch.stack([direction[n].any() for n in names]).any())
+    ]
+    with kernels._forward_mode_attention(model, path):
+        score = kernels._score_fn(model, batch, "logprob", differentiable=path is not kernels.JvpPath.FINITE_DIFFERENCE)
+        for start in range(0, len(nonzero), kernels.DEFAULT_CHUNK_SIZE):
+            chunk = nonzero[start : start + kernels.DEFAULT_CHUNK_SIZE]
+            tangents = {n: torch.stack([directions[k][n].to(values[n]) for k in chunk]) for n in names}
+            jvps = kernels._jvp_rows(score, values, tangents, path, kernels.DEFAULT_FD_STEP)
+            rows[chunk] = jvps.detach().float()
+    return rows, path.value
 
 
 def _learning_rate(optimizer: Any) -> float:

@@ -1,0 +1,93 @@
+"""A tiny DPO training under DDP (CPU, gloo), run by `tests/test_distributed.py` through `torchrun`.
+
+Usage: `torchrun --nproc_per_node 2 tests/ddp_script.py OUTPUT_DIR [--attribution sums] [--tokens-every 2]`.
+
+Each rank trains the same toy DPO setup twice, without and with `LearningDynamicsCallback`, and writes
+`OUTPUT_DIR/rank<r>.json` (losses of both runs, whether the final weights are identical, how many sink groups and
+probe generations the callback made on that rank); the callback's own output goes to `OUTPUT_DIR/observed/dynamics/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests import trainer_factory  # noqa: E402
+from trl_ntk import callbacks  # noqa: E402
+
+
+def _losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("output_dir")
+    parser.add_argument("--attribution", default="sums")
+    parser.add_argument("--tokens-every", type=int, default=None)
+    parser.add_argument("--max-steps", type=int, default=3)
+    parser.add_argument("--trainer", choices=["dpo", "grpo"], default="dpo")
+    options = parser.parse_args()
+    torch.set_num_threads(1)
+    output_dir = Path(options.output_dir)
+    rank = int(os.environ["RANK"])
+    common = {"max_steps": options.max_steps, "per_device_train_batch_size": 2, "n": 16}
+    if options.trainer == "grpo":
+        common["per_device_train_batch_size"] = 4
+    make_trainer = getattr(trainer_factory, f"{options.trainer}_trainer")
+
+    plain = make_trainer(output_dir / "plain", **common)
+    plain.train()
+
+    sink_groups = []
+
+    def make_sinks(*args, **kwargs):
+        sink_groups.append(real_make_sinks(*args, **kwargs))
+        return sink_groups[-1]
+
+    real_make_sinks, callbacks.make_sinks = callbacks.make_sinks, make_sinks
+    generations = []
+
+    def sample_responses(*args, **kwargs):
+        generations.append(kwargs["seed"])
+        return real_sample_responses(*args, **kwargs)
+
+    real_sample_responses, callbacks.sample_responses = callbacks.sample_responses, sample_responses
+    observed = make_trainer(output_dir / "observed", **common)
+    callback = callbacks.LearningDynamicsCallback(
+        observed,
+        every_n_steps=1,
+        attribution=options.attribution,
+        tokens_every_n_steps=options.tokens_every,
+        num_prompts=2,
+        max_new_tokens=8,
+        strict=True,
+    )
+    observed.add_callback(callback)
+    observed.train()
+
+    same_weights = all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), observed.model.parameters()))
+    report = {
+        "rank": rank,
+        "world_size": observed.accelerator.num_processes,
+        "distributed_type": str(observed.accelerator.distributed_type),
+        "plain_losses": _losses(plain),
+        "observed_losses": _losses(observed),
+        "same_weights": same_weights,
+        "is_main": observed.accelerator.is_main_process,
+        "sink_groups_made": len(sink_groups),
+        "generations": len(generations),
+        "analysis_failures": callback.analysis_failures,
+    }
+    (output_dir / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

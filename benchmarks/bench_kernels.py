@@ -185,7 +185,7 @@ def headline(repeats: int, chunk_size: int) -> None:
 def growth(repeats: int, chunk_size: int) -> None:
     """Time of `logprob_kernel` as one size grows, the others at the headline setting."""
     print(f"\ncost growth of logprob_kernel (median of {repeats}; headline: Mp 32, Mt 512, hidden 128, 2 layers)")
-    print(f"{'varied':<12}{'value':>8}{'wall s':>10}{'CPU s':>10}")
+    print(f"{'varied':<12}{'value':>8}{'parameters':>12}{'wall s':>10}{'CPU s':>10}{'CPU us / param':>16}")
     settings = (
         [("Mp", n, dict(probe_sequences=n // 16)) for n in (16, 32, 64)]
         + [("Mt", n, dict(train_sequences=n // 32)) for n in (256, 512, 1024)]
@@ -201,7 +201,8 @@ def growth(repeats: int, chunk_size: int) -> None:
             {"kernel": lambda: kernels.logprob_kernel(model, probe, train, chunk_size=chunk_size)},  # noqa: B023
             repeats,
         )["kernel"]
-        print(f"{varied:<12}{value:>8}{wall:>10.3f}{cpu:>10.3f}")
+        num_params = sum(p.numel() for p in model.parameters())
+        print(f"{varied:<12}{value:>8}{num_params:>12,}{wall:>10.3f}{cpu:>10.3f}{cpu / num_params * 1e6:>16.2f}")
 
 
 def main() -> None:

@@ -1,0 +1,260 @@
+"""Analysis cost at LLM scale, as one short prepared run: a ~0.5B Qwen2 with random weights, DPO-like steps.
+
+    python benchmarks/bench_gpu.py                              # cuda, ~0.5B parameters, bf16 (a few minutes)
+    python benchmarks/bench_gpu.py --device cpu --size tiny     # the same script in reduced size (seconds)
+
+The model is built from a Qwen2.5-0.5B-shaped config (hidden 896, 24 layers, 14 heads / 2 KV heads, intermediate
+4864, vocabulary 151,936, tied embeddings: 494M parameters) with random weights, in bf16, trained with SDPA
+attention (the JVPs switch SDPA to its MATH backend, which has forward-mode AD). Synthetic token batches: a fixed
+DPO-like batch of chosen / rejected responses (sigmoid loss against reference log-probs taken at the start, beta
+0.1, AdamW, gradient clipping at 1), through TRL's fused log-prob head (`trl.trainer.utils.add_fused_lm_head`) as
+the trainers call it, and a fixed probe batch. The analysis step does what `LearningDynamicsCallback` does at each
+level, without a Trainer: the gradient capture armed over the step, probe scoring before and after the optimizer
+step (`"none"`), plus `dynamics.explain_update` (`"sums"`), plus the token matrix (`"tokens"`).
+
+Printed per level: the analysis step as a multiple of a plain step, the steady-state ratio at `every_n_steps=50`
+(`(49 + a) / 50`) against the targets (<= 1.05, 1.15, 1.5), the seconds of the analysis, and on CUDA the peak
+memory the analysis allocates above the training state, in units of the trainable parameter bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+LEVELS = ("none", "sums", "tokens")
+TARGETS = {"none": 1.05, "sums": 1.15, "tokens": 1.5}
+EVERY_N_STEPS = 50
+
+
+@dataclass(frozen=True)
+class Size:
+    """Model shape and batch sizes of one benchmark size."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    pairs: int  # DPO pairs per step: 2 * pairs training sequences
+    prompt_length: int
+    response_length: int
+    probe_responses: int
+    probe_prompt_length: int
+    probe_response_length: int
+    plain_steps: int  # timed plain steps
+
+
+SIZES = {
+    "0.5b": Size(896, 4864, 24, 14, 2, 151_936, 8, 64, 64, 16, 64, 32, 5),
+    "tiny": Size(64, 128, 2, 4, 2, 512, 2, 8, 8, 4, 8, 6, 3),
+}
+
+
+def build_model(size: Size, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Qwen2 with random weights, built directly on `device`, SDPA attention, TRL's fused log-prob head added."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    config = Qwen2Config(
+        vocab_size=size.vocab,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+    with device:
+        model = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    add_fused_lm_head(model)
+    return model
+
+
+def synthetic_batch(rows: int, prompt_length: int, response_length: int, vocab: int, seed: int, device):
+    """`(input_ids, attention_mask, labels)` of `rows` random sequences; labels `-100` on the prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (rows, prompt_length + response_length), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :prompt_length] = -100
+    return input_ids.to(device), torch.ones_like(input_ids).to(device), labels.to(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class DpoLikeRun:
+    """A fixed DPO-like batch trained step by step, with the analysis of `LearningDynamicsCallback` on request."""
+
+    def __init__(self, size: Size, device: torch.device, dtype: torch.dtype, seed: int = 0) -> None:
+        from trl_ntk.batches import TokenBatch
+        from trl_ntk.capture import GradientCapture
+
+        torch.manual_seed(seed)
+        self.device = device
+        self.model = build_model(size, device, dtype)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.param_bytes = sum(p.numel() * p.element_size() for p in self.params)
+        self.num_params = sum(p.numel() for p in self.params)
+        self.pairs = size.pairs
+        self.inputs = synthetic_batch(2 * size.pairs, size.prompt_length, size.response_length, size.vocab, 1, device)
+        probe_ids, probe_mask, probe_labels = synthetic_batch(
+            size.probe_responses, size.probe_prompt_length, size.probe_response_length, size.vocab, 2, device
+        )
+        self.probe_batch = TokenBatch.from_labels(probe_ids, probe_mask, probe_labels)
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-6)
+        self.capture = GradientCapture(self.model)
+        with torch.no_grad():
+            self.reference = self._sequence_logprobs()
+
+    @property
+    def num_train_targets(self) -> int:
+        return int((self.inputs[2][:, 1:] != -100).sum())
+
+    def _sequence_logprobs(self) -> torch.Tensor:
+        input_ids, attention_mask, labels = self.inputs
+        self.capture.begin_loss_call({"input_ids": input_ids})  # as the trainer's compute_loss wrapper does
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+        scored = (labels[:, 1:] != -100).to(output.log_probs.dtype)
+        return (output.log_probs * scored).sum(-1).float()
+
+    def _score_probes(self):
+        from trl_ntk.scoring import score_responses
+
+        with self.capture.paused():
+            return score_responses(self.model, self.probe_batch)
+
+    def step(self, level: str | None) -> float:
+        """One optimizer step (with the analysis at `level`); returns the analysis seconds (0 without)."""
+        from trl_ntk import adapters, dynamics
+
+        self.model.train()
+        if level in ("sums", "tokens"):
+            self.capture.arm()
+        logprobs = self._sequence_logprobs()
+        margins = (logprobs - self.reference).view(2, self.pairs)
+        loss = -nn.functional.logsigmoid(0.1 * (margins[0] - margins[1])).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        analysis = 0.0
+        if level is not None:
+            synchronize(self.device)
+            start = time.perf_counter()
+            micro_batches = self.capture.disarm() if self.capture.armed else []
+            self._score_probes()
+            if micro_batches:
+                adapter = adapters.ADAPTERS["DPOTrainer"]
+                self.model.eval()
+                with self.capture.paused():
+                    dynamics.explain_update(
+                        self.model,
+                        self.probe_batch,
+                        micro_batches,
+                        adapters.label_step(adapter, micro_batches),
+                        adapter.group_names,
+                        self.optimizer,
+                        attribution=level,
+                    )
+                self.model.train()
+            synchronize(self.device)
+            analysis += time.perf_counter() - start
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if level is not None:
+            synchronize(self.device)
+            start = time.perf_counter()
+            self._score_probes()
+            synchronize(self.device)
+            analysis += time.perf_counter() - start
+        return analysis
+
+
+def timed_step(run: DpoLikeRun, level: str | None) -> tuple[float, float, int]:
+    """(step seconds, analysis seconds, peak bytes the step allocated above its start; 0 off CUDA)."""
+    device = run.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    synchronize(device)
+    start = time.perf_counter()
+    analysis = run.step(level)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else 0
+    return seconds, analysis, peak
+
+
+def measure(size: Size, device: torch.device, dtype: torch.dtype, levels: list[str], log: Callable = print) -> dict:
+    """Plain steps, then one analysis step per level (two for "none" and "sums"); returns the figures."""
+    run = DpoLikeRun(size, device, dtype)
+    log(
+        f"model: Qwen2 hidden {size.hidden}, {size.layers} layers, vocab {size.vocab}, {run.num_params:,} parameters "
+        f"({run.param_bytes / 2**30:.2f} GiB, {dtype}), {device}; training {2 * size.pairs} sequences "
+        f"(Mt = {run.num_train_targets}), probes {size.probe_responses} responses (Mp = {run.probe_batch.num_targets})"
+    )
+    run.step(None)  # warm-up: kernels, allocator, AdamW state
+    run.step("sums")  # warm-up of the analysis code paths
+    plain = [timed_step(run, None) for _ in range(size.plain_steps)]
+    plain_step = statistics.median(s for s, _, _ in plain)
+    plain_peak = max(p for _, _, p in plain)
+    results = {"plain_step": plain_step, "plain_peak": plain_peak, "param_bytes": run.param_bytes, "levels": {}}
+    for level in levels:
+        repeats = 1 if level == "tokens" else 2
+        steps = [timed_step(run, level) for _ in range(repeats)]
+        seconds = statistics.median(s for s, _, _ in steps)
+        analysis = statistics.median(a for _, a, _ in steps)
+        multiple = seconds / plain_step
+        results["levels"][level] = {
+            "analysis_seconds": analysis,
+            "multiple": multiple,
+            "steady": (EVERY_N_STEPS - 1 + multiple) / EVERY_N_STEPS,
+            "peak": max(p for _, _, p in steps),
+        }
+    return results
+
+
+def report(results: dict, log: Callable = print) -> None:
+    param_bytes = results["param_bytes"]
+    log(f"plain step (median) {results['plain_step'] * 1e3:.1f} ms")
+    log(
+        f"{'level':<8}{'analysis s':>12}{'step (x plain)':>16}{'steady @50':>12}{'target':>9}"
+        f"{'peak above training (x P)':>27}"
+    )
+    for level, figures in results["levels"].items():
+        extra = (figures["peak"] - results["plain_peak"]) / param_bytes if figures["peak"] else float("nan")
+        verdict = "met" if figures["steady"] <= TARGETS[level] else "MISSED"
+        log(
+            f"{level:<8}{figures['analysis_seconds']:>12.3f}{figures['multiple']:>16.1f}{figures['steady']:>12.3f}"
+            f"{'<= ' + str(TARGETS[level]):>9}{extra:>27.2f}   {verdict}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", choices=list(SIZES), default="0.5b")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on cuda, else float32")
+    parser.add_argument("--levels", nargs="+", default=list(LEVELS), choices=list(LEVELS))
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU runs)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {name}")
+    report(measure(SIZES[args.size], device, dtype, args.levels))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""Training-time overhead of `LearningDynamicsCallback` on the toy DPO and GRPO runs, per attribution level.
+
+    python benchmarks/bench_overhead.py [--threads 1] [--repeats 3] [--steps 50] [--every-n-steps 50]
+
+The same training (toy model and data, the demo recipes' batch sizes and optimizers, fixed seed) runs without the
+callback and with it at each level (`"none"`, `"sums"`, `"tokens"`), all other callback options at their defaults.
+Runs are interleaved (plain, none, sums, tokens, then again) so that machine load hits all alike; ratios are taken
+against the plain run of the same round and the median over rounds is printed, for wall and process-CPU time (the
+CPU column is the robust one on a shared machine).
+
+Besides whole runs, the callback's events are timed one by one, giving the cost of one analysis step as a multiple
+of a plain step (`1 + callback seconds in that step / median plain step`), the end-of-training scoring, and where
+the analysis time goes (generation, probe scoring, the update analysis, the token matrix). From the analysis step
+at `global_step >= every_n_steps` (step 0 has an empty optimizer history) comes the steady-state projection
+`(every_n_steps - 1 + a) / every_n_steps`.
+Targets at the defaults (`every_n_steps=50`): tracking ("none") <= 1.05x, "sums" <= 1.15x, "tokens" <= 1.5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PrinterCallback, TrainerCallback
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+LEVELS = ("none", "sums", "tokens")
+TARGETS = {"none": 1.05, "sums": 1.15, "tokens": 1.5}
+EVENTS = ("on_train_begin", "on_step_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_train_end")
+PARTS = ("generation", "probe scoring", "update analysis", "token matrix")
+
+
+def _training_args(output_dir: str, steps: int, batch_size: int, learning_rate: float, optimizer: str) -> dict:
+    """TrainingArguments of the demo recipes (CPU, fp32, constant learning rate, clipping at 1, no logging)."""
+    return {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": batch_size,
+        "max_steps": steps,
+        "learning_rate": learning_rate,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "optim": optimizer,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "logging_steps": 10**9,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": 0,
+        "data_seed": 0,
+        "use_cpu": True,
+        "bf16": False,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+
+
+def dpo_trainer(output_dir: str, steps: int):
+    """The demo's DPO recipe: warm toy model, 16 preference pairs per step, sigmoid loss, beta 0.1, SGD 5e-3."""
+    from trl import DPOConfig, DPOTrainer
+
+    from trl_ntk import toy
+
+    model, tokenizer = toy.model_and_tokenizer(warmup=True)
+    args = DPOConfig(
+        **_training_args(output_dir, steps, 16, 5e-3, "sgd"), beta=0.1, loss_type=["sigmoid"], max_length=128
+    )
+    data = toy.preference_dataset(n=288, seed=0)
+    return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+
+
+def grpo_trainer(output_dir: str, steps: int):
+    """The demo's GRPO recipe: warm toy model, 4 prompts x 8 completions of <= 24 tokens per step, AdamW 1e-3."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_ntk import toy
+
+    model, tokenizer = toy.model_and_tokenizer(warmup=True)
+    args = GRPOConfig(
+        **_training_args(output_dir, steps, 32, 1e-3, "adamw_torch"),
+        beta=0.0,
+        num_generations=8,
+        max_completion_length=24,
+        temperature=1.0,
+    )
+    data = toy.math_dataset(n=512, seed=0)
+    return GRPOTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, reward_funcs=toy.math_reward
+    )
+
+
+TRAINERS: dict[str, Callable[[str, int], Any]] = {"dpo": dpo_trainer, "grpo": grpo_trainer}
+
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    wall, cpu = _clock()
+    return wall - start[0], cpu - start[1]
+
+
+@dataclass
+class RunTimes:
+    """Seconds of one training run, each as (wall, CPU)."""
+
+    train: tuple[float, float] = (0.0, 0.0)
+    construct: tuple[float, float] = (0.0, 0.0)
+    steps: list[tuple[float, float]] = field(default_factory=list)
+    events: dict[Any, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
+    parts: dict[tuple[int, str], list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0]))
+    scoring_steps: list[int] = field(default_factory=list)
+
+
+class StepTimer(TrainerCallback):
+    """Wall and CPU seconds of every optimizer step (added before the callback under test, so its events fall
+    inside the step)."""
+
+    def __init__(self, times: RunTimes) -> None:
+        self.times = times
+        self.step = -1
+        self.start = _clock()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
+        self.start = _clock()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.steps.append(_since(self.start))
+
+
+def _time_events(callback: Any, timer: StepTimer, times: RunTimes) -> None:
+    """Replace the callback's event methods by timed ones; seconds go to `times.events[step]` inside a step and to
+    `times.events[event name]` for the train begin / end events."""
+    for name in EVENTS:
+        method = getattr(callback, name)
+
+        def timed(args, state, control, _method=method, _name=name, **kwargs):
+            start = _clock()
+            result = _method(args, state, control, **kwargs)
+            wall, cpu = _since(start)
+            key = _name if _name in ("on_train_begin", "on_train_end") else timer.step
+            times.events[key][0] += wall
+            times.events[key][1] += cpu
+            return result
+
+        setattr(callback, name, timed)
+
+
+class _PartTimer:
+    """Times named package functions while a run is active (the callback's generation, scoring, analysis, and the
+    token matrix inside the analysis), keyed by the step being analysed."""
+
+    def __init__(self) -> None:
+        from trl_ntk import callbacks, dynamics, kernels
+
+        self.targets = [
+            (callbacks, "sample_responses", "generation"),
+            (callbacks, "score_responses", "probe scoring"),
+            (dynamics, "explain_update", "update analysis"),
+            (kernels, "logprob_kernel", "token matrix"),
+        ]
+        self.times: RunTimes | None = None
+        self.timer: StepTimer | None = None
+        self.depth: dict[str, int] = defaultdict(int)
+        for module, name, part in self.targets:
+            setattr(module, name, self._wrap(getattr(module, name), part))
+
+    def _wrap(self, fn: Callable, part: str) -> Callable:
+        def timed(*args, **kwargs):
+            if self.times is None or self.depth[part]:
+                return fn(*args, **kwargs)
+            self.depth[part] += 1
+            start = _clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth[part] -= 1
+                wall, cpu = _since(start)
+                slot = self.times.parts[(self.timer.step, part)]
+                slot[0] += wall
+                slot[1] += cpu
+
+        return timed
+
+
+def run_once(kind: str, level: str | None, steps: int, every_n_steps: int, parts: _PartTimer) -> RunTimes:
+    """One training run (`level=None`: without the callback)."""
+    from trl_ntk.callbacks import LearningDynamicsCallback
+
+    times = RunTimes()
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = TRAINERS[kind](output_dir, steps)
+        trainer.remove_callback(PrinterCallback)
+        timer = StepTimer(times)
+        trainer.add_callback(timer)
+        if level is not None:
+            start = _clock()
+            callback = LearningDynamicsCallback(trainer, every_n_steps=every_n_steps, attribution=level, strict=True)
+            times.construct = _since(start)
+            _time_events(callback, timer, times)
+            trainer.add_callback(callback)
+            parts.times, parts.timer = times, timer
+        start = _clock()
+        try:
+            trainer.train()
+        finally:
+            parts.times = None
+        times.train = _since(start)
+        times.scoring_steps = [s for s in range(steps) if s % every_n_steps == 0]
+    return times
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def measure(kind: str, args: argparse.Namespace, parts: _PartTimer) -> dict[str | None, list[RunTimes]]:
+    run_once(kind, "sums", 2, 1, parts)  # warm-up, not timed: first trainer, dataset caches, first JVP
+    runs: dict[str | None, list[RunTimes]] = {None: [], **{level: [] for level in args.levels}}
+    for round_index in range(args.repeats):
+        for level in runs:
+            if level == "tokens" and round_index >= args.tokens_repeats:
+                continue
+            start = time.perf_counter()
+            runs[level].append(run_once(kind, level, args.steps, args.every_n_steps, parts))
+            print(
+                f"  [{kind} round {round_index + 1}: {level or 'plain'} {time.perf_counter() - start:.1f} s]",
+                flush=True,
+            )
+    return runs
+
+
+def report(kind: str, runs: dict[str | None, list[RunTimes]], args: argparse.Namespace) -> None:
+    plain_runs = runs[None]
+    plain_step = [_median([s[i] for run in plain_runs for s in run.steps[1:]]) for i in range(2)]
+    print(
+        f"\n{kind.upper()}: {args.steps} steps, every_n_steps {args.every_n_steps}; plain step (median) "
+        f"{plain_step[0] * 1e3:.0f} ms wall, {plain_step[1] * 1e3:.0f} ms CPU; plain run "
+        f"{_median([r.train[0] for r in plain_runs]):.1f} s wall"
+    )
+    header = (
+        f"{'level':<8}{'runs':>5}{'run ratio wall':>16}{'CPU':>7}{'analysis step (x plain)':>25}"
+        f"{'steady state @' + str(args.every_n_steps):>18}{'target':>8}{'end score (x)':>15}{'set-up s':>10}"
+    )
+    print(header)
+    for level in args.levels:
+        level_runs = runs[level]
+        ratios = [
+            [level_run.train[i] / plain_run.train[i] for level_run, plain_run in zip(level_runs, plain_runs)]
+            for i in range(2)
+        ]
+        analysis = {step: _median([run.events[step][1] for run in level_runs]) for step in level_runs[0].scoring_steps}
+        later = [value for step, value in analysis.items() if step >= args.every_n_steps] or list(analysis.values())
+        multiple = 1 + _median(later) / plain_step[1]
+        steady = (args.every_n_steps - 1 + multiple) / args.every_n_steps
+        end = _median([run.events["on_train_end"][1] for run in level_runs]) / plain_step[1]
+        construct = _median([run.construct[0] for run in level_runs])
+        per_step = ", ".join(f"{step}: {1 + v / plain_step[1]:.1f}" for step, v in analysis.items())
+        verdict = "met" if steady <= TARGETS[level] else "MISSED"
+        print(
+            f"{level:<8}{len(level_runs):>5}{_median(ratios[0]):>16.3f}{_median(ratios[1]):>7.3f}"
+            f"{multiple:>25.1f}{steady:>18.3f}{'<= ' + str(TARGETS[level]):>8}{end:>15.1f}{construct:>10.2f}"
+            f"   {verdict} (per analysed step: {per_step})"
+        )
+    print(f"\n{kind.upper()}: where an analysis step's callback time goes (CPU seconds, median over runs)")
+    print(f"{'level':<8}{'step':>6}" + "".join(f"{part:>18}" for part in PARTS) + f"{'other':>10}{'total':>10}")
+    for level in args.levels:
+        level_runs = runs[level]
+        for step in level_runs[0].scoring_steps:
+            values = [_median([run.parts[(step, part)][1] for run in level_runs]) for part in PARTS]
+            total = _median([run.events[step][1] for run in level_runs])
+            # the token matrix runs inside the update analysis: report the analysis without it
+            values[2] -= values[3]
+            other = total - sum(values)
+            print(f"{level:<8}{step:>6}" + "".join(f"{v:>18.3f}" for v in values) + f"{other:>10.3f}{total:>10.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of interleaved runs (default 3)")
+    parser.add_argument(
+        "--tokens-repeats",
+        type=int,
+        default=1,
+        help="rounds that include the 'tokens' level (default 1: its cost "
+        "is far above the machine noise and dominates the benchmark's run time)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=50,
+        help="optimizer steps per run (default 50: one analysis period; 100 adds "
+        "an analysis step with optimizer history)",
+    )
+    parser.add_argument("--every-n-steps", type=int, default=50, help="the callback's every_n_steps (default 50)")
+    parser.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=list(TRAINERS))
+    parser.add_argument("--levels", nargs="+", default=list(LEVELS), choices=list(LEVELS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+    print(f"torch {torch.__version__}, torch.set_num_threads({args.threads}), {os.cpu_count()} CPUs")
+    parts = _PartTimer()
+    start = time.perf_counter()
+    for kind in args.trainers:
+        runs = measure(kind, args, parts)
+        report(kind, runs, args)
+    print(f"\ntotal benchmark time {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -176,64 +176,88 @@ def explain_update(
             `explanation.extra[name]` as `{"predicted", "current", "history", "cells"}`.
 
     Returns:
-        `UpdateExplanation`. Allocates a few parameter-sized dicts (one per cell, `P`, history), never `[Mp, P]`.
+        `UpdateExplanation`. Holds four parameter-sized dicts at once (`P`, history, the running raw gradient and
+        one cell's gradient), never `[Mp, P]`.
     """
     params = trainable_parameters(model)
     names = list(params)
     applied = {n: (p.grad.detach() if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
     coeffs = [mb.grad_coeffs * coeff_scale for mb in micro_batches]
     cell_ids = _cells(labels, coeffs, group_names)
+    if all_reduce is not None:  # every rank runs the same cells, in the same order, for the collectives below
+        device = next(iter(applied.values())).device
+        present = torch.zeros(2, len(group_names), device=device)
+        for sign_index, group_index in cell_ids:
+            present[sign_index, group_index] = 1.0
+        all_reduce(present)
+        cell_ids = [(s, g) for s in range(2) for g in range(len(group_names)) if present[s, g] > 0]
 
-    cell_grads = []
+    preconditioner, history = kernels.optimizer_step_split(optimizer, params)
+    lr = _learning_rate(optimizer)
+    batches = {"probe": probe_batch, **(extra_batches or {})}
+
+    # One cell at a time: its gradient g_k (one backward per micro-batch), the JVPs of every batch along -P * g_k,
+    # then g_k is dropped. Alive at once: P, history, the running raw gradient and one g_k.
+    raw = {n: torch.zeros_like(applied[n]) for n in names}
+    cell_rows: dict[str, list[Tensor]] = {name: [] for name in batches}
     for sign_index, group_index in cell_ids:
         weights = []
         for lab, c in zip(labels, coeffs):
             in_sign = (c < 0) if sign_index == 0 else (c > 0)
             in_cell = in_sign & (lab.group.to(c.device) == group_index)
             weights.append(torch.where(in_cell, c, torch.zeros_like(c)))
-        cell_grads.append(reconstruct_gradient(model, micro_batches, weights, params))
+        direction = reconstruct_gradient(model, micro_batches, weights, params)
+        for n in names:
+            raw[n] += direction[n]
+            direction[n].mul_(-preconditioner[n].to(direction[n].dtype))
+        for name, batch in batches.items():
+            cell_rows[name].append(_probe_jvps(model, batch, [direction], names)[0][0])
+        del direction
 
-    raw = {n: sum((g[n] for g in cell_grads), torch.zeros_like(applied[n])) for n in names}
     if all_reduce is not None:
         for n in names:
             all_reduce(raw[n])
     raw_norm_sq = float(_dot(raw, raw))
     applied_norm_sq = float(_dot(applied, applied))
-    scale = float(_dot(applied, raw)) / raw_norm_sq if raw_norm_sq > 0 else 1.0
-    residual = {n: applied[n] - scale * raw[n] for n in names}
+    applied_dot_raw = float(_dot(applied, raw))
+    del raw
+    scale = applied_dot_raw / raw_norm_sq if raw_norm_sq > 0 else 1.0
     if raw_norm_sq == 0 and applied_norm_sq == 0:  # nothing to explain (e.g. GRPO groups without reward variance)
         check = GradientCheck(cosine=1.0, relative_error=0.0, clip_scale=1.0)
-    else:
+    else:  # ||applied - s raw||^2 = ||applied||^2 - 2 s <applied, raw> + s^2 ||raw||^2
+        residual_sq = max(applied_norm_sq - 2 * scale * applied_dot_raw + scale**2 * raw_norm_sq, 0.0)
         check = GradientCheck(
-            cosine=float(_dot(applied, raw)) / max((raw_norm_sq * applied_norm_sq) ** 0.5, 1e-300),
-            relative_error=float(_dot(residual, residual)) ** 0.5 / max(applied_norm_sq**0.5, 1e-300),
+            cosine=applied_dot_raw / max((raw_norm_sq * applied_norm_sq) ** 0.5, 1e-300),
+            relative_error=residual_sq**0.5 / max(applied_norm_sq**0.5, 1e-300),
             clip_scale=scale,
         )
 
-    preconditioner, history = kernels.optimizer_step_split(optimizer, params)
-    lr = _learning_rate(optimizer)
+    sgd_direction = {n: -lr * applied[n] for n in names}
+    tail, path = _probe_jvps(model, probe_batch, [history, sgd_direction], names)
+    del sgd_direction
+    history_change, sgd_change = tail[0], tail[1]
 
-    directions = [{n: -scale * preconditioner[n] * g[n] for n in names} for g in cell_grads]
-    directions.append(history)
-    directions.append({n: -lr * applied[n] for n in names})
-    jvps, path = _probe_jvps(model, probe_batch, directions, names)
-    if all_reduce is not None and cell_grads:
-        all_reduce(jvps[: len(cell_grads)])
-    cells = jvps[: len(cell_grads)]
-    history_change = jvps[len(cell_grads)]
-    sgd_change = jvps[len(cell_grads) + 1]
-    current = cells.sum(0) if len(cell_grads) else torch.zeros_like(history_change)
+    def cells_of(name: str, like: Tensor) -> Tensor:
+        """`[K, M]` scaled cell predictions of one batch, summed across ranks."""
+        if not cell_rows[name]:
+            return like.new_zeros(0, like.shape[-1])
+        values = torch.stack(cell_rows[name]) * scale
+        if all_reduce is not None:
+            all_reduce(values)
+        return values
+
+    cells = cells_of("probe", history_change)
+    current = cells.sum(0) if len(cell_ids) else torch.zeros_like(history_change)
     extra = {}
     for name, batch in (extra_batches or {}).items():
-        values, _ = _probe_jvps(model, batch, directions[: len(cell_grads) + 1], names)
-        if all_reduce is not None and cell_grads:
-            all_reduce(values[: len(cell_grads)])
-        extra_current = values[: len(cell_grads)].sum(0)
+        extra_history = _probe_jvps(model, batch, [history], names)[0][0]
+        extra_cells = cells_of(name, extra_history)
+        extra_current = extra_cells.sum(0) if len(cell_ids) else torch.zeros_like(extra_history)
         extra[name] = {
-            "cells": values[: len(cell_grads)],
+            "cells": extra_cells,
             "current": extra_current,
-            "history": values[len(cell_grads)],
-            "predicted": extra_current + values[len(cell_grads)],
+            "history": extra_history,
+            "predicted": extra_current + extra_history,
         }
 
     coeff_sq = torch.cat(coeffs).double().pow(2).sum() if coeffs else torch.zeros((), dtype=torch.float64)

@@ -553,6 +553,7 @@ def _contract(
         for weights in row_weights:
             tangents = _precondition(backward(weights), preconditioner)
             rows.append(_jvp_rows(column_score, values, tangents, path, fd_step))
+            del tangents  # one chunk of parameter-sized tangents alive at a time
     return torch.cat(rows)
 
 
@@ -583,6 +584,8 @@ def _gradient_dot(
                 probe_grads[name].flatten(1).to(dtype) @ train_grads[name].flatten(1).to(dtype).T for name in values
             )
             kernel[p_start : p_start + probe_weights.shape[0], t_start : t_start + train_weights.shape[0]] = block
+            del train_grads
+        del probe_grads
     return kernel
 
 

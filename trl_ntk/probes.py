@@ -338,7 +338,7 @@ class ProbeSet:
         context_ids: list[list[int]] = []
         response_ids: list[list[int]] = []
         for probe_response in responses:
-            if not _response_text(probe_response.response).strip():
+            if not _response_text(probe_response.response):
                 raise ValueError(
                     f"probe {probe_response.probe_id!r} has an empty response (0 response tokens besides the chat "
                     "template's end of turn); give it text or drop it"

@@ -44,13 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> Path:
     args = parse_args(argv)
     toy_run = args.model is None
+    if toy_run and args.dataset is not None:
+        raise SystemExit("--dataset needs --model (the toy tokenizer only knows the toy data)")
     if toy_run:
         from trl_ntk import toy
 
         model, tokenizer = toy.model_and_tokenizer()  # the warm (SFT'd) toy model, cached on first use
         train = toy.preference_dataset(n=args.num_rows or 288, seed=args.seed)
-        if args.dataset is not None:
-            raise SystemExit("--dataset needs --model (the toy tokenizer only knows the toy data)")
     else:
         from datasets import load_dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -69,6 +69,7 @@ def main(argv=None) -> Path:
         learning_rate=args.learning_rate or (5e-3 if toy_run else 5e-7),
         optim="sgd" if toy_run else "adamw_torch",
         lr_scheduler_type="constant",
+        gradient_checkpointing=not toy_run,
         beta=args.beta or (0.5 if toy_run else 0.1),
         max_length=128 if toy_run else 1024,
         logging_steps=10,

@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def gsm8k_rows(example: dict) -> dict:
-    """`{question, answer: '... #### 42'}` -> a conversational prompt and the integer answer `toy.math_reward` checks."""
+    """`{question, answer: '... #### 42'}` -> a chat prompt and the integer answer that `toy.math_reward` checks."""
     final = example["answer"].split("####")[-1].strip().replace(",", "")
     return {
         "prompt": [{"role": "user", "content": example["question"] + GSM8K_INSTRUCTION}],
@@ -60,11 +60,11 @@ def gsm8k_rows(example: dict) -> dict:
 def main(argv=None) -> Path:
     args = parse_args(argv)
     toy_run = args.model is None
+    if toy_run and args.dataset is not None:
+        raise SystemExit("--dataset needs --model (the toy tokenizer only knows the toy data)")
     if toy_run:
         model, tokenizer = toy.model_and_tokenizer()  # the warm toy model: right about half the time at T=1
         train = toy.math_dataset(n=args.num_rows, seed=args.seed)
-        if args.dataset is not None:
-            raise SystemExit("--dataset needs --model (the toy tokenizer only knows the toy data)")
     else:
         from datasets import load_dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,6 +85,7 @@ def main(argv=None) -> Path:
         temperature=1.0,
         learning_rate=args.learning_rate or (3e-4 if toy_run else 1e-6),
         lr_scheduler_type="constant",
+        gradient_checkpointing=not toy_run,
         loss_type="grpo",
         beta=0.0,
         logging_steps=5,

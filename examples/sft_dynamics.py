@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> Path:
     args = parse_args(argv)
     toy_run = args.model is None
+    if toy_run and args.dataset is not None:
+        raise SystemExit("--dataset needs --model (the toy tokenizer only knows the toy data)")
     probes = None
     if toy_run:
         from trl_ntk import toy
@@ -54,8 +56,6 @@ def main(argv=None) -> Path:
         probes = ProbeSet.from_preference_dataset(
             preference, tokenizer, num_prompts=8, seed=args.seed, test_dataset=toy.preference_dataset(split="test")
         )
-        if args.dataset is not None:
-            raise SystemExit("--dataset needs --model (the toy tokenizer only knows the toy data)")
     else:
         from datasets import load_dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,6 +73,7 @@ def main(argv=None) -> Path:
         gradient_accumulation_steps=1 if toy_run else 4,
         learning_rate=args.learning_rate or (1e-3 if toy_run else 2e-5),
         lr_scheduler_type="constant",
+        gradient_checkpointing=not toy_run,
         max_length=128 if toy_run else 1024,
         logging_steps=10,
         save_strategy="no",
@@ -85,9 +86,7 @@ def main(argv=None) -> Path:
     # Without `probes`, the callback probes prompts of the training data (reference answer, other prompts' answers,
     # shuffled text) and the model's own greedy answer.
     trainer.add_callback(
-        LearningDynamicsCallback(
-            trainer, probes=probes, every_n_steps=args.every_n_steps, attribution=args.attribution
-        )
+        LearningDynamicsCallback(trainer, probes=probes, every_n_steps=args.every_n_steps, attribution=args.attribution)
     )
     trainer.train()
     report = build_report(Path(args.output_dir) / "dynamics")

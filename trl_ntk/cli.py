@@ -24,6 +24,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -64,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("none", "sums", "tokens"),
         default="sums",
         help="analysis level: probe log-probs only, predicted change and its sign split (default; the token "
-        "matrix on a few steps), or the token matrix at every analysed step",
+        "matrix at step 0), or the token matrix at every analysed step (slow: a minute or two of CPU each)",
     )
     demo.add_argument("--seed", type=int, default=0, help="data, data order, probes and generation seed")
     demo.add_argument(
@@ -79,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--probe-prompts", type=_positive_int, default=None, help="prompts whose responses are probed")
     tuning.add_argument("--every-n-steps", type=_positive_int, default=None, help="probe scoring / analysis period")
     tuning.add_argument(
-        "--tokens-every-n-steps", type=_positive_int, default=None, help="with --attribution sums: token-level period"
+        "--tokens-every-n-steps",
+        type=_non_negative_int,
+        default=None,
+        help="with --attribution sums: token-level analysis on the analysed steps that are multiples of this (step 0 "
+        "always is; 0: never). Each costs about a minute or two of CPU on the toy; the recipes run it at step 0 only",
     )
     tuning.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1: fastest here)")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -16,11 +16,12 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from transformers import PrinterCallback, ProgressCallback
 
 from . import toy
 from .report import build_report, kind_means, load_run
@@ -35,7 +36,8 @@ SUMMARY_NAME = "summary.json"
 
 @dataclass
 class DemoConfig:
-    """Options of one demo run; `DemoConfig.defaults(trainer)` gives the tuned recipe of each trainer.
+    """Options of one demo run; `resolved()` fills every option left unset from the trainer's tuned recipe
+    (`RECIPES`).
 
     Args:
         trainer (`str`, *optional*, defaults to `"dpo"`): `"dpo"`, `"sft"` or `"grpo"`.
@@ -48,17 +50,22 @@ class DemoConfig:
         batch_size (`int`, *optional*): rows per optimizer step (GRPO: completions per step).
         learning_rate (`float`, *optional*): constant learning rate.
         optimizer (`str`, *optional*): a `transformers` `optim` name (`"sgd"`, `"adamw_torch"`).
+        max_grad_norm (`float`, *optional*): gradient clipping norm (`0`: none).
         beta (`float`, *optional*): DPO's / GRPO's KL strength.
         num_probe_prompts (`int`, *optional*): prompts whose responses are probed.
         every_n_steps (`int`, *optional*): probe scoring and analysis period.
         attribution (`str`, *optional*, defaults to `"sums"`): `"none"`, `"sums"` or `"tokens"`.
-        tokens_every_n_steps (`int`, *optional*): with `"sums"`, the `"tokens"` level on these steps.
+        tokens_every_n_steps (`int`, *optional*): with `"sums"`, the `"tokens"` level on the analysed steps that are
+            multiples of this (step 0 always is; `0`: never). One such step costs about `min(Mp, L)` batch JVPs:
+            about 100 s of CPU for the DPO recipe's 8 probe prompts, so the DPO and SFT recipes run it at step 0
+            only and the GRPO recipe (64 completions per step) not at all.
         report_to (`str`, *optional*, defaults to `"none"`): `"none"`, `"wandb"`, `"tensorboard"` or `"trackio"`.
         nthr (`bool`, *optional*, defaults to `False`): GRPO only: also run with `NTHRCallback` and compare.
         threads (`int`, *optional*, defaults to `1`): torch intra-op threads (the toy model is too small to gain
             from more).
         num_generations (`int`, *optional*): GRPO group size.
         max_completion_length (`int`, *optional*): GRPO generation length.
+        progress (`bool`, *optional*, defaults to `True`): show the training progress bar.
     """
 
     trainer: TrainerName = "dpo"
@@ -82,7 +89,6 @@ class DemoConfig:
     num_generations: int | None = None
     max_completion_length: int | None = None
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.trainer not in TRAINERS:
@@ -94,7 +100,9 @@ class DemoConfig:
 
     def resolved(self) -> DemoConfig:
         """This config with every unset option taken from the trainer's recipe (`RECIPES`)."""
-        recipe = RECIPES[self.trainer]
+        recipe = dict(RECIPES[self.trainer])
+        if self.epochs is not None or self.max_steps is not None:  # the user's length replaces the recipe's
+            recipe.update(epochs=None, max_steps=None)
         values = {name: recipe[name] if getattr(self, name) is None else getattr(self, name) for name in recipe}
         return replace(self, **values)
 
@@ -105,13 +113,13 @@ RECIPES: dict[str, dict[str, Any]] = {
         "max_steps": None,
         "num_rows": 288,
         "batch_size": 16,
-        "learning_rate": 5e-3,
+        "learning_rate": 1e-2,
         "optimizer": "sgd",
         "max_grad_norm": 1.0,
-        "beta": 0.1,
+        "beta": 1.0,
         "num_probe_prompts": 8,
-        "every_n_steps": 10,
-        "tokens_every_n_steps": 150,
+        "every_n_steps": 18,
+        "tokens_every_n_steps": 1000,
         "num_generations": None,
         "max_completion_length": None,
     },
@@ -126,27 +134,34 @@ RECIPES: dict[str, dict[str, Any]] = {
         "beta": None,
         "num_probe_prompts": 8,
         "every_n_steps": 5,
-        "tokens_every_n_steps": 40,
+        "tokens_every_n_steps": 1000,
         "num_generations": None,
         "max_completion_length": None,
     },
     "grpo": {
         "epochs": None,
-        "max_steps": 60,
-        "num_rows": 512,
-        "batch_size": 32,
-        "learning_rate": 1e-3,
+        "max_steps": 40,
+        "num_rows": 4096,
+        "batch_size": 64,
+        "learning_rate": 3e-4,
         "optimizer": "adamw_torch",
         "max_grad_norm": 1.0,
         "beta": 0.0,
         "num_probe_prompts": 4,
         "every_n_steps": 5,
-        "tokens_every_n_steps": 30,
+        "tokens_every_n_steps": 0,
         "num_generations": 8,
-        "max_completion_length": 24,
+        "max_completion_length": 32,
     },
 }
-"""Tuned per-trainer defaults of the demo (see `benchmarks/demo_seeds.py` for the per-seed outcome)."""
+"""Tuned per-trainer defaults of the demo (`benchmarks/demo_seeds.py` prints the per-seed outcome).
+
+DPO: sigmoid loss, beta 1.0, plain SGD at a constant 1e-2 with clipping at 1, 16 pairs per step, 25 epochs over 288
+rows (450 steps) from the warm (SFT) toy model. With beta 0.1 the run degenerates after 4-6 epochs (the greedy
+answers break down, repetition sets in) and the greedy response ends below its start; with beta 1 the loss saturates
+once a pair's margin is large, so the squeeze stays clean for the whole run. SFT: AdamW 1e-3 for 6 epochs on the
+chosen responses from the pre-trained toy base. GRPO: the toy arithmetic task, 8 prompts x 8 completions per step,
+AdamW 3e-4, no KL term."""
 
 
 @contextlib.contextmanager
@@ -159,10 +174,11 @@ def _torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _training_args(config: DemoConfig, out: Path) -> dict[str, Any]:
+def _training_args(config: DemoConfig, out: Path, run_name: str) -> dict[str, Any]:
     """TrainingArguments shared by the three trainers (CPU, fp32, constant learning rate, no checkpoints)."""
     args: dict[str, Any] = {
         "output_dir": str(out),
+        "run_name": run_name,
         "per_device_train_batch_size": config.batch_size,
         "learning_rate": config.learning_rate,
         "lr_scheduler_type": "constant",
@@ -170,7 +186,7 @@ def _training_args(config: DemoConfig, out: Path) -> dict[str, Any]:
         "optim": config.optimizer,
         "weight_decay": 0.0,
         "max_grad_norm": config.max_grad_norm,
-        "logging_steps": 10**9,
+        "logging_steps": config.every_n_steps,
         "save_strategy": "no",
         "report_to": config.report_to,
         "seed": config.seed,
@@ -180,6 +196,7 @@ def _training_args(config: DemoConfig, out: Path) -> dict[str, Any]:
         "dataloader_num_workers": 0,
         "disable_tqdm": not config.progress,
     }
+    args[_checkpointing_field()] = False  # TRL's configs default to True; a toy model has no memory to save
     if config.max_steps is not None:
         args["max_steps"] = config.max_steps
     else:
@@ -187,38 +204,48 @@ def _training_args(config: DemoConfig, out: Path) -> dict[str, Any]:
     return args
 
 
-def _dpo_trainer(config: DemoConfig, out: Path):
+def _checkpointing_field() -> str:
+    """`activation_checkpointing` where transformers has it (it deprecates `gradient_checkpointing`), else the old
+    name."""
+    from transformers import TrainingArguments
+
+    names = {f.name for f in fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+def _dpo_trainer(config: DemoConfig, out: Path, run_name: str):
     from trl import DPOConfig, DPOTrainer
 
     model, tokenizer = toy.model_and_tokenizer(warmup=True)
     data = toy.preference_dataset(n=config.num_rows, seed=config.seed)
-    args = DPOConfig(**_training_args(config, out), beta=config.beta, loss_type=["sigmoid"], max_length=128)
+    args = DPOConfig(**_training_args(config, out, run_name), beta=config.beta, loss_type=["sigmoid"], max_length=128)
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     return trainer, data
 
 
-def _sft_trainer(config: DemoConfig, out: Path):
+def _sft_trainer(config: DemoConfig, out: Path, run_name: str):
     from trl import SFTConfig, SFTTrainer
 
     model, tokenizer = toy.model_and_tokenizer(warmup="pretrain")
     data = toy.preference_dataset(n=config.num_rows, seed=config.seed)
     train = data.select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
-    args = SFTConfig(**_training_args(config, out), max_length=128)
+    args = SFTConfig(**_training_args(config, out, run_name), max_length=128)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     return trainer, data
 
 
-def _grpo_trainer(config: DemoConfig, out: Path):
+def _grpo_trainer(config: DemoConfig, out: Path, run_name: str):
     from trl import GRPOConfig, GRPOTrainer
 
     model, tokenizer = toy.model_and_tokenizer(warmup=True)
     data = toy.math_dataset(n=config.num_rows, seed=config.seed)
     args = GRPOConfig(
-        **_training_args(config, out),
+        **_training_args(config, out, run_name),
         beta=config.beta,
         num_generations=config.num_generations,
         max_completion_length=config.max_completion_length,
         temperature=1.0,
+        loss_type="grpo",
     )
     trainer = GRPOTrainer(
         model=model, args=args, train_dataset=data, processing_class=tokenizer, reward_funcs=toy.math_reward
@@ -249,25 +276,42 @@ def train_one(config: DemoConfig, out: Path, nthr: bool = False) -> dict[str, An
 
     set_seed(config.seed)
     build = {"dpo": _dpo_trainer, "sft": _sft_trainer, "grpo": _grpo_trainer}[config.trainer]
-    trainer, data = build(config, out)
+    run_name = f"trl-ntk-demo-{config.trainer}{'-nthr' if nthr else ''}-seed{config.seed}"
+    trainer, data = build(config, out, run_name)
     dynamics = LearningDynamicsCallback(
         trainer,
         probes=_probes(config, trainer, data),
         every_n_steps=config.every_n_steps,
         attribution=config.attribution,
-        tokens_every_n_steps=config.tokens_every_n_steps if config.attribution == "sums" else None,
+        tokens_every_n_steps=(config.tokens_every_n_steps or None) if config.attribution == "sums" else None,
         seed=config.seed,
         output_dir=str(out / "dynamics"),
         report_to=config.report_to,
-        **config.extra,
     )
     trainer.add_callback(dynamics)
+    # The log dicts are not printed (they go to `log_history` and the dashboards); the progress bar stays.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if config.progress:
+        trainer.add_callback(_QuietProgress())
     if nthr:
         _add_nthr(trainer, dynamics)
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
+    if config.report_to == "wandb":  # transformers leaves its run open; the next run (--nthr) gets its own
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
     return {"train_seconds": seconds, "steps": int(result.global_step), "log_history": trainer.state.log_history}
+
+
+class _QuietProgress(ProgressCallback):
+    """transformers' progress bar without the log dict printed at every logging step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return None
 
 
 def _add_nthr(trainer: Any, dynamics: Any) -> None:
@@ -360,7 +404,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         }
     nthr = data.of("nthr")
     if nthr:
-        summary["nthr"] = {
+        summary["nthr_stats"] = {
             "batches": len(nthr),
             "frac_downweighted_mean": _mean([r["frac_downweighted"] for r in nthr]),
             "seconds": float(sum(r.get("seconds") or 0.0 for r in nthr)),
@@ -399,16 +443,30 @@ def checks(summary: Mapping[str, Any], trainer: str | None) -> dict[str, bool]:
                 "split_negative"
             ] > max(chosen["split_positive"], 0.0)
     elif trainer == "sft" and "chosen" in kinds:
+        # Similar responses (same wording: the swapped fact, other training prompts' answers) rise less than chosen;
+        # text in wording SFT does not train (the toy's rephrases) and shuffled text fall. (`irrelevant_test`, a
+        # held-out prompt's answer, goes either way with the seed.)
         out["chosen_rises"] = change["chosen"] > 0
-        for kind in ("chosen_rephrase", "chosen_swapped"):
+        for kind in ("chosen_swapped", "irrelevant_train"):
             if kind in change:
                 out[f"{kind}_rises_less_than_chosen"] = 0 < change[kind] < change["chosen"]
-        for kind in ("shuffled_chosen", "shuffled_irrelevant", "rejected_rephrase"):
+        for kind in ("chosen_rephrase", "shuffled_chosen", "shuffled_irrelevant"):
             if kind in change:
                 out[f"{kind}_falls"] = change[kind] < 0
     elif trainer == "grpo" and "lld" in summary:
-        out["lld_measured"] = summary["lld"]["groups"] > 0
+        out["some_groups_displaced"] = (summary["lld"]["frac_groups_negative"] or 0.0) > 0
     return out
+
+
+def nthr_checks(plain: Mapping[str, Any], nthr: Mapping[str, Any]) -> dict[str, bool]:
+    """GRPO + NTHR against plain GRPO (same seed): less lazy likelihood displacement of the correct completions."""
+    plain_lld, nthr_lld = plain.get("lld") or {}, nthr.get("lld") or {}
+    if plain_lld.get("delta_observed_mean") is None or nthr_lld.get("delta_observed_mean") is None:
+        return {}
+    return {
+        "nthr_raises_mean_delta": nthr_lld["delta_observed_mean"] > plain_lld["delta_observed_mean"],
+        "nthr_fewer_displaced_groups": nthr_lld["frac_groups_negative"] < plain_lld["frac_groups_negative"],
+    }
 
 
 # ------------------------------------------------------------------------------------------------------- table
@@ -437,9 +495,12 @@ def format_table(summary: Mapping[str, Any]) -> str:
             f"{summary['argmax_logp_end']:>9.2f} {summary['argmax_logp_end'] - summary['argmax_logp_start']:>+9.2f} "
             f"{summary['argmax_logp_peak']:>9.2f}"
         )
+    every = (summary.get("config") or {}).get("every_n_steps")
     lines.append(
-        "log-probs: summed over the response, mean over the kind's probes (nats); pred +/-: predicted change from the "
-        f"positive-/negative-gradient training tokens, summed over the {summary['analysed_steps']} analysed steps"
+        "log-probs: summed over the response, mean over the kind's probes (nats); peak: the highest value over the "
+        "run.\npred +/-: predicted change due to the positive-gradient (pulled-up) / negative-gradient (pushed-down) "
+        f"training tokens, summed over the {summary['analysed_steps']} analysed steps"
+        + (f" (one in {every})" if every else "")
     )
     return "\n".join(lines)
 
@@ -462,9 +523,10 @@ def run_demo(config: DemoConfig, stream: Any = None) -> dict[str, Any]:
     config = config.resolved()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    if config.report_to == "wandb":
+    if config.report_to == "wandb":  # the demo is offline: W&B too, unless WANDB_MODE says otherwise
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_PROJECT", "trl_ntk_demo")
+        logger.info("W&B mode %s (sync an offline run with `wandb sync`)", os.environ["WANDB_MODE"])
     runs = [("", False)] + ([("nthr", True)] if config.nthr else [])
     summaries = {}
     with _torch_threads(config.threads):
@@ -477,7 +539,7 @@ def run_demo(config: DemoConfig, stream: Any = None) -> dict[str, Any]:
             summary.update(
                 trainer=config.trainer,
                 nthr=nthr,
-                config={k: v for k, v in asdict(config).items() if k not in ("extra", "progress")},
+                config={k: v for k, v in asdict(config).items() if k != "progress"},
                 report=str(report),
                 steps=timing["steps"],
                 train_seconds=round(timing["train_seconds"], 1),
@@ -489,6 +551,7 @@ def run_demo(config: DemoConfig, stream: Any = None) -> dict[str, Any]:
     summary = summaries[""]
     if config.nthr:
         summary["nthr_run"] = summaries["nthr"]
+        summary["checks"].update(nthr_checks(summary, summaries["nthr"]))
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, stream)
     return summary
@@ -504,6 +567,13 @@ def _reward_summary(log_history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def _print_summary(summary: Mapping[str, Any], stream: Any) -> None:
     title = f"trl-ntk demo: {summary['trainer'].upper()} on the toy default, {summary['steps']} steps"
     stream.write(f"\n{title} ({summary['train_seconds']:.0f} s training)\n\n{format_table(summary)}\n")
+    chosen = summary["kinds"].get("chosen", {})
+    if summary["trainer"] == "dpo" and "split_negative" in chosen:
+        stream.write(
+            f"\nwhy chosen moved (predicted, {summary['analysed_steps']} analysed steps): pulled up by the "
+            f"positive-gradient (chosen) tokens {chosen['split_positive']:+.2f}, pushed down by the "
+            f"negative-gradient (rejected) tokens {chosen['split_negative']:+.2f}\n"
+        )
     if summary.get("checks"):
         stream.write("\n" + format_checks(summary["checks"]) + "\n")
     if "lld" in summary:

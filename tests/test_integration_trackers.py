@@ -78,7 +78,8 @@ def test_wandb_run_of_the_trainer_gets_ntk_keys_tables_and_images_at_train_globa
         if wandb.run is not None:
             wandb.run.finish()
     assert not opened  # the sink attached to the trainer's run and never started one
-    assert [path.name for path in _run_dirs()] == [run_dir.name] and run_dir.name.endswith(run_id)
+    # W&B keeps its folder settings process-wide, so the run may live under an earlier test's WANDB_DIR: use its own
+    assert run_dir.is_dir() and run_dir.name.endswith(run_id)
 
     history = _wandb_history(run_dir)
     assert _steps_with(history, "train/loss") == [1, 2, 3]  # the trainer's own logs, in the same run

@@ -198,3 +198,25 @@ def test_grpo_demo_with_nthr_compares_two_runs(tmp_path, capsys):
     assert {"groups", "delta_observed_mean", "frac_groups_negative"} <= set(summary["lld"])
     printed = capsys.readouterr().out
     assert "GRPO + NTHR" in printed and "completion" in printed
+
+
+@pytest.mark.browser
+def test_demo_report_renders_every_panel_in_headless_chromium(dpo_demo, tmp_path):
+    """`trl-ntk report` on the demo's own output opens in headless Chromium with every panel and no console error
+    (the token-attribution panel holds its 'no data' note: this short demo skips the tokens level)."""
+    from tests.test_report import CHROMIUM, PANEL_IDS, _chromium, _sections
+
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed")
+    out, status, _ = dpo_demo
+    assert status == 0
+    report = out / "dynamics" / "report.html"
+    assert cli.main(["report", str(out / "dynamics"), "-q"]) == 0 and report.is_file()
+    dom = _chromium(["--dump-dom", report.resolve().as_uri()], tmp_path / "profile")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, "\n".join(console)
+    sections = _sections(dom.stdout)
+    assert list(sections) == list(PANEL_IDS)
+    for panel_id in ("panel-logp", "panel-squeezing", "panel-prediction", "panel-split"):
+        assert 'class="main-svg"' in sections[panel_id], f"{panel_id} has no rendered plot"

@@ -1,6 +1,7 @@
 """Shared test setup: offline, deterministic, one thread per process, W&B confined to a temp folder."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -22,3 +23,6 @@ def _isolated_wandb(tmp_path, monkeypatch):
         monkeypatch.setenv(name, str(tmp_path / "wandb" / name.lower()))
     monkeypatch.setenv("WANDB_MODE", "offline")
     yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.run.finish()  # a run left open would be returned by the next test's wandb.init

@@ -115,7 +115,11 @@ def test_ddp_gradient_check_matches_the_averaged_grad_and_the_sums_add_up(ddp_ru
 
 
 def test_ddp_token_attributions_hold_every_ranks_columns_and_sum_to_the_prediction(ddp_run):
-    with_matrix = [r for r in _records(ddp_run) if r["type"] == "dynamics" and "matrix" in r]
+    tokens_steps = [r for r in _records(ddp_run) if r["type"] == "dynamics" and "attributed" in r]
+    for record in tokens_steps:  # every response's totals over all ranks' training tokens
+        tolerance = 1e-5 * max(_scale(record), 1.0)
+        assert abs(record["attributed"] - record["predicted_current"]) <= tolerance
+    with_matrix = [r for r in tokens_steps if "matrix" in r]
     assert {r["step"] for r in with_matrix} == {0, 2}
     for record in with_matrix:
         archive = np.load(ddp_run / "observed" / "dynamics" / record["matrix"]["file"])

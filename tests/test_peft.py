@@ -100,9 +100,12 @@ def test_lora_dpo_kernel_is_over_the_adapter_only_and_reconstructs_its_gradient(
         assert record["gradient_check"]["cosine"] >= 0.99999
         tolerance = 1e-5 * max(_scale(record), 1.0)
         assert abs(record["predicted"] - (record["predicted_current"] + record["history"])) <= tolerance
-        archive = np.load(tmp_path / "dynamics" / record["matrix"]["file"])
-        matrix = archive[record["matrix"]["key"]].astype(np.float64)
-        assert abs(float(matrix.sum()) - record["predicted_current"]) <= tolerance
+        assert abs(record["attributed"] - record["predicted_current"]) <= tolerance
+        if "matrix" in record:
+            archive = np.load(tmp_path / "dynamics" / record["matrix"]["file"])
+            matrix = archive[record["matrix"]["key"]].astype(np.float64)
+            assert abs(float(matrix.sum()) - record["predicted_current"]) <= tolerance
+    assert any("matrix" in record for record in dynamics)
 
 
 def test_lora_dpo_training_losses_identical_with_and_without_callback(tmp_path):

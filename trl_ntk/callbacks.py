@@ -42,9 +42,14 @@ class DynamicsConfig:
             optimizer step whose `global_step` is a multiple of this, and at the end of training.
         attribution (`str`, *optional*, defaults to `"sums"`): `"none"` (track probe log-probs only, a few no-grad
             forwards), `"sums"` (predicted vs observed change, sign / group splits: a few backwards and JVPs) or
-            `"tokens"` (adds the probe-token x training-token matrix: about `min(Mp, L)` batch JVPs).
+            `"tokens"` (adds, for every probe response, each training token's total push and the top-k pushing
+            tokens: one probe backward + one batch JVP per response; and the full probe-token x training-token
+            matrix for the responses of the first `matrix_prompts` probe prompts: about one batch JVP per token).
         tokens_every_n_steps (`int`, *optional*): with `attribution="sums"`, run the `"tokens"` level on the
             analysis steps that are multiples of this.
+        matrix_prompts (`int`, *optional*, defaults to `1`): at the tokens level, keep the full token x token
+            matrix (`.npz`) for the responses of this many probe prompts; `None`: for every response (the cost
+            then grows with the probe tokens, e.g. about 100 s of CPU per step for the demo's 1,400 probe tokens).
         num_prompts (`int`, *optional*, defaults to `4`): prompts taken from the train dataset for default probes.
         generate (`bool`, *optional*, defaults to `True`): track the model's own greedy response per probe prompt,
             regenerated at every scoring step (kind `greedy`).
@@ -66,6 +71,7 @@ class DynamicsConfig:
     every_n_steps: int = 50
     attribution: str = "sums"
     tokens_every_n_steps: int | None = None
+    matrix_prompts: int | None = 1
     num_prompts: int = 4
     generate: bool = True
     num_samples: int = 0
@@ -357,6 +363,7 @@ class LearningDynamicsCallback(TrainerCallback):
                     chunk_size=self.config.chunk_size,
                     kernel_summaries=self.config.kernel_summaries and tokens,
                     extra_batches={"lld": lld[0]} if lld is not None else None,
+                    matrix_rows=self._matrix_rows(encoded) if tokens else None,
                 )
                 lld_before = None if lld is None else self._target_logprobs(lld[0])
         finally:
@@ -399,6 +406,13 @@ class LearningDynamicsCallback(TrainerCallback):
         batch = concat_token_batches(batches).to(self._model().get_input_embeddings().weight.device)
         return batch, dynamics.concat_labels(positive_labels), dynamics.concat_labels(step_labels)
 
+    def _matrix_rows(self, encoded) -> torch.Tensor | None:
+        """`[B]` bool: the probe responses of the first `matrix_prompts` prompts (all when it is `None`)."""
+        if self.config.matrix_prompts is None:
+            return None
+        prompt_ids = list(dict.fromkeys(r.prompt_id for r in encoded.responses))[: self.config.matrix_prompts]
+        return torch.tensor([r.prompt_id in prompt_ids for r in encoded.responses], dtype=torch.bool)
+
     def _target_logprobs(self, batch) -> torch.Tensor:
         """`[M]` log-probs of a token batch's targets (row-major), no grad."""
         return torch.cat(list(self._score_batch(batch).token_logps))
@@ -425,8 +439,9 @@ class LearningDynamicsCallback(TrainerCallback):
             matrix_file = self.sinks.save_attributions(
                 step, records.attribution_arrays(encoded, pending.explanation, self.tokenizer)
             )
+            with_matrix = set(records.matrix_probe_ids(encoded, pending.explanation))
             for record in out:
-                if record["type"] == "dynamics":
+                if record["type"] == "dynamics" and record["probe_id"] in with_matrix:
                     record["matrix"] = {"file": matrix_file, "key": record["probe_id"]}
         self._emit(step, out)
         logger.info("%s", records.one_line_summary(step, out, time.perf_counter() - pending.started))

@@ -87,7 +87,8 @@ class UpdateExplanation:
         history: the momentum / weight-decay part (`predicted = current + history`).
         sgd: `-lr <grad lp~_m, g>`.
         cells: `[K, Mp]` the current part by (sign, group) cell, named in `cell_names`.
-        matrix: `[Mp, L]` the token attribution matrix ("tokens" level), else `None`.
+        matrix: `[M_selected, L]` the token attribution matrix of the probe rows in `matrix_rows` ("tokens" level).
+        response_totals: `[B, L]` each probe response's attribution summed over its tokens ("tokens" level).
         train_targets: `[L]` training target ids, `train_coeffs` `[L]` their effective `s * c_l`,
         train_labels: the adapter labels concatenated over micro-batches.
     """
@@ -102,6 +103,8 @@ class UpdateExplanation:
     path: str
     grad_coeff_norm: float
     matrix: Tensor | None = None
+    matrix_rows: Tensor | None = None
+    response_totals: Tensor | None = None
     kernel_norms: dict[str, Tensor] = field(default_factory=dict)
     train_targets: Tensor | None = None
     train_batches: list[TokenBatch] = field(default_factory=list)
@@ -153,6 +156,7 @@ def explain_update(
     chunk_size: int | None = None,
     kernel_summaries: bool = False,
     extra_batches: dict[str, TokenBatch] | None = None,
+    matrix_rows: Tensor | None = None,
 ) -> UpdateExplanation:
     """Predict the change of every probe token over the coming optimizer step (call before `optimizer.step()`).
 
@@ -174,6 +178,9 @@ def explain_update(
         extra_batches (`dict[str, TokenBatch]`, *optional*): other token batches whose changes are predicted along
             the same directions (GRPO's own completions for lazy likelihood displacement); results in
             `explanation.extra[name]` as `{"predicted", "current", "history", "cells"}`.
+        matrix_rows (`Tensor[B]` bool, *optional*): at the "tokens" level, the probe rows (responses) whose full
+            token x token matrix is computed (about `M_selected` batch JVPs); every response gets its per-training-
+            token totals `response_totals [B, L]` from one probe backward + one batch JVP each. `None`: all rows.
 
     Returns:
         `UpdateExplanation`. Holds four parameter-sized dicts at once (`P`, history, the running raw gradient and
@@ -280,13 +287,27 @@ def explain_update(
     )
     chunking = {} if chunk_size is None else {"chunk_size": chunk_size}
     if attribution == "tokens":
-        columns = []
+        rows = target_rows(probe_batch)
+        response_weights = torch.zeros(probe_batch.input_ids.shape[0], probe_batch.num_targets, device=rows.device)
+        response_weights[rows, torch.arange(rows.numel(), device=rows.device)] = 1.0
+        matrix_mask = (
+            torch.ones(probe_batch.input_ids.shape[0], dtype=torch.bool) if matrix_rows is None else matrix_rows.cpu()
+        )
+        matrix_batch = select_rows(probe_batch, matrix_mask) if bool(matrix_mask.any()) else None
+        totals, columns = [], []
         for mb, c in zip(micro_batches, coeffs):
-            kernel = kernels.logprob_kernel(
-                model, probe_batch, mb.batch, params=names, preconditioner=preconditioner, **chunking
-            )
-            columns.append(-scale * kernel * c.to(kernel.dtype)[None, :])
-        explanation.matrix = torch.cat(columns, dim=1)
+            totals.append(kernels.attribution_column_sums_direct(
+                model, probe_batch, mb.batch, c, lr=scale, probe_weights=response_weights, params=names,
+                preconditioner=preconditioner, **chunking,
+            ))
+            if matrix_batch is not None:
+                kernel = kernels.logprob_kernel(
+                    model, matrix_batch, mb.batch, params=names, preconditioner=preconditioner, **chunking
+                )
+                columns.append(-scale * kernel * c.to(kernel.dtype)[None, :])
+        explanation.response_totals = torch.cat(totals, dim=1)
+        explanation.matrix = torch.cat(columns, dim=1) if columns else None
+        explanation.matrix_rows = matrix_mask
         explanation.train_targets = torch.cat([mb.batch.targets for mb in micro_batches])
         explanation.train_coeffs = torch.cat(coeffs) * scale
         explanation.train_batches = [mb.batch for mb in micro_batches]
@@ -309,17 +330,20 @@ def _gather_columns(explanation: UpdateExplanation, all_gather: Any) -> None:
     Examples and sequence groups are renumbered so that they stay distinct across ranks (rank r's numbers follow
     those of ranks < r). Moves `[Mp, L_rank]` floats per rank through the CPU; every rank must call it.
     """
-    device = explanation.matrix.device
+    device = explanation.response_totals.device
     labels = explanation.train_labels
     local = (
-        explanation.matrix.cpu(),
+        None if explanation.matrix is None else explanation.matrix.cpu(),
         explanation.train_targets.cpu(),
         explanation.train_coeffs.cpu(),
         [batch.to("cpu") for batch in explanation.train_batches],
         None if labels is None else (labels.group.cpu(), labels.example.cpu(), labels.sequence_group.cpu()),
+        explanation.response_totals.cpu(),
     )
     gathered = all_gather(local)
-    explanation.matrix = torch.cat([part[0] for part in gathered], dim=1).to(device)
+    if explanation.matrix is not None:
+        explanation.matrix = torch.cat([part[0] for part in gathered], dim=1).to(device)
+    explanation.response_totals = torch.cat([part[5] for part in gathered], dim=1).to(device)
     explanation.train_targets = torch.cat([part[1] for part in gathered])
     explanation.train_coeffs = torch.cat([part[2] for part in gathered])
     explanation.train_batches = [batch for part in gathered for batch in part[3]]
@@ -336,6 +360,16 @@ def _gather_columns(explanation: UpdateExplanation, all_gather: Any) -> None:
         sequence_offset += int(sequence_group.max()) + 1 if sequence_group.numel() else 0
     explanation.train_labels = TokenLabels(
         group=torch.cat(groups), example=torch.cat(examples), sequence_group=torch.cat(sequence_groups)
+    )
+
+
+def select_rows(batch: TokenBatch, rows: Tensor) -> TokenBatch:
+    """The token batch restricted to the rows where `rows [B]` (bool) is True; targets keep their order."""
+    rows = rows.to(batch.input_ids.device)
+    return TokenBatch(
+        input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows], target_mask=batch.target_mask[rows],
+        position_ids=None if batch.position_ids is None else batch.position_ids[rows], temperature=batch.temperature,
+        model_kwargs=dict(batch.model_kwargs),
     )
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .dynamics import UpdateExplanation, target_rows
+from .dynamics import UpdateExplanation, select_rows, target_rows
 
 SCHEMA_VERSION = 2
 _SCORE_FIELDS = ("logp_sum", "logp_mean", "argmax_logp", "max_prob_mean", "entropy_mean", "a_norm", "g_norm")
@@ -70,8 +70,8 @@ def dynamics_records(
         "sgd": _per_response(explanation.sgd, batch),
     }
     cells = _per_response(explanation.cells, batch)
-    matrix = _per_response(explanation.matrix.T, batch) if explanation.matrix is not None else None
-    contexts = _train_token_contexts(explanation) if matrix is not None else []
+    totals = explanation.response_totals  # [B, L] at the tokens level
+    contexts = _train_token_contexts(explanation) if totals is not None else []
     out = []
     for i, response in enumerate(encoded.responses):
         observed_tokens = (after.token_logps[i] - before.token_logps[i]).float()
@@ -109,10 +109,10 @@ def dynamics_records(
                 "clip_scale": explanation.gradient_check.clip_scale,
             },
         }
-        if matrix is not None:
-            totals = matrix[i].T.sum(0)  # [L]: each training token's total push on this response
-            record["top_up"] = _top_tokens(totals, explanation, contexts, tokenizer, top_k, largest=True)
-            record["top_down"] = _top_tokens(totals, explanation, contexts, tokenizer, top_k, largest=False)
+        if totals is not None:  # each training token's total push on this response
+            record["attributed"] = float(totals[i].sum())
+            record["top_up"] = _top_tokens(totals[i], explanation, contexts, tokenizer, top_k, largest=True)
+            record["top_down"] = _top_tokens(totals[i], explanation, contexts, tokenizer, top_k, largest=False)
         out.append(record)
     return out
 
@@ -159,11 +159,18 @@ def _train_token_contexts(explanation: UpdateExplanation) -> list[tuple[int, lis
     return out
 
 
+def matrix_probe_ids(encoded: Any, explanation: UpdateExplanation) -> list[str]:
+    """The probe responses whose full token matrix was computed this step (`matrix_rows`), in batch order."""
+    if explanation.matrix is None:
+        return []
+    return [r.probe_id for r, keep in zip(encoded.responses, explanation.matrix_rows.tolist()) if keep]
+
+
 def attribution_arrays(encoded: Any, explanation: UpdateExplanation, tokenizer: Any) -> dict[str, np.ndarray]:
-    """Arrays of `attributions/step_<step>.npz`: per probe response its `[M, L]` block and decoded tokens."""
-    batch = encoded.batch
-    blocks = _per_response(explanation.matrix.T, batch)
-    probe_targets = _per_response(batch.targets, batch)
+    """Arrays of `attributions/step_<step>.npz`: per selected probe response its `[M, L]` block and decoded tokens."""
+    selected = select_rows(encoded.batch, explanation.matrix_rows)
+    blocks = _per_response(explanation.matrix.T, selected)
+    probe_targets = _per_response(selected.targets, selected)
     arrays: dict[str, np.ndarray] = {
         "train.tokens": np.array([tokenizer.decode([int(t)]) for t in explanation.train_targets]),
         "train.row": explanation.train_labels.example.numpy()
@@ -174,9 +181,9 @@ def attribution_arrays(encoded: Any, explanation: UpdateExplanation, tokenizer: 
         else np.zeros(len(explanation.train_targets), dtype=np.int64),
         "train.coeff": explanation.train_coeffs.float().cpu().numpy(),
     }
-    for response, block, targets in zip(encoded.responses, blocks, probe_targets):
-        arrays[response.probe_id] = block.T.float().cpu().numpy()
-        arrays[f"{response.probe_id}.tokens"] = np.array([tokenizer.decode([int(t)]) for t in targets])
+    for probe_id, block, targets in zip(matrix_probe_ids(encoded, explanation), blocks, probe_targets):
+        arrays[probe_id] = block.T.float().cpu().numpy()
+        arrays[f"{probe_id}.tokens"] = np.array([tokenizer.decode([int(t)]) for t in targets])
     return arrays
 
 

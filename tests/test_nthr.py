@@ -4,6 +4,7 @@ loop, and the callback against hand-scaled advantages in a real `GRPOTrainer`.""
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -478,7 +479,8 @@ def _grpo_trainer(tmp_path, trainer_class=None, **overrides):
     from trl import GRPOConfig, GRPOTrainer
 
     tokenizer = _byte_tokenizer()
-    model = _tiny_model(tokenizer, tmp_path / "model")
+    # one folder per rank: under torchrun both ranks build the same (seeded) model, and must not read a half-written one
+    model = _tiny_model(tokenizer, tmp_path / f"model-rank{os.environ.get('RANK', '0')}")
     options = {
         "output_dir": str(tmp_path / "out"),
         "per_device_train_batch_size": GROUP_SIZE * NUM_PROMPTS,

@@ -21,7 +21,7 @@ order (`all_gather`), so every rank holds the full `[Mp, L_all]` matrix and its 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -437,15 +437,7 @@ def positive_completion_batches(
             continue
         row_keep = torch.zeros(mb.batch.input_ids.shape[0], dtype=torch.bool)
         row_keep[positive_rows] = True
-        row_keep = row_keep.to(mb.batch.input_ids.device)
-        batches.append(
-            TokenBatch(
-                input_ids=mb.batch.input_ids[row_keep],
-                attention_mask=mb.batch.attention_mask[row_keep],
-                target_mask=mb.batch.target_mask[row_keep],
-                position_ids=None if mb.batch.position_ids is None else mb.batch.position_ids[row_keep],
-            )
-        )
+        batches.append(replace(select_rows(mb.batch, row_keep), temperature=1.0, model_kwargs={}))
         kept.append(
             TokenLabels(group=lab.group[keep], example=lab.example[keep], sequence_group=lab.sequence_group[keep])
         )

@@ -1,6 +1,10 @@
 """A tiny DPO training under DDP (CPU, gloo), run by `tests/test_distributed.py` through `torchrun`.
 
-Usage: `torchrun --nproc_per_node 2 tests/ddp_script.py OUTPUT_DIR [--attribution sums] [--tokens-every 2]`.
+Usage: `torchrun --nproc_per_node 2 tests/ddp_script.py OUTPUT_DIR [--attribution sums] [--tokens-every 2] [--fsdp]`.
+
+With `--fsdp` the trainers shard the model with FSDP2 (`fully_shard` per decoder layer and at the root). accelerate
+enables FSDP for accelerator devices only, while torch's FSDP2 runs on CPU with gloo; the script lets accelerate
+treat the CPU process group as a multi-device one, so that the trainer wraps the model as it would on GPUs.
 
 Each rank trains the same toy DPO setup twice, without and with `LearningDynamicsCallback`, and writes
 `OUTPUT_DIR/rank<r>.json` (losses of both runs, whether the final weights are identical, how many sink groups and
@@ -20,11 +24,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests import trainer_factory  # noqa: E402
-from trl_ntk import callbacks  # noqa: E402
+from trl_ntk import callbacks, sharded  # noqa: E402
 
 
 def _losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def _allow_fsdp_on_cpu() -> None:
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    original_init = PartialState.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.MULTI_GPU  # accelerate's condition for honouring fsdp_plugin
+
+    PartialState.__init__ = init
+
+
+FSDP_OPTIONS = {
+    "fsdp": "full_shard",
+    "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]},
+}
 
 
 def main() -> None:
@@ -34,6 +58,7 @@ def main() -> None:
     parser.add_argument("--tokens-every", type=int, default=None)
     parser.add_argument("--max-steps", type=int, default=3)
     parser.add_argument("--trainer", choices=["dpo", "grpo"], default="dpo")
+    parser.add_argument("--fsdp", action="store_true")
     options = parser.parse_args()
     torch.set_num_threads(1)
     output_dir = Path(options.output_dir)
@@ -41,6 +66,9 @@ def main() -> None:
     common = {"max_steps": options.max_steps, "per_device_train_batch_size": 2, "n": 16}
     if options.trainer == "grpo":
         common["per_device_train_batch_size"] = 4
+    if options.fsdp:
+        _allow_fsdp_on_cpu()
+        common.update(FSDP_OPTIONS)
     make_trainer = getattr(trainer_factory, f"{options.trainer}_trainer")
 
     plain = make_trainer(output_dir / "plain", **common)
@@ -73,7 +101,10 @@ def main() -> None:
     observed.add_callback(callback)
     observed.train()
 
-    same_weights = all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), observed.model.parameters()))
+    same_weights = all(
+        torch.equal(sharded.local_shard(a), sharded.local_shard(b))
+        for a, b in zip(plain.model.parameters(), observed.model.parameters())
+    )
     report = {
         "rank": rank,
         "world_size": observed.accelerator.num_processes,
@@ -85,6 +116,7 @@ def main() -> None:
         "sink_groups_made": len(sink_groups),
         "generations": len(generations),
         "analysis_failures": callback.analysis_failures,
+        "sharded": callback.sharded,
     }
     (output_dir / f"rank{rank}.json").write_text(json.dumps(report))
 

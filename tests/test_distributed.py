@@ -1,7 +1,9 @@
-"""LearningDynamicsCallback under DDP: a 2-process CPU (gloo) DPO training launched with `torchrun`.
+"""LearningDynamicsCallback under DDP and FSDP2: 2-process CPU (gloo) trainings launched with `torchrun`.
 
 One launch of `tests/ddp_script.py` trains the toy DPO setup on every rank without and with the callback
-(`attribution="sums"`, the "tokens" level at steps 0 and 2); the tests read what it left behind.
+(`attribution="sums"`, the "tokens" level at steps 0 and 2); the tests read what it left behind. The FSDP2 launches
+train the same setups with the model sharded; their finite-difference analysis is checked against the exact one of
+the DDP launches (same data, same updates).
 """
 
 from __future__ import annotations
@@ -142,9 +144,15 @@ def test_ddp_training_losses_and_weights_identical_with_and_without_callback(ddp
     assert first["plain_losses"] == second["plain_losses"]  # both ranks log the cross-rank mean loss
 
 
-def test_ddp_grpo_reports_lazy_likelihood_displacement_of_every_ranks_groups(tmp_path):
+@pytest.fixture(scope="module")
+def grpo_ddp_run(tmp_path_factory) -> Path:
+    """GRPO, "sums", one prompt group of 4 completions per rank."""
+    return _launch(tmp_path_factory.mktemp("grpo_ddp"), "--trainer=grpo", "--attribution=sums", "--max-steps=2")
+
+
+def test_ddp_grpo_reports_lazy_likelihood_displacement_of_every_ranks_groups(grpo_ddp_run):
     # one prompt group of 4 completions per rank; each rank's positive completions are predicted on every rank
-    output_dir = _launch(tmp_path, "--trainer=grpo", "--attribution=sums", "--max-steps=2")
+    output_dir = grpo_ddp_run
     reports = _reports(output_dir)
     assert all(r["observed_losses"] == r["plain_losses"] and r["same_weights"] for r in reports)
     records = _records(output_dir)
@@ -155,3 +163,76 @@ def test_ddp_grpo_reports_lazy_likelihood_displacement_of_every_ranks_groups(tmp
     lld = [r for r in records if r["type"] == "lld" and r["step"] == 0]
     assert sorted(r["group"] for r in lld) == [0, 1]  # rank 1's group is renumbered after rank 0's
     assert all(r["num_positive"] >= 1 and r["num_positive"] + r["num_negative"] <= 4 for r in lld)
+
+
+# ----------------------------------------------------------------------------------------------------------- FSDP2
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> Path:
+    """The DPO setup of `ddp_run` with the model sharded by FSDP2, "sums" level (finite differences on the shards)."""
+    return _launch(tmp_path_factory.mktemp("fsdp"), "--fsdp", "--attribution=sums", f"--max-steps={MAX_STEPS}")
+
+
+def _dynamics_by_probe(output_dir: Path) -> dict[tuple[int, str], dict]:
+    return {(r["step"], r["probe_id"]): r for r in _records(output_dir) if r["type"] == "dynamics"}
+
+
+def _largest(records: dict[tuple[int, str], dict], step: int, field: str) -> float:
+    return max(abs(r[field]) for (s, _), r in records.items() if s == step)
+
+
+def test_fsdp_run_shards_the_model_and_leaves_training_as_it_was(fsdp_run, ddp_run):
+    reports = _reports(fsdp_run)
+    assert all(r["distributed_type"].endswith("FSDP") and r["sharded"] for r in reports)
+    assert [r["sink_groups_made"] for r in reports] == [1, 0]
+    # every rank takes part in generating the greedy probes (each forward gathers the shards)
+    assert [r["generations"] for r in reports] == [MAX_STEPS + 1] * WORLD_SIZE
+    assert [r["analysis_failures"] for r in reports] == [0, 0]
+    for report in reports:
+        assert report["observed_losses"] == report["plain_losses"]
+        assert report["same_weights"]
+    assert reports[0]["plain_losses"] == pytest.approx(_reports(ddp_run)[0]["plain_losses"], rel=1e-5)
+    records = _records(fsdp_run)
+    assert records[-1]["type"] == "status" and records[-1]["analysis_failures"] == 0
+    for kind in ("probe", "dynamics"):
+        assert set(Counter((r["step"], r["probe_id"]) for r in records if r["type"] == kind).values()) == {1}
+
+
+def test_fsdp_finite_differences_agree_with_the_exact_ddp_analysis(fsdp_run, ddp_run):
+    sharded, exact = _dynamics_by_probe(fsdp_run), _dynamics_by_probe(ddp_run)
+    assert set(sharded) == set(exact) and {step for step, _ in sharded} == set(range(MAX_STEPS))
+    for key, record in sharded.items():
+        reference = exact[key]
+        assert record["path"] == "finite_difference"
+        check = record["gradient_check"]  # the backward of the captured c_l, reduce-scattered by FSDP, vs .grad
+        assert check["cosine"] >= 0.99999 and check["relative_error"] <= 1e-4
+        assert check["clip_scale"] == pytest.approx(1.0, abs=1e-4)  # FSDP's 1/world_size averaging undone once
+        assert record["observed"] == pytest.approx(reference["observed"], abs=1e-5)
+        assert set(record["cells"]) == set(reference["cells"])
+        tolerance = 1e-2 * _scale(reference)  # five-point differences: measured below 0.5% of the cancelling terms
+        for cell, value in record["cells"].items():
+            assert abs(value - reference["cells"][cell]) <= tolerance, (key, cell)
+        assert abs(record["predicted"] - reference["predicted"]) <= tolerance
+        for field in ("predicted_sgd", "history"):
+            assert abs(record[field] - reference[field]) <= 1e-2 * _largest(exact, key[0], field) + 1e-6, (key, field)
+        assert abs(record["predicted"] - record["predicted_current"] - record["history"]) <= 1e-5 * _scale(record)
+        assert abs(sum(record["cells"].values()) - record["predicted_current"]) <= 1e-5 * _scale(record)
+
+
+def test_fsdp_grpo_lazy_likelihood_displacement_agrees_with_ddp(tmp_path, grpo_ddp_run):
+    output_dir = _launch(tmp_path, "--fsdp", "--trainer=grpo", "--attribution=sums", "--max-steps=2")
+    reports = _reports(output_dir)
+    assert all(r["sharded"] and r["observed_losses"] == r["plain_losses"] and r["same_weights"] for r in reports)
+
+    def lld(run: Path) -> dict[tuple[int, int], dict]:
+        return {(r["step"], r["group"]): r for r in _records(run) if r["type"] == "lld"}
+
+    sharded, exact = lld(output_dir), lld(grpo_ddp_run)
+    assert set(sharded) == set(exact) and sharded
+    for key, record in sharded.items():
+        reference = exact[key]
+        assert record["delta_observed"] == pytest.approx(reference["delta_observed"], abs=1e-5)
+        scale = abs(reference["delta_predicted"]) + abs(reference["delta_from_negative"])
+        for field in ("delta_predicted", "delta_from_negative"):
+            assert abs(record[field] - reference[field]) <= 1e-2 * scale, (key, field)

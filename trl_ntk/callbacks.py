@@ -20,7 +20,7 @@ import transformers
 import trl
 from transformers import TrainerCallback
 
-from . import __version__, dynamics, records
+from . import __version__, dynamics, records, sharded
 from .adapters import TokenLabels, adapter_for, label_step
 from .batches import concat_token_batches
 from .capture import GradientCapture
@@ -130,6 +130,7 @@ class LearningDynamicsCallback(TrainerCallback):
         self.config = DynamicsConfig(**{**(asdict(config) if config else {}), **options})
         self.adapter = adapter_for(trainer)
         self.adapter.validate(trainer)
+        _validate_parallelism(trainer, self.config)
         self.tokenizer = trainer.processing_class
         tokenizer = getattr(self.tokenizer, "tokenizer", self.tokenizer)
         self.tokenizer = tokenizer
@@ -150,6 +151,7 @@ class LearningDynamicsCallback(TrainerCallback):
         self.last_scored_step: int | None = None
         self.analysis_failures = 0
         self.last_failure = ""
+        self.sharded = False
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _model(self) -> torch.nn.Module:
@@ -194,6 +196,7 @@ class LearningDynamicsCallback(TrainerCallback):
 
     # -------------------------------------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, **kwargs):
+        self.sharded = sharded.is_sharded(self._model())  # FSDP wraps the model when training starts
         resumed = state.global_step if state.global_step > 0 else None
         if state.is_world_process_zero:
             self.sinks = make_sinks(
@@ -295,7 +298,7 @@ class LearningDynamicsCallback(TrainerCallback):
         waiting in a collective the others skip.
         """
         sampled, error = None, None
-        if self._is_main():
+        if self._is_main() or self.sharded:  # sharded: every rank takes part in every forward of `generate`
             try:
                 with self.capture.paused():
                     sampled = sample_responses(
@@ -306,7 +309,10 @@ class LearningDynamicsCallback(TrainerCallback):
                         temperature=self.config.sample_temperature,
                         max_new_tokens=self.config.max_new_tokens,
                         seed=self.config.seed + step,
+                        synced_gpus=self.sharded and self.trainer.accelerator.num_processes > 1,
                     )
+                    if self.sharded:
+                        sharded.reshard(self._model())
             except Exception as exception:
                 if self.trainer.accelerator.num_processes <= 1:
                     raise
@@ -324,6 +330,8 @@ class LearningDynamicsCallback(TrainerCallback):
 
     def _score_batch(self, batch):
         with self.capture.paused():
+            if self.sharded:
+                return sharded.score_sharded(self._model(), batch, batch_size=self.config.score_batch_size)
             return score_responses(self._model(), batch, batch_size=self.config.score_batch_size)
 
     def _score_only(self, step: int) -> None:
@@ -349,7 +357,7 @@ class LearningDynamicsCallback(TrainerCallback):
         model.eval()
         try:
             with self.capture.paused():
-                explanation = dynamics.explain_update(
+                explanation = self._explain(
                     model,
                     encoded.batch,
                     micro_batches,
@@ -374,6 +382,23 @@ class LearningDynamicsCallback(TrainerCallback):
             explanation=explanation,
             tokens=tokens,
             lld_before=None if lld is None else (lld[:2], lld_before, lld[2]),
+        )
+
+    def _explain(self, model, probe_batch, micro_batches, labels, group_names, optimizer, **options):
+        """`dynamics.explain_update`, or its finite-difference form `sharded.explain_update` (no token level) when
+        the parameters are sharded across ranks."""
+        if not self.sharded:
+            return dynamics.explain_update(model, probe_batch, micro_batches, labels, group_names, optimizer, **options)
+        return sharded.explain_update(
+            model,
+            probe_batch,
+            micro_batches,
+            labels,
+            group_names,
+            optimizer,
+            coeff_scale=options["coeff_scale"],
+            extra_batches=options["extra_batches"],
+            batch_size=self.config.score_batch_size,
         )
 
     def _positive_completions(self, micro_batches: list, labels: list):
@@ -453,6 +478,34 @@ class LearningDynamicsCallback(TrainerCallback):
     def _emit(self, step: int, batch: list[dict]) -> None:
         if self.sinks is not None and self._is_main():
             self.sinks.write_event(step, batch)
+
+
+def _validate_parallelism(trainer: Any, config: DynamicsConfig) -> None:
+    """Refuse, before training, the parallel set-ups the analysis cannot run under.
+
+    FSDP2 (`fsdp_config={"fsdp_version": 2}`): every level but `"tokens"` (finite differences on the shards,
+    `sharded.py`). FSDP1 and DeepSpeed ZeRO-3: not supported.
+    """
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if getattr(trainer, "is_fsdp_enabled", False) and plugin is not None:
+        if getattr(plugin, "fsdp_version", 1) != 2:
+            raise ValueError(
+                "LearningDynamicsCallback supports FSDP2 only (it reads the parameter shards as DTensors); set "
+                "fsdp_config={'fsdp_version': 2} in the training arguments"
+            )
+        tokens = config.attribution == "tokens" or (config.attribution == "sums" and config.tokens_every_n_steps)
+        if tokens or config.kernel_summaries:
+            raise ValueError(
+                "the 'tokens' level (and kernel_summaries) needs the full parameters on one process, which FSDP "
+                "shards; use attribution='sums' without tokens_every_n_steps (finite differences on the shards) or "
+                "train without FSDP for token attributions"
+            )
+    deepspeed = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if getattr(trainer, "is_deepspeed_enabled", False) and getattr(deepspeed, "zero_stage", 0) == 3:
+        raise ValueError(
+            "LearningDynamicsCallback does not support DeepSpeed ZeRO-3 (partitioned parameters and gradients); "
+            "use FSDP2 (fsdp_config={'fsdp_version': 2}) or ZeRO-2"
+        )
 
 
 def _model_max_length(model: torch.nn.Module) -> int | None:

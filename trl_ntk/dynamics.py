@@ -76,6 +76,20 @@ class GradientCheck:
     relative_error: float
     clip_scale: float
 
+    @classmethod
+    def from_dots(cls, raw_norm_sq: float, applied_norm_sq: float, applied_dot_raw: float) -> GradientCheck:
+        """From `||raw||^2`, `||applied||^2` and `<applied, raw>`: `s = <applied, raw> / ||raw||^2` and
+        `||applied - s raw||^2 = ||applied||^2 - 2 s <applied, raw> + s^2 ||raw||^2`."""
+        scale = applied_dot_raw / raw_norm_sq if raw_norm_sq > 0 else 1.0
+        if raw_norm_sq == 0 and applied_norm_sq == 0:  # nothing to explain (e.g. GRPO groups without reward variance)
+            return cls(cosine=1.0, relative_error=0.0, clip_scale=1.0)
+        residual_sq = max(applied_norm_sq - 2 * scale * applied_dot_raw + scale**2 * raw_norm_sq, 0.0)
+        return cls(
+            cosine=applied_dot_raw / max((raw_norm_sq * applied_norm_sq) ** 0.5, 1e-300),
+            relative_error=residual_sq**0.5 / max(applied_norm_sq**0.5, 1e-300),
+            clip_scale=scale,
+        )
+
 
 @dataclass
 class UpdateExplanation:
@@ -121,6 +135,35 @@ def _cells(labels: list[TokenLabels], coeffs: list[Tensor], group_names: tuple[s
             for g in lab.group[sign_mask.cpu()].unique().tolist():
                 present.add((sign_index, int(g)))
     return sorted(present)
+
+
+def step_cells(
+    labels: list[TokenLabels],
+    coeffs: list[Tensor],
+    group_names: tuple[str, ...],
+    all_reduce: Any = None,
+    device: torch.device | str = "cpu",
+) -> list[tuple[int, int]]:
+    """The (sign index, group index) cells of the step, in a fixed order; under DDP / FSDP (`all_reduce` given) the
+    union over ranks, so that every rank runs the same cells in the same order for the collectives that follow."""
+    cell_ids = _cells(labels, coeffs, group_names)
+    if all_reduce is None:
+        return cell_ids
+    present = torch.zeros(2, len(group_names), device=device)
+    for sign_index, group_index in cell_ids:
+        present[sign_index, group_index] = 1.0
+    all_reduce(present)
+    return [(s, g) for s in range(2) for g in range(len(group_names)) if present[s, g] > 0]
+
+
+def cell_weights(labels: list[TokenLabels], coeffs: list[Tensor], sign_index: int, group_index: int) -> list[Tensor]:
+    """Per micro-batch `[M_i]`: `c_l` on the training tokens of one (sign, group) cell, 0 elsewhere."""
+    weights = []
+    for lab, c in zip(labels, coeffs):
+        in_sign = (c < 0) if sign_index == 0 else (c > 0)
+        in_cell = in_sign & (lab.group.to(c.device) == group_index)
+        weights.append(torch.where(in_cell, c, torch.zeros_like(c)))
+    return weights
 
 
 def reconstruct_gradient(
@@ -190,17 +233,10 @@ def explain_update(
     names = list(params)
     applied = {n: (p.grad.detach() if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
     coeffs = [mb.grad_coeffs * coeff_scale for mb in micro_batches]
-    cell_ids = _cells(labels, coeffs, group_names)
-    if all_reduce is not None:  # every rank runs the same cells, in the same order, for the collectives below
-        device = next(iter(applied.values())).device
-        present = torch.zeros(2, len(group_names), device=device)
-        for sign_index, group_index in cell_ids:
-            present[sign_index, group_index] = 1.0
-        all_reduce(present)
-        cell_ids = [(s, g) for s in range(2) for g in range(len(group_names)) if present[s, g] > 0]
+    cell_ids = step_cells(labels, coeffs, group_names, all_reduce, device=next(iter(applied.values())).device)
 
     preconditioner, history = kernels.optimizer_step_split(optimizer, params)
-    lr = _learning_rate(optimizer)
+    lr = learning_rate(optimizer)
     batches = {"probe": probe_batch, **(extra_batches or {})}
 
     # One cell at a time: its gradient g_k (one backward per micro-batch), the JVPs of every batch along -P * g_k,
@@ -208,11 +244,7 @@ def explain_update(
     raw = {n: torch.zeros_like(applied[n]) for n in names}
     cell_rows: dict[str, list[Tensor]] = {name: [] for name in batches}
     for sign_index, group_index in cell_ids:
-        weights = []
-        for lab, c in zip(labels, coeffs):
-            in_sign = (c < 0) if sign_index == 0 else (c > 0)
-            in_cell = in_sign & (lab.group.to(c.device) == group_index)
-            weights.append(torch.where(in_cell, c, torch.zeros_like(c)))
+        weights = cell_weights(labels, coeffs, sign_index, group_index)
         direction = reconstruct_gradient(model, micro_batches, weights, params)
         for n in names:
             raw[n] += direction[n]
@@ -228,16 +260,8 @@ def explain_update(
     applied_norm_sq = float(_dot(applied, applied))
     applied_dot_raw = float(_dot(applied, raw))
     del raw
-    scale = applied_dot_raw / raw_norm_sq if raw_norm_sq > 0 else 1.0
-    if raw_norm_sq == 0 and applied_norm_sq == 0:  # nothing to explain (e.g. GRPO groups without reward variance)
-        check = GradientCheck(cosine=1.0, relative_error=0.0, clip_scale=1.0)
-    else:  # ||applied - s raw||^2 = ||applied||^2 - 2 s <applied, raw> + s^2 ||raw||^2
-        residual_sq = max(applied_norm_sq - 2 * scale * applied_dot_raw + scale**2 * raw_norm_sq, 0.0)
-        check = GradientCheck(
-            cosine=applied_dot_raw / max((raw_norm_sq * applied_norm_sq) ** 0.5, 1e-300),
-            relative_error=residual_sq**0.5 / max(applied_norm_sq**0.5, 1e-300),
-            clip_scale=scale,
-        )
+    check = GradientCheck.from_dots(raw_norm_sq, applied_norm_sq, applied_dot_raw)
+    scale = check.clip_scale
 
     sgd_direction = {n: -lr * applied[n] for n in names}
     tail, path = _probe_jvps(model, probe_batch, [history, sgd_direction], names)
@@ -399,7 +423,7 @@ def _probe_jvps(
     return rows, path.value
 
 
-def _learning_rate(optimizer: Any) -> float:
+def learning_rate(optimizer: Any) -> float:
     """The learning rate of the coming step (one value: the plain-SGD view needs a single `eta`)."""
     inner = optimizer
     while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):

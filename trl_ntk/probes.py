@@ -642,6 +642,7 @@ def sample_responses(
     batch_size: int = 16,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     generation_kwargs: Mapping[str, Any] | None = None,
+    synced_gpus: bool = False,
 ) -> list[ProbeResponse]:
     """Responses of the current model to each prompt: one greedy (kind `greedy`) and `num_samples` samples (`sample`).
 
@@ -657,7 +658,7 @@ def sample_responses(
     plain-text response appends the eos token (see `ProbeSet.encode`), also for responses cut at `max_new_tokens`.
 
     Args:
-        model (`PreTrainedModel`): the policy (unwrapped; under ZeRO-3 gather its parameters first).
+        model (`PreTrainedModel`): the policy (unwrapped).
         tokenizer (`PreTrainedTokenizerBase`): the trainer's `processing_class`.
         prompts (`ProbeSet` or `Sequence[Probe]`): the prompts to answer.
         num_samples (`int`, *optional*, defaults to `0`): sampled responses per prompt.
@@ -667,6 +668,8 @@ def sample_responses(
         batch_size (`int`, *optional*, defaults to `16`): prompts per `generate` call.
         chat_template_kwargs (`dict`, *optional*): extra keyword arguments for `apply_chat_template`.
         generation_kwargs (`dict`, *optional*): overrides for the `GenerationConfig` fields.
+        synced_gpus (`bool`, *optional*, defaults to `False`): call on every rank of a sharded model (FSDP2); ranks
+            keep running forwards until all have finished (`generate(synced_gpus=True)`).
 
     Returns:
         `list[ProbeResponse]`: per prompt, the greedy response then the samples (non-empty ones only).
@@ -722,7 +725,10 @@ def sample_responses(
             runs = [("greedy", greedy_config, 1)] + ([("sample", sample_config, num_samples)] if num_samples else [])
             for kind, generation_config, per_prompt in runs:
                 output = model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    generation_config=generation_config,
+                    synced_gpus=synced_gpus,
                 )
                 completions = output[:, input_ids.shape[1] :].tolist()
                 for row, completion in enumerate(completions):

@@ -180,6 +180,28 @@ def test_adamw_optimizer_aware_prediction_matches_the_observed_change(tmp_path):
         assert record["predicted_sgd"] != pytest.approx(record["predicted"], rel=0.05)  # a different view
 
 
+def test_sft_label_smoothing_prediction_adds_the_logit_residual_and_matches_the_observed_change(tmp_path):
+    trainer = _make("sft", tmp_path, max_steps=1, optim="sgd", learning_rate=1e-4, lr_scheduler_type="constant",
+                    label_smoothing_factor=0.1, dtype=torch.float64)
+    trainer.add_callback(LearningDynamicsCallback(trainer, every_n_steps=1, attribution="tokens", num_prompts=2,
+                                                  generate=False, strict=True))
+    trainer.train()
+    dynamics = [r for r in _records(tmp_path) if r["type"] == "dynamics"]
+    assert dynamics
+    for record in dynamics:
+        assert record["gradient_check"]["cosine"] >= 0.99999
+        tolerance = 1e-4 * (_scale(record) + abs(record["logit_residual"]))
+        assert abs(sum(record["cells"].values()) + record["logit_residual"] - record["predicted_current"]) <= tolerance
+        # the token attributions cover the trained tokens' log-probs; the residual is the rest of the prediction
+        assert abs(record["attributed"] + record["logit_residual"] - record["predicted_current"]) <= tolerance
+        assert abs(record["predicted_current"] - record["predicted_sgd"]) <= tolerance
+    assert any(abs(r["logit_residual"]) > 1e-3 * _scale(r) for r in dynamics)
+    moving = _moving(dynamics)
+    assert len(moving) >= len(dynamics) // 2
+    for record in moving:
+        assert record["observed"] == pytest.approx(record["predicted"], rel=0.05)
+
+
 def test_dpo_rejected_falls_and_its_fall_comes_from_the_negative_gradient(tmp_path):
     # the probes' prompts are all in the step's batch, as in the seed's one-step picture
     trainer = _make("dpo", tmp_path, max_steps=1, optim="sgd", learning_rate=1e-2, lr_scheduler_type="constant",

@@ -1,8 +1,9 @@
 """The captured `c_l = dL/d lp_l` reconstruct the gradient the optimizer sees, for every trainer and loss type.
 
 Oracle: the model's plain (non-fused) forward, `log_softmax(logits / T)` gathered at the captured targets, and
-`torch.autograd.grad(sum_l c_l lp_l)`; compared with the accumulated `.grad` at `on_pre_optimizer_step`, after
-undoing the clip factor torch applies (`min(1, max_norm / (norm + 1e-6))`).
+`torch.autograd.grad(sum_l c_l lp_l + sum_n <r_n, z_n>)` (the logit residual `r` of losses on the plain logits);
+compared with the accumulated `.grad` at `on_pre_optimizer_step`, after undoing the clip factor torch applies
+(`min(1, max_norm / (norm + 1e-6))`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ from tests import trainer_factory
 from trl_ntk.capture import GradientCapture
 
 
-def _plain_logprobs(model, batch):
-    logits = model(**batch.forward_kwargs(), fused_lm_head=False).logits[:, :-1].float() / batch.temperature
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-    return logprobs[batch.target_mask[:, 1:]]
+def _reconstruction_objective(model, micro_batch):
+    """`sum_l c_l lp_l + sum_n <r_n, z_n>` from the model's plain forward."""
+    batch = micro_batch.batch
+    raw_logits = model(**batch.forward_kwargs(), fused_lm_head=False).logits[:, :-1].float()
+    logprobs = torch.log_softmax(raw_logits / batch.temperature, dim=-1).gather(-1, batch.input_ids[:, 1:, None])
+    objective = (micro_batch.grad_coeffs * logprobs.squeeze(-1)[batch.target_mask[:, 1:]]).sum()
+    if micro_batch.logit_residual is not None:
+        objective = objective + (raw_logits[micro_batch.residual_positions] * micro_batch.logit_residual).sum()
+    return objective
 
 
 class ReconstructionCheck(TrainerCallback):
@@ -28,17 +34,26 @@ class ReconstructionCheck(TrainerCallback):
         self.trainer = trainer
         self.model = trainer.accelerator.unwrap_model(trainer.model)
         self.capture = GradientCapture(self.model, temperature=temperature)
+        compute_loss = trainer.compute_loss
+
+        def compute_loss_with_capture(model, inputs, *args, **kwargs):  # as LearningDynamicsCallback wires it
+            self.capture.begin_loss_call(inputs)
+            return compute_loss(model, inputs, *args, **kwargs)
+
+        trainer.compute_loss = compute_loss_with_capture
         self.results: list[tuple[float, float, int]] = []
+        self.micro_batches: list = []
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.capture.arm()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         micro_batches = self.capture.disarm()
+        self.micro_batches.append(micro_batches)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.model.eval()  # the oracle's forward without gradient checkpointing (the toy has no dropout)
         with self.capture.paused(), torch.enable_grad():
-            objective = sum((mb.grad_coeffs * _plain_logprobs(self.model, mb.batch)).sum() for mb in micro_batches)
+            objective = sum(_reconstruction_objective(self.model, mb) for mb in micro_batches)
             raw = torch.autograd.grad(objective, params, allow_unused=True)
         self.model.train()
         raw = torch.cat([(r if r is not None else torch.zeros_like(p)).flatten() for r, p in zip(raw, params)])
@@ -107,3 +122,56 @@ def test_capture_keeps_nothing_while_disarmed(tmp_path):
     trainer.train()
     assert capture.micro_batches == []
     assert not capture.armed
+
+
+def _z_loss(outputs, labels, num_items_in_batch=None):
+    """Cross-entropy plus a z-loss `1e-2 * logsumexp(z)^2` on the trained positions: a loss on the plain logits with
+    a term beyond the trained tokens' log-probs."""
+    logits = outputs.logits[:, :-1].float()
+    targets = labels[:, 1:]
+    trained = targets != -100
+    cross_entropy = torch.nn.functional.cross_entropy(logits[trained], targets[trained], reduction="sum")
+    z_loss = 1e-2 * torch.logsumexp(logits[trained], dim=-1).pow(2).sum()
+    return (cross_entropy + z_loss) / (num_items_in_batch if num_items_in_batch is not None else trained.sum())
+
+
+def _cross_entropy(outputs, labels, num_items_in_batch=None):
+    logits = outputs.logits[:, :-1].float()
+    targets = labels[:, 1:]
+    trained = targets != -100
+    loss = torch.nn.functional.cross_entropy(logits[trained], targets[trained], reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else trained.sum())
+
+
+@pytest.mark.parametrize(
+    "options,accumulation,max_grad_norm",
+    [
+        ({"label_smoothing_factor": 0.1}, 1, 0.0),
+        ({"label_smoothing_factor": 0.1}, 2, 1e-3),
+        ({"compute_loss_func": _z_loss}, 2, 0.0),
+    ],
+    ids=["label-smoothing", "label-smoothing-accumulation-clipping", "z-loss"],
+)
+def test_sft_loss_on_plain_logits_is_reconstructed_with_its_logit_residual(
+    tmp_path, options, accumulation, max_grad_norm
+):
+    loss_func = options.pop("compute_loss_func", None)
+    trainer = trainer_factory.sft_trainer(
+        tmp_path, gradient_accumulation_steps=accumulation, max_grad_norm=max_grad_norm, **options
+    )
+    if loss_func is not None:
+        trainer.compute_loss_func = loss_func
+    check = _check(trainer, min_micro_batches=accumulation)
+    residuals = [mb.logit_residual for step in check.micro_batches for mb in step]
+    assert residuals and all(r is not None and float(r.norm()) > 0 for r in residuals)
+
+
+def test_plain_cross_entropy_on_logits_gives_the_fused_coefficients_and_no_residual(tmp_path):
+    fused = _check(trainer_factory.sft_trainer(tmp_path / "fused", max_steps=1))
+    plain_trainer = trainer_factory.sft_trainer(tmp_path / "plain", max_steps=1)
+    plain_trainer.compute_loss_func = _cross_entropy
+    plain = _check(plain_trainer)
+    (fused_batch,), (plain_batch,) = fused.micro_batches[0], plain.micro_batches[0]
+    assert plain_batch.logit_residual is None
+    assert torch.equal(plain_batch.batch.target_mask, fused_batch.batch.target_mask)
+    assert torch.allclose(plain_batch.grad_coeffs, fused_batch.grad_coeffs, rtol=1e-4, atol=1e-8)

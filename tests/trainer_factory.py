@@ -28,10 +28,12 @@ def _common(output_dir: Path, **overrides: Any) -> dict[str, Any]:
     return args
 
 
-def sft_trainer(output_dir: Path, warmup: bool | str = "pretrain", n: int = 32, **overrides: Any):
+def sft_trainer(output_dir: Path, warmup: bool | str = "pretrain", n: int = 32, dtype: Any = None, **overrides: Any):
     from trl import SFTConfig, SFTTrainer
 
     model, tokenizer = toy.model_and_tokenizer(warmup=warmup)
+    if dtype is not None:
+        model = model.to(dtype)
     data = (
         toy.preference_dataset(n=n, seed=0).select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
     )

@@ -143,16 +143,8 @@ def _validate_grpo(trainer: object) -> None:
         )
 
 
-def _validate_sft(trainer: object) -> None:
-    if getattr(trainer, "compute_loss_func", None) is not None or getattr(trainer, "label_smoother", None) is not None:
-        raise ValueError(
-            "SFTTrainer with a custom compute_loss_func or label smoothing trains on full logits; "
-            "learning-dynamics attribution supports the fused log-prob losses (nll, dft)"
-        )
-
-
 ADAPTERS: dict[str, TrainerAdapter] = {
-    "SFTTrainer": TrainerAdapter("sft", ("sft",), _label_sft, validate=_validate_sft),
+    "SFTTrainer": TrainerAdapter("sft", ("sft",), _label_sft),
     "DPOTrainer": TrainerAdapter("dpo", ("chosen", "rejected"), _label_dpo, validate=_validate_dpo),
     "GRPOTrainer": TrainerAdapter(
         "grpo",

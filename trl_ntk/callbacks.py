@@ -493,6 +493,14 @@ def _validate_parallelism(trainer: Any, config: DynamicsConfig) -> None:
                 "LearningDynamicsCallback supports FSDP2 only (it reads the parameter shards as DTensors); set "
                 "fsdp_config={'fsdp_version': 2} in the training arguments"
             )
+        logits_loss = getattr(trainer, "compute_loss_func", None) is not None or (
+            getattr(trainer, "label_smoother", None) is not None
+        )
+        if logits_loss and config.attribution != "none":
+            raise ValueError(
+                "under FSDP the analysis covers losses on TRL's fused log-probs only; this trainer computes its loss "
+                "from the plain logits (label smoothing or a compute_loss_func): use attribution='none' or drop them"
+            )
         tokens = config.attribution == "tokens" or (config.attribution == "sums" and config.tokens_every_n_steps)
         if tokens or config.kernel_summaries:
             raise ValueError(

@@ -4,6 +4,14 @@ TRL's trainers call the model with `fused_lm_head=True` and `labels`; the output
 `log_probs [B, T-1]` (position `t-1` scores the token at `t`). A forward hook keeps each micro-batch's inputs and
 registers a tensor hook on that output; the trainer's own backward then hands over `dL/d log_probs` exactly, for
 every loss variant, with gradient-accumulation scaling included. No loss is re-implemented here.
+
+Losses computed from the plain logits (SFT with label smoothing or a `compute_loss_func`) hand over
+`e_l = dL/dz_l [V]` instead. It is split exactly into the part along the token's own log-prob and the rest:
+
+    e_l = c_l * d_l + r_l,    d_l = grad_z lp_l = (onehot(y_l) - softmax(z_l / T)) / T,    c_l = <e_l, d_l> / ||d_l||^2
+
+so `c_l` plays the same role as with the fused head (a plain cross-entropy leaves `r_l = 0`), and the residual
+`r_l` (label smoothing's uniform push, extra logit terms, gradients at unlabelled positions) is kept beside it.
 """
 
 from __future__ import annotations
@@ -35,6 +43,11 @@ class CapturedMicroBatch:
         row_offset (`int`): the first row of this forward within that call's inputs (trainers may split a
             micro-batch into several forwards).
         loss_inputs (`dict`): the inputs the trainer's `compute_loss` received (for the trainer adapters).
+        logit_residual (`Tensor[N, V]`, *optional*): for losses on the plain logits, the residual `r` of `dL/dz`
+            at the `N` logit positions in `residual_positions` (see the module docstring); `None` with the fused
+            head, or when the residual is zero to float precision (a plain cross-entropy).
+        residual_positions (`Tensor[B, T-1]` bool, *optional*): the logit positions of `logit_residual` (position
+            `t` predicts token `t + 1`), row-major.
     """
 
     batch: TokenBatch
@@ -42,6 +55,8 @@ class CapturedMicroBatch:
     loss_call: int = 0
     row_offset: int = 0
     loss_inputs: dict[str, Any] = field(default_factory=dict)
+    logit_residual: Tensor | None = None
+    residual_positions: Tensor | None = None
 
 
 class GradientCapture:
@@ -118,28 +133,29 @@ class GradientCapture:
         if not self._armed or self._paused:
             return
         log_probs = getattr(output, "log_probs", None)
-        if not kwargs.get("fused_lm_head") or log_probs is None:
-            if torch.is_grad_enabled() and getattr(output, "logits", None) is not None and output.logits.requires_grad:
-                raise RuntimeError(
-                    "the trainer computed its loss from full logits (not TRL's fused log-prob head, e.g. a custom "
-                    "compute_loss_func or label smoothing); only losses that reach the model through the fused "
-                    "per-token log-probs can be attributed"
-                )
-            return
-        if not log_probs.requires_grad:
+        fused = bool(kwargs.get("fused_lm_head")) and log_probs is not None
+        logits = None if fused else getattr(output, "logits", None)
+        if fused and not log_probs.requires_grad:
             return  # reference model, old-policy log-probs: no gradient flows through these
+        if not fused and (logits is None or not logits.requires_grad or not torch.is_grad_enabled()):
+            return
         if kwargs.get("shift_labels") is not None:
             raise RuntimeError("pre-shifted labels (context/sequence parallelism) are not supported by the capture")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        labels = kwargs["labels"]
+        labels = kwargs.get("labels") if fused else self._labels_of_logits_forward(kwargs, input_ids)
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         expected = (input_ids.shape[0], input_ids.shape[1] - 1)
-        if tuple(log_probs.shape) != expected:
+        if fused and tuple(log_probs.shape) != expected:
             raise RuntimeError(
                 f"fused log-probs have shape {tuple(log_probs.shape)}, expected {expected} (prompt-learning PEFT "
                 "adapters that prepend virtual tokens are not supported)"
+            )
+        if not fused and tuple(logits.shape[:2]) != tuple(input_ids.shape):
+            raise RuntimeError(
+                f"logits have shape {tuple(logits.shape)} for input ids of shape {tuple(input_ids.shape)} (prompt-"
+                "learning PEFT adapters that prepend virtual tokens are not supported)"
             )
         scored = labels[:, 1:] != -100
         if not torch.equal(labels[:, 1:][scored], input_ids[:, 1:][scored]):
@@ -171,9 +187,78 @@ class GradientCapture:
         self._row_offset += input_ids.shape[0]
         self.micro_batches.append(record)
         target_positions = batch.target_mask[:, 1:]
+        if not fused:
+            logits.register_hook(_logit_gradient_hook(record, logits.detach(), target_positions, self.temperature))
+            return
 
         def keep_grad(grad: Tensor) -> None:
             coeffs = grad.detach()[target_positions].float()
             record.grad_coeffs = coeffs if record.grad_coeffs is None else record.grad_coeffs + coeffs
 
         log_probs.register_hook(keep_grad)
+
+    def _labels_of_logits_forward(self, kwargs: dict[str, Any], input_ids: Tensor) -> Tensor:
+        """The labels of a forward that returns plain logits: its own, or those of the `compute_loss` inputs
+        (trainers drop them from the forward when they compute the loss themselves), rows of this forward only."""
+        labels = kwargs.get("labels")
+        if labels is None:
+            labels = self._loss_inputs.get("labels")
+            if labels is not None:
+                labels = labels[self._row_offset : self._row_offset + input_ids.shape[0]]
+        if labels is None or tuple(labels.shape) != tuple(input_ids.shape):
+            raise RuntimeError(
+                "the trainer computed its loss from plain logits, and neither the forward nor the compute_loss "
+                "inputs carry `labels` matching its input ids, so the trained tokens are unknown"
+            )
+        return labels
+
+
+RESIDUAL_TOLERANCE = 1e-5
+"""A logit residual below this fraction of `||dL/dz||` (float round-off of a plain cross-entropy) is dropped."""
+
+
+def logit_gradient_split(
+    logit_grad: Tensor, logits: Tensor, targets: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """`(c [M], r [M, V])` with `e = c * d + r`, `d = (onehot(y) - softmax(z / T)) / T` (the gradient of
+    `lp = log_softmax(z / T)[y]` with respect to `z`) and `c = <e, d> / ||d||^2`, in float32.
+
+    Args:
+        logit_grad (`Tensor[M, V]`): `e = dL/dz` at the `M` target positions.
+        logits (`Tensor[M, V]`): `z` there; `targets` (`Tensor[M]`): `y`.
+    """
+    direction = -torch.softmax(logits.float() / temperature, dim=-1)
+    direction.scatter_add_(-1, targets[:, None], torch.ones_like(direction[:, :1]))
+    direction = direction / temperature
+    gradient = logit_grad.float()
+    coeffs = (gradient * direction).sum(-1) / direction.pow(2).sum(-1).clamp(min=1e-30)
+    return coeffs, gradient - coeffs[:, None] * direction
+
+
+def _logit_gradient_hook(record: CapturedMicroBatch, logits: Tensor, target_positions: Tensor, temperature: float):
+    """The tensor hook on plain logits `[B, T, V]`: `c_l` into `record.grad_coeffs`, the residual (target positions
+    and every other position the loss reached) into `record.logit_residual`."""
+    targets = record.batch.input_ids[:, 1:][target_positions]
+
+    def keep_logit_grad(grad: Tensor) -> None:
+        gradient = grad.detach()[:, :-1]
+        coeffs, residual = logit_gradient_split(
+            gradient[target_positions], logits[:, :-1][target_positions], targets, temperature
+        )
+        full = gradient.float().clone()
+        full[target_positions] = residual
+        positions = full.abs().amax(-1) > 0
+        values = full[positions]
+        record.grad_coeffs = coeffs if record.grad_coeffs is None else record.grad_coeffs + coeffs
+        if float(values.norm()) <= RESIDUAL_TOLERANCE * float(gradient.float().norm()):
+            return
+        if record.logit_residual is None:
+            record.logit_residual, record.residual_positions = values, positions
+            return
+        merged = torch.zeros_like(full)
+        merged[record.residual_positions] = record.logit_residual
+        merged[positions] += values
+        record.residual_positions = merged.abs().amax(-1) > 0
+        record.logit_residual = merged[record.residual_positions]
+
+    return keep_logit_grad

@@ -105,6 +105,9 @@ class UpdateExplanation:
         response_totals: `[B, L]` each probe response's attribution summed over its tokens ("tokens" level).
         train_targets: `[L]` training target ids, `train_coeffs` `[L]` their effective `s * c_l`,
         train_labels: the adapter labels concatenated over micro-batches.
+        residual: `[Mp]` for losses on the plain logits, the part of `current` due to the logit residual `r_l`
+            (`capture.py`), `- s <grad lp~_m, P sum_l J_l^T r_l>`; not among the cells nor in the token matrix.
+            `None` when the step has none (the fused head, a plain cross-entropy).
     """
 
     predicted: Tensor
@@ -125,6 +128,7 @@ class UpdateExplanation:
     train_coeffs: Tensor | None = None
     train_labels: TokenLabels | None = None
     extra: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    residual: Tensor | None = None
 
 
 def _cells(labels: list[TokenLabels], coeffs: list[Tensor], group_names: tuple[str, ...]) -> list[tuple[int, int]]:
@@ -253,6 +257,9 @@ def explain_update(
             cell_rows[name].append(_probe_jvps(model, batch, [direction], names)[0][0])
         del direction
 
+    residual_rows = _logit_residual_rows(
+        model, micro_batches, batches, params, preconditioner, coeff_scale, raw, all_reduce
+    )
     if all_reduce is not None:
         for n in names:
             all_reduce(raw[n])
@@ -277,13 +284,26 @@ def explain_update(
             all_reduce(values)
         return values
 
+    def residual_of(name: str) -> Tensor | None:
+        if residual_rows is None:
+            return None
+        values = residual_rows[name] * scale
+        if all_reduce is not None:
+            all_reduce(values)
+        return values
+
     cells = cells_of("probe", history_change)
+    residual = residual_of("probe")
     current = cells.sum(0) if len(cell_ids) else torch.zeros_like(history_change)
+    current = current if residual is None else current + residual
     extra = {}
     for name, batch in (extra_batches or {}).items():
         extra_history = _probe_jvps(model, batch, [history], names)[0][0]
         extra_cells = cells_of(name, extra_history)
         extra_current = extra_cells.sum(0) if len(cell_ids) else torch.zeros_like(extra_history)
+        extra_residual = residual_of(name)
+        if extra_residual is not None:
+            extra_current = extra_current + extra_residual
         extra[name] = {
             "cells": extra_cells,
             "current": extra_current,
@@ -308,6 +328,7 @@ def explain_update(
         grad_coeff_norm=float(coeff_sq) ** 0.5 * abs(scale),
         train_labels=concat_labels(labels),
         extra=extra,
+        residual=residual,
     )
     chunking = {} if chunk_size is None else {"chunk_size": chunk_size}
     if attribution == "tokens":
@@ -346,6 +367,44 @@ def explain_update(
             all_reduce(squares)
         explanation.kernel_norms = {"logprob_norm": float(squares[0]) ** 0.5, "pntk_norm": float(squares[1]) ** 0.5}
     return explanation
+
+
+def _logit_residual_rows(
+    model: nn.Module,
+    micro_batches: list[CapturedMicroBatch],
+    batches: dict[str, TokenBatch],
+    params: dict[str, Tensor],
+    preconditioner: dict[str, Tensor],
+    coeff_scale: float,
+    raw: dict[str, Tensor],
+    all_reduce: Any,
+) -> dict[str, Tensor] | None:
+    """For losses on the plain logits: the gradient of the logit residuals `g_r = coeff_scale * sum_l J_l^T r_l`
+    (added into `raw`) and each batch's unscaled JVPs `[M]` along `-P g_r`; `None` when no rank has a residual.
+
+    Cost: one full-logits forward and backward per micro-batch with a residual, one batched JVP per batch.
+    """
+    flag = torch.tensor([float(any(mb.logit_residual is not None for mb in micro_batches))])
+    if all_reduce is not None:
+        device = next(iter(raw.values())).device
+        flag = flag.to(device)
+        all_reduce(flag)
+    if float(flag.sum()) == 0:
+        return None
+    names = list(params)
+    direction = {n: torch.zeros_like(raw[n]) for n in names}
+    for mb in micro_batches:
+        if mb.logit_residual is None:
+            continue
+        gradient = kernels.logit_cotangent_grad(
+            model, mb.batch, mb.residual_positions, mb.logit_residual * coeff_scale, params=names
+        )
+        for n in names:
+            direction[n] += gradient[n]
+    for n in names:
+        raw[n] += direction[n]
+        direction[n].mul_(-preconditioner[n].to(direction[n].dtype))
+    return {name: _probe_jvps(model, batch, [direction], names)[0][0] for name, batch in batches.items()}
 
 
 def _gather_columns(explanation: UpdateExplanation, all_gather: Any) -> None:

@@ -843,6 +843,37 @@ def logprob_grad(
     return backward.single(weights)
 
 
+def logit_cotangent_grad(
+    model: nn.Module,
+    batch: TokenBatchLike,
+    positions: Tensor,
+    cotangent: Tensor,
+    *,
+    params: ParamSelection = None,
+) -> TensorDict:
+    """`sum_n <cotangent[n], grad_w z_n>`: the model's logits at `positions` pulled back along a fixed cotangent,
+    `name -> Tensor[*param.shape]` over the selected parameters.
+
+    Args:
+        positions (`Tensor[B, T-1]` bool): logit positions (position `t` predicts token `t + 1`), `N` of them.
+        cotangent (`Tensor[N, V]`): one vector per position, row-major (e.g. `dL/dz` or a part of it).
+
+    Cost: one forward with the full `[B, T, V]` logits (the model's own forward) and one backward. Leaves `.grad`
+    of the model untouched.
+    """
+    (batch,) = _prepare(model, batch)
+    values = select_params(model, params)
+    named = dict(model.named_parameters())
+    with torch.enable_grad():
+        logits = model(**batch.forward_kwargs(), use_cache=False).logits[:, :-1]
+        objective = (logits[positions.to(logits.device)].float() * cotangent.to(logits.device).float()).sum()
+        grads = torch.autograd.grad(objective, [named[name] for name in values], allow_unused=True)
+    return {
+        name: torch.zeros_like(value) if grad is None else grad.detach()
+        for (name, value), grad in zip(values.items(), grads)
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Optimizer steps: dw = -P * g + history
 # ---------------------------------------------------------------------------------------------------------------

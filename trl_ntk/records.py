@@ -70,6 +70,7 @@ def dynamics_records(
         "sgd": _per_response(explanation.sgd, batch),
     }
     cells = _per_response(explanation.cells, batch)
+    residual = None if explanation.residual is None else _per_response(explanation.residual, batch)
     totals = explanation.response_totals  # [B, L] at the tokens level
     contexts = _train_token_contexts(explanation) if totals is not None else []
     out = []
@@ -109,6 +110,8 @@ def dynamics_records(
                 "clip_scale": explanation.gradient_check.clip_scale,
             },
         }
+        if residual is not None:  # losses on the plain logits: the part beyond the trained tokens' log-probs
+            record["logit_residual"] = float(residual[i].sum())
         if totals is not None:  # each training token's total push on this response
             record["attributed"] = float(totals[i].sum())
             record["top_up"] = _top_tokens(totals[i], explanation, contexts, tokenizer, top_k, largest=True)

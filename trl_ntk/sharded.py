@@ -241,6 +241,11 @@ def explain_update(
     Cost: `K` backward passes of the step's micro-batches (`K` cells, at most 2 x groups) and `4 (K + 2)` to
     `6 (K + 2)` no-grad forwards of the probe batch (and of each extra batch).
     """
+    if any(mb.logit_residual is not None for mb in micro_batches):
+        raise ValueError(
+            "the loss reaches the model through its plain logits with terms beyond the trained tokens' log-probs "
+            "(label smoothing, a compute_loss_func); that residual is not analysed on sharded parameters"
+        )
     reshard(model)
     params = trainable_parameters(model)
     names = list(params)

@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback
 
 from tests import trainer_factory
-from trl_ntk.capture import GradientCapture
+from trl_ntk.capture import GradientCapture, logit_gradient_split, residual_tolerance
 
 
 def _reconstruction_objective(model, micro_batch):
@@ -175,3 +175,53 @@ def test_plain_cross_entropy_on_logits_gives_the_fused_coefficients_and_no_resid
     assert plain_batch.logit_residual is None
     assert torch.equal(plain_batch.batch.target_mask, fused_batch.batch.target_mask)
     assert torch.allclose(plain_batch.grad_coeffs, fused_batch.grad_coeffs, rtol=1e-4, atol=1e-8)
+
+
+def _logit_gradient(label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(dL/dz, z, y)` of a summed cross-entropy over 6 positions and 50 logits, by autograd."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (6,), generator=generator)
+    loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
+    (gradient,) = torch.autograd.grad(loss, logits)
+    return gradient, logits.detach(), targets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logit_gradient_split_of_a_cross_entropy_is_minus_one_per_token_and_round_off_residual(dtype):
+    gradient, logits, targets = _logit_gradient(0.0)
+    coeffs, residual = logit_gradient_split(gradient.to(dtype), logits, targets, 1.0)
+    tolerance = residual_tolerance(dtype)
+    assert torch.allclose(coeffs, torch.full_like(coeffs, -1.0), atol=tolerance)  # dL/dlp of -sum lp
+    assert float(residual.norm()) <= tolerance * float(gradient.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logit_gradient_split_keeps_label_smoothing_as_a_residual_and_reassembles_the_gradient(dtype):
+    gradient, logits, targets = _logit_gradient(0.1)
+    coeffs, residual = logit_gradient_split(gradient.to(dtype), logits, targets, 1.0)
+    assert float(residual.norm()) > 4 * residual_tolerance(dtype) * float(gradient.norm())
+    direction = -torch.softmax(logits, dim=-1)
+    direction[torch.arange(6), targets] += 1.0
+    assert torch.allclose(coeffs[:, None] * direction + residual, gradient.to(dtype).float(), atol=1e-6)
+    assert bool(((residual * direction).sum(-1).abs() <= 1e-5).all())  # the residual is orthogonal to d_l
+
+
+def test_a_failure_inside_the_logit_hook_is_reported_by_the_analysis_and_training_goes_on(tmp_path, monkeypatch):
+    import json
+
+    from trl_ntk import capture
+    from trl_ntk.callbacks import LearningDynamicsCallback
+
+    def failing(*args, **kwargs):
+        raise MemoryError("no room for the [M, V] temporaries")
+
+    monkeypatch.setattr(capture, "logit_gradient_split", failing)
+    trainer = trainer_factory.sft_trainer(tmp_path, max_steps=2, label_smoothing_factor=0.1)
+    trainer.add_callback(LearningDynamicsCallback(trainer, every_n_steps=1, num_prompts=1, generate=False))
+    with pytest.warns(UserWarning, match="logit-gradient capture failed"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    status = [json.loads(line) for line in (tmp_path / "dynamics" / "dynamics.jsonl").read_text().splitlines()][-1]
+    assert status["type"] == "status" and status["analysis_failures"] == 2
+    assert "MemoryError" in status["message"]

@@ -216,8 +216,6 @@ def test_fsdp_finite_differences_agree_with_the_exact_ddp_analysis(fsdp_run, ddp
         assert abs(record["predicted"] - reference["predicted"]) <= tolerance
         for field in ("predicted_sgd", "history"):
             assert abs(record[field] - reference[field]) <= 1e-2 * _largest(exact, key[0], field) + 1e-6, (key, field)
-        assert abs(record["predicted"] - record["predicted_current"] - record["history"]) <= 1e-5 * _scale(record)
-        assert abs(sum(record["cells"].values()) - record["predicted_current"]) <= 1e-5 * _scale(record)
 
 
 def test_fsdp_grpo_lazy_likelihood_displacement_agrees_with_ddp(tmp_path, grpo_ddp_run):

@@ -32,7 +32,6 @@ def test_weighted_gradient_is_the_weighted_sum_of_per_target_gradients_and_keeps
     actual = flat(gradient, params)
     assert float((actual - expected).norm() / expected.norm()) < 1e-5
     assert all(torch.equal(p.grad, before[name]) for name, p in params.items())  # the step's .grad is put back
-    assert not sharded.is_sharded(model)
 
 
 def test_finite_difference_jvps_match_autograd_along_random_and_steep_directions_and_restore_weights():
@@ -91,19 +90,24 @@ def test_sharded_step_analysis_agrees_with_the_exact_one_on_the_same_step(tmp_pa
         for field in ("sgd", "history"):
             expected, actual = getattr(reference, field), getattr(finite, field)
             assert float((actual - expected).norm() / expected.norm().clamp(min=1e-12)) < 1e-2, field
-        assert torch.allclose(finite.predicted, finite.current + finite.history)
 
 
-def _trainer(fsdp_version: int | None = None, zero_stage: int | None = None) -> SimpleNamespace:
+def _trainer(fsdp_version: int | None = None, zero_stage: int | None = None, **attributes) -> SimpleNamespace:
+    """A stand-in with the attributes `_validate_parallelism` reads from a transformers `Trainer`."""
     state = SimpleNamespace(
         fsdp_plugin=None if fsdp_version is None else SimpleNamespace(fsdp_version=fsdp_version),
         deepspeed_plugin=None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage),
     )
-    return SimpleNamespace(
-        accelerator=SimpleNamespace(state=state),
-        is_fsdp_enabled=fsdp_version is not None,
-        is_deepspeed_enabled=zero_stage is not None,
-    )
+    defaults = {
+        "accelerator": SimpleNamespace(state=state),
+        "is_fsdp_enabled": fsdp_version is not None,
+        "is_deepspeed_enabled": zero_stage is not None,
+        "model": SimpleNamespace(),
+        "args": SimpleNamespace(bf16=False, fp16=False),
+        "label_smoother": None,
+        "compute_loss_func": None,
+    }
+    return SimpleNamespace(**{**defaults, **attributes})
 
 
 @pytest.mark.parametrize(
@@ -113,13 +117,24 @@ def _trainer(fsdp_version: int | None = None, zero_stage: int | None = None) -> 
         (_trainer(fsdp_version=2), DynamicsConfig(attribution="tokens"), "'tokens' level"),
         (_trainer(fsdp_version=2), DynamicsConfig(tokens_every_n_steps=10), "'tokens' level"),
         (_trainer(zero_stage=3), DynamicsConfig(attribution="none"), "ZeRO-3"),
+        (_trainer(fsdp_version=2, label_smoother=object()), DynamicsConfig(), "plain logits"),
+        (_trainer(fsdp_version=2, compute_loss_func=len), DynamicsConfig(), "plain logits"),
+        (_trainer(fsdp_version=2, model=SimpleNamespace(peft_config={})), DynamicsConfig(), "PEFT"),
     ],
+    ids=["fsdp1", "tokens", "tokens-every", "zero3", "label-smoothing", "compute-loss-func", "peft"],
 )
 def test_sharded_setups_the_analysis_cannot_run_are_refused_before_training(trainer, config, message):
     with pytest.raises(ValueError, match=message):
         callbacks._validate_parallelism(trainer, config)
 
 
-def test_fsdp2_sums_and_zero2_are_accepted():
+def test_fsdp2_sums_and_zero2_are_accepted_and_half_precision_fsdp_warns(recwarn):
     callbacks._validate_parallelism(_trainer(fsdp_version=2), DynamicsConfig(attribution="sums"))
     callbacks._validate_parallelism(_trainer(zero_stage=2), DynamicsConfig(attribution="tokens"))
+    tracking_only = DynamicsConfig(attribution="none")
+    callbacks._validate_parallelism(_trainer(fsdp_version=2, label_smoother=object()), tracking_only)
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match="half precision"):
+        callbacks._validate_parallelism(
+            _trainer(fsdp_version=2, args=SimpleNamespace(bf16=True, fp16=False)), DynamicsConfig(attribution="sums")
+        )

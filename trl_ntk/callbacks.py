@@ -197,6 +197,11 @@ class LearningDynamicsCallback(TrainerCallback):
     # -------------------------------------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, **kwargs):
         self.sharded = sharded.is_sharded(self._model())  # FSDP wraps the model when training starts
+        if self.sharded and not getattr(self.trainer, "is_fsdp_enabled", False):
+            raise ValueError(
+                "the model's parameters are distributed tensors but the trainer does not use FSDP (tensor "
+                "parallelism?); LearningDynamicsCallback supports sharded parameters under FSDP2 only"
+            )
         resumed = state.global_step if state.global_step > 0 else None
         if state.is_world_process_zero:
             self.sinks = make_sinks(
@@ -293,9 +298,11 @@ class LearningDynamicsCallback(TrainerCallback):
     def _sample_on_main(self, step: int) -> list:
         """The model's own responses, generated on the main process and shared with the other ranks (DDP), so that
         every rank explains the same probe tokens: the cross-rank sums of the probe JVPs add up token by token.
+        Under FSDP every rank runs `generate` (each forward gathers the shards) and the main process's responses
+        are kept.
 
-        A generation failure on the main process is shared as well and raised on every rank, so that no rank is left
-        waiting in a collective the others skip.
+        A generation failure is shared as well and raised on every rank, so that no rank is left waiting in a
+        collective the others skip.
         """
         sampled, error = None, None
         if self._is_main() or self.sharded:  # sharded: every rank takes part in every forward of `generate`
@@ -311,18 +318,21 @@ class LearningDynamicsCallback(TrainerCallback):
                         seed=self.config.seed + step,
                         synced_gpus=self.sharded and self.trainer.accelerator.num_processes > 1,
                     )
-                    if self.sharded:
-                        sharded.reshard(self._model())
             except Exception as exception:
                 if self.trainer.accelerator.num_processes <= 1:
                     raise
-                error = f"{type(exception).__name__}: {exception}"
+                error = f"rank {self.trainer.accelerator.process_index}: {type(exception).__name__}: {exception}"
+            finally:
+                if self.sharded:
+                    sharded.reshard(self._model())
         if self.trainer.accelerator.num_processes > 1:
-            shared = [sampled, error]
+            errors = _all_gather(self.trainer.accelerator)(error)
+            error = next((e for e in errors if e is not None), None)
+            shared = [sampled]
             torch.distributed.broadcast_object_list(shared, src=0)
-            sampled, error = shared
+            sampled = shared[0]
         if error is not None:
-            raise RuntimeError(f"probe generation failed on the main process: {error}")
+            raise RuntimeError(f"probe generation failed on {error}")
         return sampled
 
     def _score(self, encoded):
@@ -347,8 +357,12 @@ class LearningDynamicsCallback(TrainerCallback):
         self._emit(step, records.probe_records(step, encoded, before))
         if not armed:
             return
-        if not micro_batches:
-            raise RuntimeError("no training forward with a gradient was captured in this step")
+        problem = self.capture.failures[0] if self.capture.failures else None
+        if problem is None and not micro_batches:
+            problem = "no training forward with a gradient was captured in this step"
+        # every rank stops together: a rank that went on alone would wait in the analysis' collectives
+        if self._on_any_rank(problem is not None):
+            raise RuntimeError(problem or "the step's capture failed on another rank")
         model = self._model()
         labels = label_step(self.adapter, micro_batches)
         tokens = self._tokens_due(step)
@@ -471,6 +485,14 @@ class LearningDynamicsCallback(TrainerCallback):
         self._emit(step, out)
         logger.info("%s", records.one_line_summary(step, out, time.perf_counter() - pending.started))
 
+    def _on_any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on at least one rank (every rank must call this)."""
+        if self.trainer.accelerator.num_processes <= 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.trainer.accelerator.device)
+        torch.distributed.all_reduce(value)
+        return bool(value.item() > 0)
+
     # ------------------------------------------------------------------------------------------- output
     def _is_main(self) -> bool:
         return self.trainer.accelerator.is_main_process
@@ -501,12 +523,25 @@ def _validate_parallelism(trainer: Any, config: DynamicsConfig) -> None:
                 "under FSDP the analysis covers losses on TRL's fused log-probs only; this trainer computes its loss "
                 "from the plain logits (label smoothing or a compute_loss_func): use attribution='none' or drop them"
             )
+        if getattr(getattr(trainer, "model", None), "peft_config", None) is not None:
+            raise ValueError(
+                "LearningDynamicsCallback does not support PEFT adapters under FSDP (its scoring and generation go "
+                "through the base model, below the root FSDP module); train the adapter with DDP instead"
+            )
         tokens = config.attribution == "tokens" or (config.attribution == "sums" and config.tokens_every_n_steps)
         if tokens or config.kernel_summaries:
             raise ValueError(
                 "the 'tokens' level (and kernel_summaries) needs the full parameters on one process, which FSDP "
                 "shards; use attribution='sums' without tokens_every_n_steps (finite differences on the shards) or "
                 "train without FSDP for token attributions"
+            )
+        args = getattr(trainer, "args", None)
+        if config.attribution != "none" and (getattr(args, "bf16", False) or getattr(args, "fp16", False)):
+            warnings.warn(
+                "under FSDP with bf16/fp16 the forwards compute in half precision, which resolves about 4e-3 of a "
+                "weight: the finite-difference predictions ('sums') are coarse there (only float32 was tested); "
+                "the observed changes and the gradient check are unaffected",
+                stacklevel=3,
             )
     deepspeed = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     if getattr(trainer, "is_deepspeed_enabled", False) and getattr(deepspeed, "zero_stage", 0) == 3:

@@ -80,6 +80,16 @@ def _all_reduce(value: Tensor) -> Tensor:
     return value
 
 
+def _max_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise maximum of `values` over the ranks (the values themselves on one process)."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.cpu().tolist()
+
+
 def _world_size() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
@@ -198,7 +208,8 @@ def finite_difference_jvps(
                 continue
             step = fd_step * primal_norm / direction_norm
             near = difference(direction, step)
-            largest = max(float(values.abs().max()) / 2 if values.numel() else 0.0 for values in near.values())
+            local = max(float(values.abs().max()) / 2 if values.numel() else 0.0 for values in near.values())
+            (largest,) = _max_over_ranks([local])  # every rank takes the same step
             if largest > max_change:  # a steep direction: shrink the step until no log-prob moves by more
                 step *= max_change / largest
                 near = difference(direction, step)
@@ -241,10 +252,19 @@ def explain_update(
     Cost: `K` backward passes of the step's micro-batches (`K` cells, at most 2 x groups) and `4 (K + 2)` to
     `6 (K + 2)` no-grad forwards of the probe batch (and of each extra batch).
     """
-    if any(mb.logit_residual is not None for mb in micro_batches):
+    count = len(micro_batches)
+    residual = float(any(mb.logit_residual is not None for mb in micro_batches))
+    most, fewest, residual = _max_over_ranks([count, -count, residual])  # decided together: no rank left waiting
+    if most != -fewest:
+        raise RuntimeError(
+            f"the ranks captured different numbers of training forwards this step ({int(-fewest)} to {int(most)}); "
+            "the sharded analysis runs one backward per forward on every rank"
+        )
+    if residual:
         raise ValueError(
             "the loss reaches the model through its plain logits with terms beyond the trained tokens' log-probs "
-            "(label smoothing, a compute_loss_func); that residual is not analysed on sharded parameters"
+            "(label smoothing, a compute_loss_func, or bf16 round-off of a logit loss); that residual is not "
+            "analysed on sharded parameters"
         )
     reshard(model)
     params = trainable_parameters(model)

@@ -117,20 +117,21 @@ def _trainer(fsdp_version: int | None = None, zero_stage: int | None = None, **a
         (_trainer(fsdp_version=2), DynamicsConfig(attribution="tokens"), "'tokens' level"),
         (_trainer(fsdp_version=2), DynamicsConfig(tokens_every_n_steps=10), "'tokens' level"),
         (_trainer(zero_stage=3), DynamicsConfig(attribution="none"), "ZeRO-3"),
+        (_trainer(zero_stage=2), DynamicsConfig(attribution="sums"), "inside the backward"),
         (_trainer(fsdp_version=2, label_smoother=object()), DynamicsConfig(), "plain logits"),
         (_trainer(fsdp_version=2, compute_loss_func=len), DynamicsConfig(), "plain logits"),
         (_trainer(fsdp_version=2, model=SimpleNamespace(peft_config={})), DynamicsConfig(), "PEFT"),
     ],
-    ids=["fsdp1", "tokens", "tokens-every", "zero3", "label-smoothing", "compute-loss-func", "peft"],
+    ids=["fsdp1", "tokens", "tokens-every", "zero3", "zero2-sums", "label-smoothing", "compute-loss-func", "peft"],
 )
 def test_sharded_setups_the_analysis_cannot_run_are_refused_before_training(trainer, config, message):
     with pytest.raises(ValueError, match=message):
         callbacks._validate_parallelism(trainer, config)
 
 
-def test_fsdp2_sums_and_zero2_are_accepted_and_half_precision_fsdp_warns(recwarn):
+def test_fsdp2_sums_and_zero2_tracking_are_accepted_and_half_precision_fsdp_warns(recwarn):
     callbacks._validate_parallelism(_trainer(fsdp_version=2), DynamicsConfig(attribution="sums"))
-    callbacks._validate_parallelism(_trainer(zero_stage=2), DynamicsConfig(attribution="tokens"))
+    callbacks._validate_parallelism(_trainer(zero_stage=2), DynamicsConfig(attribution="none"))
     tracking_only = DynamicsConfig(attribution="none")
     callbacks._validate_parallelism(_trainer(fsdp_version=2, label_smoother=object()), tracking_only)
     assert not recwarn.list

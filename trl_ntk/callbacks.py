@@ -506,7 +506,8 @@ def _validate_parallelism(trainer: Any, config: DynamicsConfig) -> None:
     """Refuse, before training, the parallel set-ups the analysis cannot run under.
 
     FSDP2 (`fsdp_config={"fsdp_version": 2}`): every level but `"tokens"` (finite differences on the shards,
-    `sharded.py`). FSDP1 and DeepSpeed ZeRO-3: not supported.
+    `sharded.py`). FSDP1 and DeepSpeed ZeRO-3: not supported. DeepSpeed ZeRO-1/2: tracking (`"none"`) only, since
+    DeepSpeed updates the weights before `on_pre_optimizer_step`.
     """
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if getattr(trainer, "is_fsdp_enabled", False) and plugin is not None:
@@ -543,11 +544,19 @@ def _validate_parallelism(trainer: Any, config: DynamicsConfig) -> None:
                 "the observed changes and the gradient check are unaffected",
                 stacklevel=3,
             )
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return
     deepspeed = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if getattr(trainer, "is_deepspeed_enabled", False) and getattr(deepspeed, "zero_stage", 0) == 3:
+    if getattr(deepspeed, "zero_stage", 0) == 3:
         raise ValueError(
-            "LearningDynamicsCallback does not support DeepSpeed ZeRO-3 (partitioned parameters and gradients); "
-            "use FSDP2 (fsdp_config={'fsdp_version': 2}) or ZeRO-2"
+            "LearningDynamicsCallback does not support DeepSpeed ZeRO-3 (partitioned parameters, and the probe "
+            "forwards would need every rank); use FSDP2 (fsdp_config={'fsdp_version': 2})"
+        )
+    if config.attribution != "none":
+        raise ValueError(
+            "under DeepSpeed the optimizer step runs inside the backward (accelerate's DeepSpeedEngineWrapper), "
+            "before the trainer's on_pre_optimizer_step, so an update cannot be explained from before it; use "
+            "attribution='none' (probe tracking), or DDP / FSDP2 for the step analysis"
         )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .batches import target_rows
 from .capture import CapturedMicroBatch
 
 
@@ -63,12 +64,6 @@ class StepContext:
     prompt_groups: dict[tuple[int, ...], int] = field(default_factory=dict)
 
 
-def _target_rows(micro_batch: CapturedMicroBatch) -> Tensor:
-    """`[M]` the row of every target of the micro-batch."""
-    rows = torch.arange(micro_batch.batch.input_ids.shape[0], device=micro_batch.batch.input_ids.device)
-    return rows[:, None].expand_as(micro_batch.batch.target_mask)[micro_batch.batch.target_mask]
-
-
 def _loss_call_rows(micro_batch: CapturedMicroBatch, context: StepContext) -> Tensor:
     """`[B]` row index of each forward row within its `compute_loss` call; advances the step's example count."""
     if micro_batch.loss_call != context.last_loss_call:
@@ -81,7 +76,7 @@ def _loss_call_rows(micro_batch: CapturedMicroBatch, context: StepContext) -> Te
 
 def _label_sft(micro_batch: CapturedMicroBatch, context: StepContext) -> TokenLabels:
     rows = _loss_call_rows(micro_batch, context)
-    example = (rows + context.loss_call_offset)[_target_rows(micro_batch).cpu()]
+    example = (rows + context.loss_call_offset)[target_rows(micro_batch.batch).cpu()]
     return TokenLabels(group=torch.zeros_like(example), example=example, sequence_group=example)
 
 
@@ -91,9 +86,9 @@ def _label_dpo(micro_batch: CapturedMicroBatch, context: StepContext) -> TokenLa
     if total_rows % 2:
         raise RuntimeError(f"DPO micro-batch has {total_rows} rows; expected chosen and rejected halves")
     pairs = total_rows // 2
-    target_rows = rows[_target_rows(micro_batch).cpu()]
-    group = (target_rows >= pairs).long()  # 0 chosen, 1 rejected
-    example = target_rows % pairs + context.loss_call_offset // 2
+    call_rows = rows[target_rows(micro_batch.batch).cpu()]
+    group = (call_rows >= pairs).long()  # 0 chosen, 1 rejected
+    example = call_rows % pairs + context.loss_call_offset // 2
     return TokenLabels(group=group, example=example, sequence_group=example)
 
 
@@ -110,8 +105,7 @@ def _label_grpo(micro_batch: CapturedMicroBatch, context: StepContext) -> TokenL
         row_group.append(context.prompt_groups.setdefault(key, len(context.prompt_groups)))
     row_advantage = advantages[rows.to(advantages.device)].cpu()
     row_label = torch.where(row_advantage > 0, 0, torch.where(row_advantage < 0, 1, 2))
-    target_rows = _target_rows(micro_batch).cpu()
-    local = target_rows
+    local = target_rows(micro_batch.batch).cpu()
     example = (rows + context.loss_call_offset)[local]
     return TokenLabels(
         group=row_label[local].long(),

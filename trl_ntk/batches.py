@@ -139,3 +139,19 @@ def concat_token_batches(batches: list[TokenBatch], pad_token_id: int = 0) -> To
         position_ids=torch.cat([pad(b.position_ids, 0) for b in batches]) if all(has_positions) else None,
         temperature=batches[0].temperature,
     )
+
+
+def target_rows(batch: TokenBatch) -> Tensor:
+    """`[M]` the row of every target of `batch` (row-major order)."""
+    rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+    return rows[:, None].expand_as(batch.target_mask)[batch.target_mask]
+
+
+def select_rows(batch: TokenBatch, rows: Tensor) -> TokenBatch:
+    """The token batch restricted to the rows where `rows [B]` (bool) is True; targets keep their order."""
+    rows = rows.to(batch.input_ids.device)
+    return TokenBatch(
+        input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows], target_mask=batch.target_mask[rows],
+        position_ids=None if batch.position_ids is None else batch.position_ids[rows], temperature=batch.temperature,
+        model_kwargs=dict(batch.model_kwargs),
+    )

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .adapters import TokenLabels
-from .batches import TokenBatch, concat_token_batches
+from .batches import TokenBatch, concat_token_batches, select_rows, target_rows
 from .capture import CapturedMicroBatch
 
 SIGN_NAMES = ("positive", "negative")  # positive gradient: c_l < 0 (pulled up); negative: c_l > 0 (pushed down)
@@ -49,12 +49,6 @@ def _axpy(scale: float, x: dict[str, Tensor], y: dict[str, Tensor] | None = None
     if y is None:
         return {n: scale * v for n, v in x.items()}
     return {n: scale * v + y[n] for n, v in x.items()}
-
-
-def target_rows(batch: TokenBatch) -> Tensor:
-    """`[M]` the row of every target of `batch` (row-major order)."""
-    rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
-    return rows[:, None].expand_as(batch.target_mask)[batch.target_mask]
 
 
 def sum_by_row(values: Tensor, batch: TokenBatch) -> Tensor:
@@ -443,16 +437,6 @@ def _gather_columns(explanation: UpdateExplanation, all_gather: Any) -> None:
         sequence_offset += int(sequence_group.max()) + 1 if sequence_group.numel() else 0
     explanation.train_labels = TokenLabels(
         group=torch.cat(groups), example=torch.cat(examples), sequence_group=torch.cat(sequence_groups)
-    )
-
-
-def select_rows(batch: TokenBatch, rows: Tensor) -> TokenBatch:
-    """The token batch restricted to the rows where `rows [B]` (bool) is True; targets keep their order."""
-    rows = rows.to(batch.input_ids.device)
-    return TokenBatch(
-        input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows], target_mask=batch.target_mask[rows],
-        position_ids=None if batch.position_ids is None else batch.position_ids[rows], temperature=batch.temperature,
-        model_kwargs=dict(batch.model_kwargs),
     )
 
 

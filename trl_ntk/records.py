@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .dynamics import UpdateExplanation, select_rows, target_rows
+from .batches import select_rows, target_rows
+from .dynamics import UpdateExplanation
 
 SCHEMA_VERSION = 2
 _SCORE_FIELDS = ("logp_sum", "logp_mean", "argmax_logp", "max_prob_mean", "entropy_mean", "a_norm", "g_norm")

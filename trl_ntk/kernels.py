@@ -27,7 +27,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from trl_ntk.batches import TokenBatch
+from trl_ntk.batches import TokenBatch, select_rows, target_rows
 
 logger = logging.getLogger(__name__)
 
@@ -543,17 +543,31 @@ def _contract(
 ) -> Tensor:
     """`[R, Mc]`: `sum_a W[r, a] <grad f_a(row batch), P grad f_b(column batch)>`, `W` given in row chunks.
 
-    One forward with gradients of the row batch, one batched backward per chunk of `W` rows, one batched JVP of
-    the column batch per chunk. Never forms the kernel when `W` is not the identity.
+    One batched backward per chunk of `W` rows, then one batched JVP of the column batch per chunk. A chunk whose
+    weights touch at most half of the row batch's sequences (a few probe tokens, one response) runs its forward
+    and backward on those sequences only; the other chunks share one forward of the whole row batch. Never forms
+    the kernel when `W` is not the identity.
     """
-    backward = _Backward(_score_fn(model, row_batch, output), values, model)
     column_score = _score_fn(model, column_batch, output, differentiable=path is not JvpPath.FINITE_DIFFERENCE)
+    row_of_target = target_rows(row_batch)
+    num_sequences = row_batch.input_ids.shape[0]
+    shared: _Backward | None = None
     rows = []
     with _forward_mode_attention(model, path):
         for weights in row_weights:
-            tangents = _precondition(backward(weights), preconditioner)
+            sequences = torch.zeros(num_sequences, dtype=torch.bool, device=row_of_target.device)
+            sequences[row_of_target[(weights != 0).any(0).to(row_of_target.device)]] = True
+            if not row_batch.model_kwargs and int(sequences.sum()) <= num_sequences // 2:
+                sliced = _Backward(_score_fn(model, select_rows(row_batch, sequences), output), values, model)
+                grads = sliced(weights[:, sequences[row_of_target].to(weights.device)])
+                del sliced
+            else:
+                if shared is None:
+                    shared = _Backward(_score_fn(model, row_batch, output), values, model)
+                grads = shared(weights)
+            tangents = _precondition(grads, preconditioner)
             rows.append(_jvp_rows(column_score, values, tangents, path, fd_step))
-            del tangents  # one chunk of parameter-sized tangents alive at a time
+            del grads, tangents  # one chunk of parameter-sized tangents alive at a time
     return torch.cat(rows)
 
 

@@ -70,6 +70,19 @@ def test_dpo_training_losses_identical_with_and_without_callback(tmp_path, level
         assert torch.equal(a, b)
 
 
+def test_sft_label_smoothing_training_identical_with_and_without_the_logit_capture(tmp_path):
+    options = {"max_steps": 3, "label_smoothing_factor": 0.1, "gradient_accumulation_steps": 2}
+    plain = _make("sft", tmp_path / "plain", **options)
+    plain.train()
+    observed = _make("sft", tmp_path / "observed", **options)
+    observed.add_callback(LearningDynamicsCallback(observed, every_n_steps=1, attribution="tokens", num_prompts=2,
+                                                   strict=True, max_new_tokens=8))
+    observed.train()
+    assert _losses(plain) == _losses(observed)
+    for a, b in zip(plain.model.parameters(), observed.model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_grpo_training_losses_identical_with_and_without_callback(tmp_path):
     plain = _make("grpo", tmp_path / "plain", max_steps=2, per_device_train_batch_size=8)
     plain.train()

@@ -157,7 +157,7 @@ def score_responses(
     with eval_mode(model), torch.no_grad():
         for start in range(0, batch.input_ids.shape[0], batch_size):
             rows = slice(start, start + batch_size)
-            hidden_or_logits, targets = scored_positions(causal_lm, batch, rows, chosen, device)
+            hidden_or_logits, targets = _scored_positions(causal_lm, batch, rows, chosen, device)
             for chunk_start in range(0, targets.shape[0], chunk_size):
                 chunk = slice(chunk_start, chunk_start + chunk_size)
                 if chosen == "backbone":
@@ -219,7 +219,7 @@ def _token_statistics(logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
     }
 
 
-def scored_positions(
+def _scored_positions(
     causal_lm: nn.Module, batch: TokenBatch, rows: slice, strategy: str, device: torch.device
 ) -> tuple[Tensor, Tensor]:
     """`([m, H] hidden states or [m, V] logits predicting each target, [m] target ids)` for `rows`, row-major."""

@@ -41,7 +41,7 @@ from .dynamics import (
     step_cells,
     trainable_parameters,
 )
-from .scoring import score_responses, scored_positions
+from .scoring import score_responses
 
 
 def _dtensor_type() -> type | tuple:
@@ -104,11 +104,13 @@ def global_dot(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
 
 def target_logprobs(model: nn.Module, batch: TokenBatch) -> Tensor:
     """`[M]` `log_softmax(z / temperature)[y]` of the batch's targets from one full forward of the (root) model, with
-    gradient when grad mode is on. Runs the whole model so that FSDP gathers every parameter it holds."""
+    gradient when grad mode is on, with the inputs the trainer's own forward had (position ids only if it passed
+    them). Runs the whole model so that FSDP gathers every parameter it holds."""
     device = model.get_input_embeddings().weight.device
-    logits, targets = scored_positions(model, batch, slice(None), "logits", device)
+    batch = batch.to(device)
+    logits = model(**batch.forward_kwargs(), use_cache=False).logits[:, :-1][batch.target_mask[:, 1:]]
     logprobs = torch.log_softmax(logits.float() / batch.temperature, dim=-1)
-    return logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    return logprobs.gather(-1, batch.targets[:, None]).squeeze(-1)
 
 
 def score_sharded(model: nn.Module, batch: TokenBatch, batch_size: int = 32):

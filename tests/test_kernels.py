@@ -466,6 +466,25 @@ def test_direct_routes_equal_sums_of_the_full_matrix(preconditioned):
     assert relative_error(direct_groups, kernels.attribution_group_sums(kernel, grad_coeffs, groups, lr=lr)) < EXACT
 
 
+def test_direct_routes_give_zeros_for_all_zero_weights_and_for_a_row_without_weight():
+    model = qwen2(tied=False)
+    probe, train = probe_and_train(model)
+    zeros = torch.zeros(train.num_targets)
+    rows = kernels.attribution_row_sums_direct(model, probe, train, zeros)
+    assert torch.equal(rows.positive_gradient, torch.zeros_like(rows.positive_gradient))
+    assert torch.equal(rows.negative_gradient, torch.zeros_like(rows.negative_gradient))
+    grad_coeffs = torch.randn(train.num_targets, generator=torch.Generator().manual_seed(10))
+    weights = torch.zeros(3, probe.num_targets)
+    weights[0, 0], weights[2, -1] = 1.0, 1.0  # the middle row weighs nothing: its own chunk with chunk_size=1
+    columns = kernels.attribution_column_sums_direct(
+        model, probe, train, grad_coeffs, probe_weights=weights, chunk_size=1
+    )
+    expected = kernels.attribution_column_sums(kernels.logprob_kernel(model, probe, train), grad_coeffs,
+                                               probe_weights=weights)
+    assert torch.equal(columns[1], torch.zeros_like(columns[1]))
+    assert relative_error(columns, expected) < EXACT
+
+
 def sgd_step_change(lr: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(observed, predicted) change of the probe log-probs under one real SGD step on `L = sum_l c_l lp_l`."""
     model = qwen2()

@@ -553,21 +553,22 @@ def _contract(
     num_sequences = row_batch.input_ids.shape[0]
     shared: _Backward | None = None
     rows = []
-    with _forward_mode_attention(model, path):
-        for weights in row_weights:
-            sequences = torch.zeros(num_sequences, dtype=torch.bool, device=row_of_target.device)
-            sequences[row_of_target[(weights != 0).any(0).to(row_of_target.device)]] = True
-            if not row_batch.model_kwargs and int(sequences.sum()) <= num_sequences // 2:
-                sliced = _Backward(_score_fn(model, select_rows(row_batch, sequences), output), values, model)
-                grads = sliced(weights[:, sequences[row_of_target].to(weights.device)])
-                del sliced
-            else:
-                if shared is None:
-                    shared = _Backward(_score_fn(model, row_batch, output), values, model)
-                grads = shared(weights)
-            tangents = _precondition(grads, preconditioner)
+    for weights in row_weights:
+        sequences = torch.zeros(num_sequences, dtype=torch.bool, device=row_of_target.device)
+        sequences[row_of_target[(weights != 0).any(0).to(row_of_target.device)]] = True
+        touched = int(sequences.sum())
+        if not row_batch.model_kwargs and 0 < touched <= num_sequences // 2:
+            sliced = _Backward(_score_fn(model, select_rows(row_batch, sequences), output), values, model)
+            grads = sliced(weights[:, sequences[row_of_target].to(weights.device)])
+            del sliced
+        else:  # also an all-zero chunk: zero gradients, zero rows, as without slicing
+            if shared is None:
+                shared = _Backward(_score_fn(model, row_batch, output), values, model)
+            grads = shared(weights)
+        tangents = _precondition(grads, preconditioner)
+        with _forward_mode_attention(model, path):  # the backward forwards above keep the model's own attention
             rows.append(_jvp_rows(column_score, values, tangents, path, fd_step))
-            del grads, tangents  # one chunk of parameter-sized tangents alive at a time
+        del grads, tangents  # one chunk of parameter-sized tangents alive at a time
     return torch.cat(rows)
 
 

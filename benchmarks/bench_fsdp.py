@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests import ddp_script, trainer_factory  # noqa: E402
-from trl_ntk import callbacks  # noqa: E402
+from trl_ntk.integration import callbacks  # noqa: E402
 
 
 class StepTimer(TrainerCallback):

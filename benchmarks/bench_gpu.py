@@ -98,7 +98,7 @@ class DpoLikeRun:
 
     def __init__(self, size: Size, device: torch.device, dtype: torch.dtype, seed: int = 0) -> None:
         from trl_ntk.batches import TokenBatch
-        from trl_ntk.capture import GradientCapture
+        from trl_ntk.integration.capture import GradientCapture
 
         torch.manual_seed(seed)
         self.device = device
@@ -129,14 +129,15 @@ class DpoLikeRun:
         return (output.log_probs * scored).sum(-1).float()
 
     def _score_probes(self):
-        from trl_ntk.scoring import score_responses
+        from trl_ntk.probes.scoring import score_responses
 
         with self.capture.paused():
             return score_responses(self.model, self.probe_batch)
 
     def step(self, level: str | None) -> float:
         """One optimizer step (with the analysis at `level`); returns the analysis seconds (0 without)."""
-        from trl_ntk import adapters, dynamics
+        from trl_ntk.analysis import dynamics
+        from trl_ntk.integration import adapters
 
         self.model.train()
         if level in ("sums", "tokens"):

@@ -1,4 +1,4 @@
-"""Benchmark of the kernel engine (`trl_ntk.kernels`) on the toy-size Qwen2 model; prints tables of ratios.
+"""Benchmark of the kernel engine (`trl_ntk.ntk.kernels`) on the toy-size Qwen2 model; prints tables of ratios.
 
     python benchmarks/bench_kernels.py [--threads 1] [--repeats 3] [--growth]
 
@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from trl_ntk import kernels
 from trl_ntk.batches import TokenBatch
+from trl_ntk.ntk import kernels
 
 VOCAB = 600
 

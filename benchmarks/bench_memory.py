@@ -49,7 +49,7 @@ def _dpo_trainer(output_dir: str, args: argparse.Namespace):
     from transformers import AutoModelForCausalLM, PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from trl_ntk import toy
+    from trl_ntk.demo import toy
 
     _, tokenizer = toy.model_and_tokenizer(warmup=True)
     model = toy.tiny_random_model(
@@ -104,7 +104,7 @@ def child(level: str, profile: bool, args: argparse.Namespace) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from trl_ntk.callbacks import LearningDynamicsCallback
+    from trl_ntk.integration.callbacks import LearningDynamicsCallback
 
     torch.set_num_threads(args.threads)
     result: dict = {"level": level}
@@ -189,7 +189,7 @@ def main() -> None:
         f"--batch-size={args.batch_size}",
         f"--num-prompts={args.num_prompts}",
     ]
-    from trl_ntk import kernels
+    from trl_ntk.ntk import kernels
 
     plain = run_child("plain", False, argv)
     param_bytes = plain["param_bytes"]

@@ -72,7 +72,7 @@ def dpo_trainer(output_dir: str, steps: int):
     """The demo's DPO recipe: warm toy model, 16 preference pairs per step, sigmoid loss, beta 0.1, SGD 5e-3."""
     from trl import DPOConfig, DPOTrainer
 
-    from trl_ntk import toy
+    from trl_ntk.demo import toy
 
     model, tokenizer = toy.model_and_tokenizer(warmup=True)
     args = DPOConfig(
@@ -86,7 +86,7 @@ def grpo_trainer(output_dir: str, steps: int):
     """The demo's GRPO recipe: warm toy model, 4 prompts x 8 completions of <= 24 tokens per step, AdamW 1e-3."""
     from trl import GRPOConfig, GRPOTrainer
 
-    from trl_ntk import toy
+    from trl_ntk.demo import toy
 
     model, tokenizer = toy.model_and_tokenizer(warmup=True)
     args = GRPOConfig(
@@ -166,7 +166,9 @@ class _PartTimer:
     token matrix inside the analysis), keyed by the step being analysed."""
 
     def __init__(self) -> None:
-        from trl_ntk import callbacks, dynamics, kernels
+        from trl_ntk.analysis import dynamics
+        from trl_ntk.integration import callbacks
+        from trl_ntk.ntk import kernels
 
         self.targets = [
             (callbacks, "sample_responses", "generation"),
@@ -200,7 +202,7 @@ class _PartTimer:
 
 def run_once(kind: str, level: str | None, steps: int, every_n_steps: int, parts: _PartTimer) -> RunTimes:
     """One training run (`level=None`: without the callback)."""
-    from trl_ntk.callbacks import LearningDynamicsCallback
+    from trl_ntk.integration.callbacks import LearningDynamicsCallback
 
     times = RunTimes()
     with tempfile.TemporaryDirectory() as output_dir:

@@ -1,4 +1,4 @@
-"""The token-pair gradient inner products of `trl_ntk.kernels.logprob_kernel` against two peer libraries.
+"""The token-pair gradient inner products of `trl_ntk.ntk.kernels.logprob_kernel` against two peer libraries.
 
     python benchmarks/bench_peer.py [--threads 1] [--repeats 3] [--train-targets 128 512 2048] [--probe-targets 32]
                                     [--dattri-max-train-targets 512] [--dattri-repeats 1]
@@ -42,8 +42,8 @@ import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from trl_ntk import kernels
 from trl_ntk.batches import TokenBatch
+from trl_ntk.ntk import kernels
 
 VOCAB = 600
 PROBE_TARGETS = 16  # per probe sequence

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from trl_ntk.demo import DemoConfig, format_table, run_demo
+from trl_ntk.demo.run import DemoConfig, format_table, run_demo
 
 HEADLINE = (
     "rejected_falls_more_than_chosen",

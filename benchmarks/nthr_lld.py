@@ -43,8 +43,8 @@ def make_trainer(seed: int, steps: int, output_dir: str, nthr: dict[str, Any] | 
     """A GRPO trainer on the toy arithmetic task (warm toy model), with an NTHR callback when `nthr` is given."""
     from trl import GRPOConfig, GRPOTrainer
 
-    from trl_ntk import toy
-    from trl_ntk.nthr import NTHRCallback
+    from trl_ntk.demo import toy
+    from trl_ntk.integration.nthr import NTHRCallback
 
     model, tokenizer = toy.model_and_tokenizer()
     options = {
@@ -156,7 +156,7 @@ def group_deltas(change: torch.Tensor, advantages: torch.Tensor) -> list[float |
 
 def paired_lld(trainer, snapshots: dict[int, Any], batches_per_checkpoint: int, nthr_options: dict[str, Any]):
     """Both arms from the same checkpoint and batch; returns per-group rows."""
-    from trl_ntk.nthr import NTHRCallback
+    from trl_ntk.integration.nthr import NTHRCallback
 
     measure = NTHRCallback(trainer, apply=False, **nthr_options)
     trainer.current_gradient_accumulation_steps = 1

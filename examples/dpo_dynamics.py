@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from trl_ntk.callbacks import LearningDynamicsCallback
-from trl_ntk.report import build_report
+from trl_ntk.integration.callbacks import LearningDynamicsCallback
+from trl_ntk.report.render import build_report
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +47,7 @@ def main(argv=None) -> Path:
     if toy_run and args.dataset is not None:
         raise SystemExit("--dataset needs --model (the toy tokenizer only knows the toy data)")
     if toy_run:
-        from trl_ntk import toy
+        from trl_ntk.demo import toy
 
         model, tokenizer = toy.model_and_tokenizer()  # the warm (SFT'd) toy model, cached on first use
         train = toy.preference_dataset(n=args.num_rows or 288, seed=args.seed)

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from trl_ntk import toy
-from trl_ntk.callbacks import LearningDynamicsCallback
-from trl_ntk.report import build_report
+from trl_ntk.demo import toy
+from trl_ntk.integration.callbacks import LearningDynamicsCallback
+from trl_ntk.report.render import build_report
 
 GSM8K_INSTRUCTION = " Finish with 'The answer is N.'"
 
@@ -101,7 +101,7 @@ def main(argv=None) -> Path:
     dynamics = LearningDynamicsCallback(trainer, every_n_steps=args.every_n_steps, attribution=args.attribution)
     trainer.add_callback(dynamics)
     if args.nthr:
-        from trl_ntk.nthr import NTHRCallback
+        from trl_ntk.integration.nthr import NTHRCallback
 
         # NTHR's per-batch records go to the same dynamics.jsonl (and dashboards) as the learning-dynamics ones.
         def write_record(record: dict) -> None:

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from trl_ntk.callbacks import LearningDynamicsCallback
-from trl_ntk.probes import ProbeSet
-from trl_ntk.report import build_report
+from trl_ntk.integration.callbacks import LearningDynamicsCallback
+from trl_ntk.probes.probe_set import ProbeSet
+from trl_ntk.report.render import build_report
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +47,7 @@ def main(argv=None) -> Path:
         raise SystemExit("--dataset needs --model (the toy tokenizer only knows the toy data)")
     probes = None
     if toy_run:
-        from trl_ntk import toy
+        from trl_ntk.demo import toy
 
         model, tokenizer = toy.model_and_tokenizer(warmup="pretrain")  # the base, before the toy's own SFT
         preference = toy.preference_dataset(n=args.num_rows or 216, seed=args.seed)

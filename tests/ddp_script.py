@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests import trainer_factory  # noqa: E402
-from trl_ntk import callbacks, sharded  # noqa: E402
+from trl_ntk.analysis import sharded  # noqa: E402
+from trl_ntk.integration import callbacks  # noqa: E402
 
 
 def _losses(trainer) -> list[float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trl_ntk import toy
+from trl_ntk.demo import toy
 
 
 def _common(output_dir: Path, **overrides: Any) -> dict[str, Any]:

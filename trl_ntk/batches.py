@@ -151,7 +151,56 @@ def select_rows(batch: TokenBatch, rows: Tensor) -> TokenBatch:
     """The token batch restricted to the rows where `rows [B]` (bool) is True; targets keep their order."""
     rows = rows.to(batch.input_ids.device)
     return TokenBatch(
-        input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows], target_mask=batch.target_mask[rows],
-        position_ids=None if batch.position_ids is None else batch.position_ids[rows], temperature=batch.temperature,
+        input_ids=batch.input_ids[rows],
+        attention_mask=batch.attention_mask[rows],
+        target_mask=batch.target_mask[rows],
+        position_ids=None if batch.position_ids is None else batch.position_ids[rows],
+        temperature=batch.temperature,
         model_kwargs=dict(batch.model_kwargs),
     )
+
+
+@dataclass
+class CapturedMicroBatch:
+    """One training forward of the step and the gradient the loss sent back through it.
+
+    Args:
+        batch (`TokenBatch`): the forward's inputs; targets are the positions with a label.
+        grad_coeffs (`Tensor[M]`): `c_l = dL / d lp_l` for the `M` targets of `batch` (row-major), as the
+            trainer's backward produced it (accumulation scaling included, before clipping and before any
+            cross-rank averaging). `None` until the backward ran.
+        loss_call (`int`): index of the `compute_loss` call (the trainer's micro-batch) this forward belongs to.
+        row_offset (`int`): the first row of this forward within that call's inputs (trainers may split a
+            micro-batch into several forwards).
+        loss_inputs (`dict`): the inputs the trainer's `compute_loss` received (for the trainer adapters).
+        logit_residual (`Tensor[N, V]`, *optional*): for losses on the plain logits, the residual `r` of `dL/dz`
+            at the `N` logit positions in `residual_positions` (see the module docstring); `None` with the fused
+            head, or when the residual is zero to float precision (a plain cross-entropy).
+        residual_positions (`Tensor[B, T-1]` bool, *optional*): the logit positions of `logit_residual` (position
+            `t` predicts token `t + 1`), row-major.
+    """
+
+    batch: TokenBatch
+    grad_coeffs: Tensor | None = None
+    loss_call: int = 0
+    row_offset: int = 0
+    loss_inputs: dict[str, Any] = field(default_factory=dict)
+    logit_residual: Tensor | None = None
+    residual_positions: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TokenLabels:
+    """Adapter names for the targets of one captured micro-batch.
+
+    Args:
+        group (`Tensor[M]`, long): index into the adapter's `group_names` for every target.
+        example (`Tensor[M]`, long): the example each target comes from (SFT row, DPO pair, GRPO completion),
+            numbered within the optimizer step.
+        sequence_group (`Tensor[M]`, long): GRPO's group (prompt) index within the step; the example index
+            elsewhere.
+    """
+
+    group: Tensor
+    example: Tensor
+    sequence_group: Tensor

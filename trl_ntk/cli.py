@@ -14,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from trl_ntk import __version__
 
 
 def _positive_int(text: str) -> int:
@@ -107,14 +107,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `trl-ntk`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
-        from .report import main as report_main
+        from trl_ntk.report.render import main as report_main
 
         return report_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.nthr and args.trainer != "grpo":
         parser.error("--nthr applies to --trainer grpo only")
-    from .demo import DemoConfig, run_demo
+    from trl_ntk.demo.run import DemoConfig, run_demo
 
     config = DemoConfig(
         trainer=args.trainer,

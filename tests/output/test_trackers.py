@@ -1,0 +1,175 @@
+"""LearningDynamicsCallback with the trainer's own trackers: W&B (offline, read back with `wandb leet inspect`),
+TensorBoard (read back with `EventAccumulator`), no run when W&B is not asked for, and a failing sink."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import trainer_factory
+from trl_ntk.integration.callbacks import LearningDynamicsCallback
+from trl_ntk.output import sinks
+from trl_ntk.output.sinks import DYNAMICS_TABLE_COLUMNS, PROBE_TABLE_COLUMNS, read_records
+
+MAX_STEPS = 3
+TOKEN_STEPS = [0, 2]  # attribution="sums" with the "tokens" level every 2nd analysed step
+ANALYSED_STEPS = [0, 1, 2]
+SCORED_STEPS = [0, 1, 2, 3]  # every step, and the end of training
+
+
+def _observed_dpo_trainer(output_dir: Path, report_to: str):
+    trainer = trainer_factory.dpo_trainer(output_dir, max_steps=MAX_STEPS, report_to=report_to, n=16)
+    callback = LearningDynamicsCallback(
+        trainer,
+        every_n_steps=1,
+        attribution="sums",
+        tokens_every_n_steps=2,
+        num_prompts=2,
+        max_new_tokens=8,
+        strict=True,
+    )
+    trainer.add_callback(callback)
+    return trainer, callback
+
+
+def _jsonl(output_dir: Path, types: list[str] | None = None) -> list[dict]:
+    return read_records(output_dir / "dynamics" / "dynamics.jsonl", types=types)
+
+
+def _wandb_history(run_dir: Path) -> list[dict]:
+    """The run's history rows, read back from its transaction log with `wandb leet inspect --json`."""
+    result = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    return [r["history"]["item"] for r in records if r["type"] == "history"]
+
+
+def _steps_with(history: list[dict], key: str) -> list[int]:
+    return sorted({item["train/global_step"] for item in history if key in item})
+
+
+def _run_dirs() -> list[Path]:
+    return sorted(path for path in Path(os.environ["WANDB_DIR"]).glob("**/*run-*") if path.is_dir())
+
+
+def test_wandb_run_of_the_trainer_gets_ntk_keys_tables_and_images_at_train_global_step(tmp_path, monkeypatch):
+    import wandb
+
+    Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
+    opened = []
+    monkeypatch.setattr(sinks.WandbSink, "_open_run", lambda self: opened.append(self) or None)
+    trainer, _ = _observed_dpo_trainer(tmp_path, report_to="wandb")
+    try:
+        trainer.train()
+        run = wandb.run
+        assert run is not None, "the run transformers' WandbCallback started was finished by the sink"
+        run_id, run_dir = run.id, Path(run.dir).parent
+    finally:
+        if wandb.run is not None:
+            wandb.run.finish()
+    assert not opened  # the sink attached to the trainer's run and never started one
+    # W&B keeps its folder settings process-wide, so the run may live under an earlier test's WANDB_DIR: use its own
+    assert run_dir.is_dir() and run_dir.name.endswith(run_id)
+
+    history = _wandb_history(run_dir)
+    assert _steps_with(history, "train/loss") == [1, 2, 3]  # the trainer's own logs, in the same run
+    assert _steps_with(history, "ntk/logp/chosen") == SCORED_STEPS
+    jsonl = _jsonl(tmp_path, types=["probe", "dynamics"])
+    logp = {i["train/global_step"]: i["ntk/logp/chosen"] for i in history if "ntk/logp/chosen" in i}
+    chosen_at_1 = [r["logp_sum"] for r in jsonl if r["type"] == "probe" and r["step"] == 1 and r["kind"] == "chosen"]
+    assert logp[1] == pytest.approx(sum(chosen_at_1) / len(chosen_at_1))
+    for key in ("ntk/observed/chosen", "ntk/predicted/rejected", "ntk/split/negative/rejected", "ntk/gap/greedy"):
+        assert _steps_with(history, key) == ANALYSED_STEPS, key
+    observed = {i["train/global_step"]: i["ntk/observed/rejected"] for i in history if "ntk/observed/rejected" in i}
+    rejected_at_2 = [
+        r["observed"] for r in jsonl if r["type"] == "dynamics" and r["step"] == 2 and r["kind"] == "rejected"
+    ]
+    assert observed[2] == pytest.approx(sum(rejected_at_2) / len(rejected_at_2))
+
+    assert _steps_with(history, "ntk/attribution/chosen._type") == TOKEN_STEPS  # heatmaps at "tokens" steps only
+    images = next(i for i in history if "ntk/attribution/chosen._type" in i)
+    assert images["ntk/attribution/chosen._type"] == "images/separated" and images["ntk/attribution/chosen.count"] >= 1
+
+    for key, columns in (("ntk/dynamics", DYNAMICS_TABLE_COLUMNS), ("ntk/probes", PROBE_TABLE_COLUMNS)):
+        item = next(i for i in history if f"{key}._type" in i)
+        assert item[f"{key}._type"] == "table-file"
+        table = json.loads((run_dir / "files" / item[f"{key}.path"]).read_text())
+        assert table["columns"] == list(columns) and table["data"]
+        assert all(isinstance(cell, (str, int, float, type(None))) for row in table["data"] for cell in row)
+    assert _steps_with(history, "ntk/dynamics._type") == ANALYSED_STEPS
+
+
+def test_tensorboard_report_to_reads_back_with_event_accumulator_and_starts_no_wandb_run(tmp_path):
+    import wandb
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer, _ = _observed_dpo_trainer(tmp_path, report_to="tensorboard")
+    trainer.train()
+    assert wandb.run is None
+    assert not _run_dirs() and not list(tmp_path.glob("**/*.wandb"))
+
+    event_files = sorted(tmp_path.glob("**/events.out.tfevents.*"))
+    assert event_files
+    log_dirs = {path.parent for path in event_files}
+    assert len(log_dirs) == 1, log_dirs  # the trainer's TensorBoard folder, shared with the trainer's own scalars
+    accumulator = EventAccumulator(str(log_dirs.pop()), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    assert [e.step for e in accumulator.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.step for e in accumulator.Scalars("ntk/logp/chosen")] == SCORED_STEPS
+    for tag in ("ntk/observed/chosen", "ntk/predicted/rejected", "ntk/split/negative/rejected"):
+        assert [e.step for e in accumulator.Scalars(tag)] == ANALYSED_STEPS, tag
+    assert [e.step for e in accumulator.Images("ntk/attribution/chosen/0")] == TOKEN_STEPS
+    assert "ntk/dynamics/text_summary" in tags["tensors"]
+
+
+def test_no_wandb_run_is_started_when_report_to_lacks_wandb(tmp_path):
+    import wandb
+
+    trainer, callback = _observed_dpo_trainer(tmp_path, report_to="none")
+    trainer.train()
+    assert wandb.run is None
+    assert not _run_dirs() and not list(tmp_path.glob("**/*.wandb"))
+    assert _jsonl(tmp_path, types=["status"])[-1]["sink_failures"] == {"jsonl": 0}
+
+
+def test_a_failing_wandb_sink_never_loses_the_jsonl_and_never_stops_training(tmp_path, monkeypatch):
+    import wandb
+
+    Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
+    attempts = []
+
+    def write_event(self, event):
+        attempts.append(event.step)
+        raise ConnectionError("W&B unreachable")
+
+    monkeypatch.setattr(sinks.WandbSink, "write_event", write_event)
+    trainer, callback = _observed_dpo_trainer(tmp_path, report_to="wandb")
+    try:
+        with pytest.warns(RuntimeWarning, match="sink 'wandb' failed") as caught:
+            trainer.train()
+    finally:
+        if wandb.run is not None:
+            wandb.run.finish()
+    assert len([w for w in caught if "sink 'wandb' failed" in str(w.message)]) == 1
+    assert trainer.state.global_step == MAX_STEPS
+    assert len([entry for entry in trainer.state.log_history if "loss" in entry]) == MAX_STEPS
+
+    records = _jsonl(tmp_path)
+    assert {r["step"] for r in records if r["type"] == "probe"} == set(SCORED_STEPS)
+    assert {r["step"] for r in records if r["type"] == "dynamics"} == set(ANALYSED_STEPS)
+    status = records[-1]
+    assert status["type"] == "status" and status["analysis_failures"] == 0
+    # every event went to the sink and failed; the status event itself is written after its counts are taken
+    assert status["sink_failures"] == {"jsonl": 0, "wandb": len(attempts) - 1}
+    assert len(attempts) > len(SCORED_STEPS) and "ConnectionError" in status["message"]

@@ -1,0 +1,180 @@
+"""The HTML report: one self-contained file with every panel, from full runs, probe-only runs and damaged files."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.fixtures.synthetic_run import write_synthetic_run
+from trl_ntk.output.sinks import save_attributions
+from trl_ntk.report.render import PANEL_IDS, attribution_data, build_report, find_jsonl, load_run, main
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+FIGURE_PANELS = (
+    "panel-logp",
+    "panel-squeezing",
+    "panel-prediction",
+    "panel-split",
+    "panel-attribution",
+    "panel-lld",
+    "panel-nthr",
+)
+
+
+def _sections(page: str) -> dict[str, str]:
+    """Panel id -> the HTML of its section."""
+    parts = re.split(r'(?=<section class="panel" id=")', page)
+    return {re.match(r'<section class="panel" id="([^"]+)"', p).group(1): p for p in parts if p.startswith("<section")}
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("grpo_run")
+    write_synthetic_run(run_dir, trainer="grpo", steps=8, every=2)
+    return build_report(run_dir, progress=False)
+
+
+def test_report_is_one_self_contained_file_with_every_panel(full_report):
+    page = full_report.read_text(encoding="utf-8")
+    assert full_report.name == "report.html"
+    assert not re.search(r"<script[^>]*\bsrc\s*=", page), "scripts must be inlined"
+    assert not re.search(r"<link[^>]*\bhref\s*=\s*[\"']https?:", page)
+    assert "Plotly" in page and len(page) > 3_000_000  # plotly.js is inlined
+    sections = _sections(page)
+    assert list(sections) == list(PANEL_IDS)
+    for panel_id in PANEL_IDS:
+        assert "no-data" not in sections[panel_id], panel_id
+    assert 'id="attribution-step"' in sections["panel-attribution"] and "attribution-data" in page
+    assert "pushed up by" in sections["panel-top-tokens"] and 'class="chip up"' in sections["panel-top-tokens"]
+
+
+def test_report_of_a_probe_only_run_shows_no_data_notes_instead_of_missing_panels(tmp_path):
+    write_synthetic_run(tmp_path, attribution="none", steps=4)
+    sections = _sections(build_report(tmp_path, progress=False).read_text(encoding="utf-8"))
+    assert list(sections) == list(PANEL_IDS)
+    for panel_id in (
+        "panel-prediction",
+        "panel-split",
+        "panel-attribution",
+        "panel-top-tokens",
+        "panel-lld",
+        "panel-nthr",
+    ):
+        assert 'class="no-data"' in sections[panel_id], panel_id
+    for panel_id in ("panel-run", "panel-logp", "panel-squeezing"):
+        assert 'class="no-data"' not in sections[panel_id], panel_id
+    assert "figure-logp" in sections["panel-logp"]
+
+
+def test_report_of_a_sums_run_has_predictions_but_no_attribution_maps(tmp_path):
+    write_synthetic_run(tmp_path, attribution="sums", steps=4)
+    sections = _sections(build_report(tmp_path, progress=False).read_text(encoding="utf-8"))
+    assert "figure-prediction" in sections["panel-prediction"] and "figure-split" in sections["panel-split"]
+    assert 'class="no-data"' in sections["panel-attribution"]
+
+
+def test_report_tolerates_a_partial_last_line_and_duplicated_steps(tmp_path):
+    path = write_synthetic_run(tmp_path, steps=4, kinds=("chosen", "rejected"), num_prompts=1)
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    probe_line = next(line for line in lines if '"type":"probe"' in line)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(probe_line)  # a resumed run that did not truncate
+        handle.write('{"schema_version":2,"type":"probe","st')
+    data = load_run(tmp_path, progress=False)
+    keys = [(r["step"], r["probe_id"]) for r in data.of("probe")]
+    assert len(keys) == len(set(keys))
+    assert build_report(tmp_path, tmp_path / "out" / "r.html", progress=False).exists()
+
+
+def test_find_jsonl_accepts_the_run_folder_the_trainer_output_dir_and_the_file(tmp_path):
+    path = write_synthetic_run(tmp_path / "dynamics", steps=2)
+    assert find_jsonl(tmp_path) == find_jsonl(tmp_path / "dynamics") == find_jsonl(path) == path
+    with pytest.raises(FileNotFoundError, match="dynamics.jsonl"):
+        find_jsonl(tmp_path / "nowhere")
+
+
+def test_attribution_data_keeps_the_largest_columns_in_order_and_escapes_token_labels(tmp_path):
+    write_synthetic_run(tmp_path, attribution="none", steps=2, kinds=("chosen",), num_prompts=1)
+    matrix = np.zeros((2, 300), dtype=np.float32)
+    matrix[:, [5, 100, 250]] = [[1.0, -2.0, 0.5], [0.5, -1.0, 0.25]]
+    train_tokens = np.array([f"t{i}" for i in range(300)])
+    train_tokens[100] = "<b>"
+    save_attributions(
+        tmp_path,
+        0,
+        {
+            "p0-chosen": matrix,
+            "p0-chosen.tokens": ["A", "\n"],
+            "train.tokens": train_tokens,
+            "train.row": np.zeros(300, dtype=int),
+        },
+    )
+    data = attribution_data(load_run(tmp_path, progress=False), max_cols=3, progress=False)
+    block = data["probes"]["p0-chosen"]["by_step"]["0"]
+    assert block["x"] == ["t5", "&lt;b&gt;", "t250"] and block["y"] == ["A", "\\n"]
+    assert block["z"] == [[1.0, -2.0, 0.5], [0.5, -1.0, 0.25]] and block["shape"] == [2, 300]
+    assert data["probes"]["p0-chosen"]["kind"] == "chosen" and data["probes"]["p0-chosen"]["steps"] == [0]
+
+
+def test_attribution_data_draws_fewer_steps_when_the_blocks_would_be_too_large(tmp_path):
+    write_synthetic_run(tmp_path, steps=12, every=2, kinds=("chosen",), num_prompts=1)
+    run = load_run(tmp_path, progress=False)
+    cells = np.load(run.archives[-1][1])["p0-chosen"].size
+    data = attribution_data(run, max_cells=3 * cells, progress=False)
+    assert data["probes"]["p0-chosen"]["steps"] == [0, 4, 10]  # evenly spaced, the last analysed step included
+
+
+def test_main_writes_the_report_where_asked(tmp_path, capsys):
+    write_synthetic_run(tmp_path / "run", steps=2)
+    assert main([str(tmp_path / "run"), "-o", str(tmp_path / "x.html"), "-q"]) == 0
+    assert (tmp_path / "x.html").exists() and capsys.readouterr().out.strip() == str(tmp_path / "x.html")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "missing"), "-q"])
+    assert exit_info.value.code == 2
+
+
+def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=10000",
+        *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.browser
+def test_report_renders_every_figure_in_headless_chromium_without_console_errors(full_report, tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed")
+    url = full_report.resolve().as_uri()
+    dom = _chromium(["--dump-dom", url], tmp_path / "profile-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, "\n".join(console)
+    sections = _sections(dom.stdout)
+    assert list(sections) == list(PANEL_IDS)
+    for panel_id in FIGURE_PANELS:
+        assert 'class="main-svg"' in sections[panel_id], f"{panel_id} has no rendered plot"
+    assert "step 6 (4 of 4)" in sections["panel-attribution"]  # the slider's script ran
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "report_screenshot.png"
+    shot = _chromium(["--window-size=1400,3000", f"--screenshot={screenshot}", url], tmp_path / "profile-shot")
+    assert shot.returncode == 0 and screenshot.stat().st_size > 50_000, shot.stderr[-2000:]

@@ -1,0 +1,1 @@
+"""The offline toy default (tokenizer, model, data) and `trl-ntk demo`."""

@@ -1,0 +1,596 @@
+"""`trl-ntk demo`: a small offline run that shows the learning dynamics of fine-tuning on the toy default.
+
+DPO (the default) shows the squeezing effect of Ren & Sutherland (ICLR 2025): the log-prob of the rejected responses
+falls far, the chosen one ends lower too, while the model grows peakier (its argmax and its own greedy response gain
+probability); the attributions show that the push down on rejected tokens is what drags the chosen response down.
+SFT and GRPO (with lazy likelihood displacement, optionally against NTHR) run the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import PrinterCallback, ProgressCallback
+
+from trl_ntk.demo import toy
+from trl_ntk.report.render import build_report, kind_means, load_run
+
+logger = logging.getLogger(__name__)
+
+TrainerName = Literal["dpo", "sft", "grpo"]
+TRAINERS: tuple[TrainerName, ...] = ("dpo", "sft", "grpo")
+REPORT_TO = ("none", "wandb", "tensorboard", "trackio")
+SUMMARY_NAME = "summary.json"
+
+
+@dataclass
+class DemoConfig:
+    """Options of one demo run; `resolved()` fills every option left unset from the trainer's tuned recipe
+    (`RECIPES`).
+
+    Args:
+        trainer (`str`, *optional*, defaults to `"dpo"`): `"dpo"`, `"sft"` or `"grpo"`.
+        out (`str`, *optional*, defaults to `"trl_ntk_demo"`): output folder (trainer output, `dynamics/`,
+            `report.html`, `summary.json`).
+        seed (`int`, *optional*, defaults to `0`): dataset draw, data order, probe choice, generation.
+        epochs (`float`, *optional*): passes over the training rows.
+        max_steps (`int`, *optional*): optimizer steps; overrides `epochs` when set.
+        num_rows (`int`, *optional*): training rows (prompts are cycled, each row draws fresh responses).
+        batch_size (`int`, *optional*): rows per optimizer step (GRPO: completions per step).
+        learning_rate (`float`, *optional*): constant learning rate.
+        optimizer (`str`, *optional*): a `transformers` `optim` name (`"sgd"`, `"adamw_torch"`).
+        max_grad_norm (`float`, *optional*): gradient clipping norm (`0`: none).
+        beta (`float`, *optional*): DPO's / GRPO's KL strength.
+        num_probe_prompts (`int`, *optional*): prompts whose responses are probed.
+        every_n_steps (`int`, *optional*): probe scoring and analysis period.
+        attribution (`str`, *optional*, defaults to `"sums"`): `"none"`, `"sums"` or `"tokens"`.
+        tokens_every_n_steps (`int`, *optional*): with `"sums"`, the `"tokens"` level on the analysed steps that are
+            multiples of this (step 0 always is; `0`: never). One such step costs about `min(Mp, L)` batch JVPs:
+            about 100 s of CPU for the DPO recipe's 8 probe prompts, so the DPO and SFT recipes run it at step 0
+            only and the GRPO recipe (64 completions per step) not at all.
+        report_to (`str`, *optional*, defaults to `"none"`): `"none"`, `"wandb"`, `"tensorboard"` or `"trackio"`.
+        nthr (`bool`, *optional*, defaults to `False`): GRPO only: also run with `NTHRCallback` and compare.
+        threads (`int`, *optional*, defaults to `1`): torch intra-op threads (the toy model is too small to gain
+            from more).
+        num_generations (`int`, *optional*): GRPO group size.
+        max_completion_length (`int`, *optional*): GRPO generation length.
+        progress (`bool`, *optional*, defaults to `True`): show the training progress bar.
+    """
+
+    trainer: TrainerName = "dpo"
+    out: str = "trl_ntk_demo"
+    seed: int = 0
+    epochs: float | None = None
+    max_steps: int | None = None
+    num_rows: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    optimizer: str | None = None
+    max_grad_norm: float | None = None
+    beta: float | None = None
+    num_probe_prompts: int | None = None
+    every_n_steps: int | None = None
+    attribution: str = "sums"
+    tokens_every_n_steps: int | None = None
+    report_to: str = "none"
+    nthr: bool = False
+    threads: int = 1
+    num_generations: int | None = None
+    max_completion_length: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"trainer must be one of {TRAINERS}, got {self.trainer!r}")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}")
+        if self.nthr and self.trainer != "grpo":
+            raise ValueError("--nthr applies to --trainer grpo only (NTHR reweights GRPO advantages)")
+
+    def resolved(self) -> DemoConfig:
+        """This config with every unset option taken from the trainer's recipe (`RECIPES`)."""
+        recipe = dict(RECIPES[self.trainer])
+        if self.epochs is not None or self.max_steps is not None:  # the user's length replaces the recipe's
+            recipe.update(epochs=None, max_steps=None)
+        values = {name: recipe[name] if getattr(self, name) is None else getattr(self, name) for name in recipe}
+        return replace(self, **values)
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "dpo": {
+        "epochs": 25.0,
+        "max_steps": None,
+        "num_rows": 288,
+        "batch_size": 16,
+        "learning_rate": 1e-2,
+        "optimizer": "sgd",
+        "max_grad_norm": 1.0,
+        "beta": 1.0,
+        "num_probe_prompts": 8,
+        "every_n_steps": 18,
+        "tokens_every_n_steps": 1000,
+        "num_generations": None,
+        "max_completion_length": None,
+    },
+    "sft": {
+        "epochs": 6.0,
+        "max_steps": None,
+        "num_rows": 216,
+        "batch_size": 16,
+        "learning_rate": 1e-3,
+        "optimizer": "adamw_torch",
+        "max_grad_norm": 1.0,
+        "beta": None,
+        "num_probe_prompts": 8,
+        "every_n_steps": 5,
+        "tokens_every_n_steps": 1000,
+        "num_generations": None,
+        "max_completion_length": None,
+    },
+    "grpo": {
+        "epochs": None,
+        "max_steps": 40,
+        "num_rows": 4096,
+        "batch_size": 64,
+        "learning_rate": 3e-4,
+        "optimizer": "adamw_torch",
+        "max_grad_norm": 1.0,
+        "beta": 0.0,
+        "num_probe_prompts": 4,
+        "every_n_steps": 5,
+        "tokens_every_n_steps": 0,
+        "num_generations": 8,
+        "max_completion_length": 32,
+    },
+}
+"""Tuned per-trainer defaults of the demo (`benchmarks/demo_seeds.py` prints the per-seed outcome).
+
+DPO: sigmoid loss, beta 1.0, plain SGD at a constant 1e-2 with clipping at 1, 16 pairs per step, 25 epochs over 288
+rows (450 steps) from the warm (SFT) toy model. With beta 0.1 the run degenerates after 4-6 epochs (the greedy
+answers break down, repetition sets in) and the greedy response ends below its start; with beta 1 the loss saturates
+once a pair's margin is large, so the squeeze stays clean for the whole run. SFT: AdamW 1e-3 for 6 epochs on the
+chosen responses from the pre-trained toy base. GRPO: the toy arithmetic task, 8 prompts x 8 completions per step,
+AdamW 3e-4, no KL term."""
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _training_args(config: DemoConfig, out: Path, run_name: str) -> dict[str, Any]:
+    """TrainingArguments shared by the three trainers (CPU, fp32, constant learning rate, no checkpoints)."""
+    args: dict[str, Any] = {
+        "output_dir": str(out),
+        "run_name": run_name,
+        "per_device_train_batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "optim": config.optimizer,
+        "weight_decay": 0.0,
+        "max_grad_norm": config.max_grad_norm,
+        "logging_steps": config.every_n_steps,
+        "save_strategy": "no",
+        "report_to": config.report_to,
+        "seed": config.seed,
+        "data_seed": config.seed,
+        "use_cpu": True,
+        "bf16": False,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": not config.progress,
+    }
+    args[_checkpointing_field()] = False  # TRL's configs default to True; a toy model has no memory to save
+    if config.max_steps is not None:
+        args["max_steps"] = config.max_steps
+    else:
+        args["num_train_epochs"] = config.epochs
+    return args
+
+
+def _checkpointing_field() -> str:
+    """`activation_checkpointing` where transformers has it (it deprecates `gradient_checkpointing`), else the old
+    name."""
+    from transformers import TrainingArguments
+
+    names = {f.name for f in fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+def _dpo_trainer(config: DemoConfig, out: Path, run_name: str):
+    from trl import DPOConfig, DPOTrainer
+
+    model, tokenizer = toy.model_and_tokenizer(warmup=True)
+    data = toy.preference_dataset(n=config.num_rows, seed=config.seed)
+    args = DPOConfig(**_training_args(config, out, run_name), beta=config.beta, loss_type=["sigmoid"], max_length=128)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    return trainer, data
+
+
+def _sft_trainer(config: DemoConfig, out: Path, run_name: str):
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = toy.model_and_tokenizer(warmup="pretrain")
+    data = toy.preference_dataset(n=config.num_rows, seed=config.seed)
+    train = data.select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
+    args = SFTConfig(**_training_args(config, out, run_name), max_length=128)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    return trainer, data
+
+
+def _grpo_trainer(config: DemoConfig, out: Path, run_name: str):
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, tokenizer = toy.model_and_tokenizer(warmup=True)
+    data = toy.math_dataset(n=config.num_rows, seed=config.seed)
+    args = GRPOConfig(
+        **_training_args(config, out, run_name),
+        beta=config.beta,
+        num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length,
+        temperature=1.0,
+        loss_type="grpo",
+    )
+    trainer = GRPOTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, reward_funcs=toy.math_reward
+    )
+    return trainer, data
+
+
+def _probes(config: DemoConfig, trainer: Any, data: Any):
+    from trl_ntk.probes.probe_set import ProbeSet
+
+    tokenizer = trainer.processing_class
+    if config.trainer == "grpo":
+        return ProbeSet.from_prompts(data, tokenizer, num_prompts=config.num_probe_prompts, seed=config.seed)
+    return ProbeSet.from_preference_dataset(
+        data,
+        tokenizer,
+        num_prompts=config.num_probe_prompts,
+        seed=config.seed,
+        test_dataset=toy.preference_dataset(seed=config.seed, split="test"),
+    )
+
+
+def train_one(config: DemoConfig, out: Path, nthr: bool = False) -> dict[str, Any]:
+    """Train one toy run with `LearningDynamicsCallback` (and `NTHRCallback` when `nthr`); returns timings."""
+    from transformers import set_seed
+
+    from trl_ntk.integration.callbacks import LearningDynamicsCallback
+
+    set_seed(config.seed)
+    build = {"dpo": _dpo_trainer, "sft": _sft_trainer, "grpo": _grpo_trainer}[config.trainer]
+    run_name = f"trl-ntk-demo-{config.trainer}{'-nthr' if nthr else ''}-seed{config.seed}"
+    trainer, data = build(config, out, run_name)
+    dynamics = LearningDynamicsCallback(
+        trainer,
+        probes=_probes(config, trainer, data),
+        every_n_steps=config.every_n_steps,
+        attribution=config.attribution,
+        tokens_every_n_steps=(config.tokens_every_n_steps or None) if config.attribution == "sums" else None,
+        seed=config.seed,
+        output_dir=str(out / "dynamics"),
+        report_to=config.report_to,
+    )
+    trainer.add_callback(dynamics)
+    # The log dicts are not printed (they go to `log_history` and the dashboards); the progress bar stays.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if config.progress:
+        trainer.add_callback(_QuietProgress())
+    if nthr:
+        _add_nthr(trainer, dynamics)
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    if config.report_to == "wandb":  # transformers leaves its run open; the next run (--nthr) gets its own
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    return {"train_seconds": seconds, "steps": int(result.global_step), "log_history": trainer.state.log_history}
+
+
+class _QuietProgress(ProgressCallback):
+    """transformers' progress bar without the log dict printed at every logging step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return None
+
+
+def _add_nthr(trainer: Any, dynamics: Any) -> None:
+    try:
+        from trl_ntk.integration.nthr import NTHRCallback
+    except ImportError as error:
+        raise RuntimeError(f"--nthr needs NTHRCallback, which could not be imported: {error}") from error
+
+    def record(entry: dict[str, Any]) -> None:
+        if dynamics.sinks is not None:
+            dynamics.sinks.write(entry)
+
+    trainer.add_callback(NTHRCallback(trainer, beta=1.0, eta="auto", vocab="group", record_fn=record))
+
+
+# ----------------------------------------------------------------------------------------------------- summary
+
+
+def _series_summary(series: tuple[list[int], list[float]]) -> dict[str, Any]:
+    steps, values = series
+    peak = max(range(len(values)), key=values.__getitem__)
+    return {
+        "logp_start": values[0],
+        "logp_end": values[-1],
+        "logp_peak": values[peak],
+        "peak_step": steps[peak],
+        "start_step": steps[0],
+        "end_step": steps[-1],
+    }
+
+
+def _summed_over_steps(records: Sequence[Mapping[str, Any]], path: str) -> dict[str, float]:
+    """kind -> sum over analysed steps of the mean of `path` over the kind's probes."""
+    return {kind: float(sum(values)) for kind, (_, values) in kind_means(records, path).items()}
+
+
+def summarize(run_dir: str | Path) -> dict[str, Any]:
+    """Start / end / peak of every probe kind's mean log-prob and argmax log-prob, and the predicted change split
+    into its positive- and negative-gradient parts (summed over the analysed steps), from a run's `dynamics.jsonl`.
+    """
+    data = load_run(run_dir, progress=False)
+    probes = data.of("probe")
+    dynamics = data.of("dynamics")
+    logp = kind_means(probes, "logp_sum")
+    argmax = kind_means(probes, "argmax_logp")
+    split_positive = _summed_over_steps(dynamics, "split.positive")
+    split_negative = _summed_over_steps(dynamics, "split.negative")
+    predicted = _summed_over_steps(dynamics, "predicted")
+    observed = _summed_over_steps(dynamics, "observed")
+    kinds: dict[str, Any] = {}
+    for kind in data.kinds:
+        if kind not in logp:
+            continue
+        entry = _series_summary(logp[kind])
+        entry.update({f"argmax_{k}": v for k, v in _series_summary(argmax[kind]).items() if k.startswith("logp_")})
+        if kind in split_positive:
+            entry.update(
+                split_positive=split_positive[kind],
+                split_negative=split_negative[kind],
+                predicted=predicted[kind],
+                observed=observed[kind],
+            )
+        kinds[kind] = entry
+    summary: dict[str, Any] = {
+        "kinds": kinds,
+        "analysed_steps": len({int(r["step"]) for r in dynamics}),
+        "scored_steps": len({int(r["step"]) for r in probes}),
+    }
+    reference = "chosen" if "chosen" in argmax else "completion" if "completion" in argmax else None
+    if reference is not None:
+        top = _series_summary(argmax[reference])
+        summary.update(
+            argmax_kind=reference,
+            argmax_logp_start=top["logp_start"],
+            argmax_logp_end=top["logp_end"],
+            argmax_logp_peak=top["logp_peak"],
+            argmax_peak_step=top["peak_step"],
+        )
+    lld = data.of("lld")
+    if lld:
+        observed_deltas = [r["delta_observed"] for r in lld if r.get("delta_observed") is not None]
+        summary["lld"] = {
+            "groups": len(lld),
+            "delta_observed_mean": _mean(observed_deltas),
+            "frac_groups_negative": _mean([float(d < 0) for d in observed_deltas]),
+            "delta_predicted_mean": _mean([r["delta_predicted"] for r in lld if r.get("delta_predicted") is not None]),
+            "delta_from_negative_mean": _mean(
+                [r["delta_from_negative"] for r in lld if r.get("delta_from_negative") is not None]
+            ),
+        }
+    nthr = data.of("nthr")
+    if nthr:
+        summary["nthr_stats"] = {
+            "batches": len(nthr),
+            "frac_downweighted_mean": _mean([r["frac_downweighted"] for r in nthr]),
+            "seconds": float(sum(r.get("seconds") or 0.0 for r in nthr)),
+        }
+    summary["checks"] = checks(summary, data.of("run")[-1].get("trainer") if data.of("run") else None)
+    return summary
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(sum(values) / len(values)) if values else None
+
+
+def _change(kinds: Mapping[str, Any], kind: str) -> float | None:
+    entry = kinds.get(kind)
+    return None if entry is None else entry["logp_end"] - entry["logp_start"]
+
+
+def checks(summary: Mapping[str, Any], trainer: str | None) -> dict[str, bool]:
+    """The signature of each demo as named booleans (kinds that did not run are left out)."""
+    kinds = summary["kinds"]
+    change = {kind: _change(kinds, kind) for kind in kinds}
+    out: dict[str, bool] = {}
+    if trainer == "dpo" and "chosen" in kinds and "rejected" in kinds:
+        chosen = kinds["chosen"]
+        out["rejected_falls_more_than_chosen"] = change["rejected"] < change["chosen"]
+        out["chosen_end_below_start"] = change["chosen"] < 0
+        for kind in ("chosen_rephrase", "rejected_rephrase", "chosen_swapped", "irrelevant_train", "irrelevant_test"):
+            if kind in change:
+                out[f"{kind}_falls"] = change[kind] < 0
+        if "argmax_logp_peak" in summary:
+            out["argmax_peak_above_start"] = summary["argmax_logp_peak"] > summary["argmax_logp_start"]
+        if "greedy" in change:
+            out["greedy_end_above_start"] = change["greedy"] > 0
+        if "split_negative" in chosen:
+            out["negative_gradient_dominates_chosen_fall"] = chosen["split_negative"] < 0 and -chosen[
+                "split_negative"
+            ] > max(chosen["split_positive"], 0.0)
+    elif trainer == "sft" and "chosen" in kinds:
+        # Similar responses (same wording: the swapped fact, other training prompts' answers) rise less than chosen;
+        # text in wording SFT does not train (the toy's rephrases) and shuffled text fall. (`irrelevant_test`, a
+        # held-out prompt's answer, goes either way with the seed.)
+        out["chosen_rises"] = change["chosen"] > 0
+        for kind in ("chosen_swapped", "irrelevant_train"):
+            if kind in change:
+                out[f"{kind}_rises_less_than_chosen"] = 0 < change[kind] < change["chosen"]
+        for kind in ("chosen_rephrase", "shuffled_chosen", "shuffled_irrelevant"):
+            if kind in change:
+                out[f"{kind}_falls"] = change[kind] < 0
+    elif trainer == "grpo" and "lld" in summary:
+        out["some_groups_displaced"] = (summary["lld"]["frac_groups_negative"] or 0.0) > 0
+    return out
+
+
+def nthr_checks(plain: Mapping[str, Any], nthr: Mapping[str, Any]) -> dict[str, bool]:
+    """GRPO + NTHR against plain GRPO (same seed): less lazy likelihood displacement of the correct completions."""
+    plain_lld, nthr_lld = plain.get("lld") or {}, nthr.get("lld") or {}
+    if plain_lld.get("delta_observed_mean") is None or nthr_lld.get("delta_observed_mean") is None:
+        return {}
+    return {
+        "nthr_raises_mean_delta": nthr_lld["delta_observed_mean"] > plain_lld["delta_observed_mean"],
+        "nthr_fewer_displaced_groups": nthr_lld["frac_groups_negative"] < plain_lld["frac_groups_negative"],
+    }
+
+
+# ------------------------------------------------------------------------------------------------------- table
+
+_TABLE_KINDS_FIRST = ("chosen", "rejected", "completion", "greedy")
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """The start -> end (peak) table of a summary, one row per probe kind, as plain text."""
+    header = f"{'kind':<20} {'start':>9} {'end':>9} {'change':>9} {'peak':>9} {'pred +':>9} {'pred -':>9}"
+    lines = [header, "-" * len(header)]
+    kinds = summary["kinds"]
+    order = [k for k in _TABLE_KINDS_FIRST if k in kinds] + [k for k in kinds if k not in _TABLE_KINDS_FIRST]
+    for kind in order:
+        entry = kinds[kind]
+        positive = entry.get("split_positive")
+        negative = entry.get("split_negative")
+        lines.append(
+            f"{kind:<20} {entry['logp_start']:>9.2f} {entry['logp_end']:>9.2f} "
+            f"{entry['logp_end'] - entry['logp_start']:>+9.2f} {entry['logp_peak']:>9.2f} "
+            f"{_optional(positive):>9} {_optional(negative):>9}"
+        )
+    if "argmax_logp_start" in summary:
+        lines.append(
+            f"{'argmax (' + summary['argmax_kind'] + ')':<20} {summary['argmax_logp_start']:>9.2f} "
+            f"{summary['argmax_logp_end']:>9.2f} {summary['argmax_logp_end'] - summary['argmax_logp_start']:>+9.2f} "
+            f"{summary['argmax_logp_peak']:>9.2f}"
+        )
+    every = (summary.get("config") or {}).get("every_n_steps")
+    lines.append(
+        "log-probs: summed over the response, mean over the kind's probes (nats); peak: the highest value over the "
+        "run.\npred +/-: predicted change due to the positive-gradient (pulled-up) / negative-gradient (pushed-down) "
+        f"training tokens, summed over the {summary['analysed_steps']} analysed steps"
+        + (f" (one in {every})" if every else "")
+    )
+    return "\n".join(lines)
+
+
+def _optional(value: float | None) -> str:
+    return "" if value is None or not math.isfinite(value) else f"{value:+.2f}"
+
+
+def format_checks(checks_: Mapping[str, bool]) -> str:
+    return "\n".join(f"  [{'x' if ok else ' '}] {name.replace('_', ' ')}" for name, ok in checks_.items())
+
+
+# --------------------------------------------------------------------------------------------------------- run
+
+
+def run_demo(config: DemoConfig, stream: Any = None) -> dict[str, Any]:
+    """Train, write `report.html` and `summary.json` under `config.out`, print the table to `stream`; returns the
+    summary (with `--nthr`, the baseline's, and the NTHR run's under `"nthr_run"`)."""
+    stream = stream if stream is not None else sys.stdout
+    config = config.resolved()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.report_to == "wandb":  # the demo is offline: W&B too, unless WANDB_MODE says otherwise
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_PROJECT", "trl_ntk_demo")
+        logger.info("W&B mode %s (sync an offline run with `wandb sync`)", os.environ["WANDB_MODE"])
+    runs = [("", False)] + ([("nthr", True)] if config.nthr else [])
+    summaries = {}
+    with _torch_threads(config.threads):
+        for name, nthr in runs:
+            run_out = out / name if name else out
+            timing = train_one(config, run_out, nthr=nthr)
+            start = time.perf_counter()
+            report = build_report(run_out / "dynamics", progress=False)
+            summary = summarize(run_out / "dynamics")
+            summary.update(
+                trainer=config.trainer,
+                nthr=nthr,
+                config={k: v for k, v in asdict(config).items() if k != "progress"},
+                report=str(report),
+                steps=timing["steps"],
+                train_seconds=round(timing["train_seconds"], 1),
+                report_seconds=round(time.perf_counter() - start, 1),
+            )
+            if config.trainer == "grpo":
+                summary["reward"] = _reward_summary(timing["log_history"])
+            summaries[name] = summary
+    summary = summaries[""]
+    if config.nthr:
+        summary["nthr_run"] = summaries["nthr"]
+        summary["checks"].update(nthr_checks(summary, summaries["nthr"]))
+    (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+    _print_summary(summary, stream)
+    return summary
+
+
+def _reward_summary(log_history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    rewards = [entry["reward"] for entry in log_history if "reward" in entry]
+    if not rewards:
+        return {}
+    return {"first": rewards[0], "last": rewards[-1], "mean": _mean(rewards)}
+
+
+def _print_summary(summary: Mapping[str, Any], stream: Any) -> None:
+    title = f"trl-ntk demo: {summary['trainer'].upper()} on the toy default, {summary['steps']} steps"
+    stream.write(f"\n{title} ({summary['train_seconds']:.0f} s training)\n\n{format_table(summary)}\n")
+    chosen = summary["kinds"].get("chosen", {})
+    if summary["trainer"] == "dpo" and "split_negative" in chosen:
+        stream.write(
+            f"\nwhy chosen moved (predicted, {summary['analysed_steps']} analysed steps): pulled up by the "
+            f"positive-gradient (chosen) tokens {chosen['split_positive']:+.2f}, pushed down by the "
+            f"negative-gradient (rejected) tokens {chosen['split_negative']:+.2f}\n"
+        )
+    if summary.get("checks"):
+        stream.write("\n" + format_checks(summary["checks"]) + "\n")
+    if "lld" in summary:
+        stream.write(_lld_line("GRPO", summary) + "\n")
+    if "nthr_run" in summary:
+        nthr = summary["nthr_run"]
+        stream.write(_lld_line("GRPO + NTHR", nthr) + "\n")
+        stream.write(f"\nNTHR report: {nthr['report']}\n")
+    stream.write(f"\nreport: {summary['report']}\n")
+    stream.flush()
+
+
+def _lld_line(name: str, summary: Mapping[str, Any]) -> str:
+    lld = summary.get("lld") or {}
+    reward = summary.get("reward") or {}
+    return (
+        f"{name:<12} LLD: mean delta {lld.get('delta_observed_mean', float('nan')):+.3f} over "
+        f"{lld.get('groups', 0)} groups, {100 * (lld.get('frac_groups_negative') or 0):.0f}% negative; "
+        f"reward {reward.get('first', float('nan')):.2f} -> {reward.get('last', float('nan')):.2f}"
+    )

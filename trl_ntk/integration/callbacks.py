@@ -1,0 +1,605 @@
+"""`LearningDynamicsCallback`: maps trainer events to probe scoring and step analysis; no maths inside.
+
+Event flow of one optimizer step with analysis due: `on_step_begin` arms the capture -> the trainer's own
+forward/backward runs, hooks keep the micro-batches and `c_l` -> `on_pre_optimizer_step` (params `w_t`, `.grad`
+complete): score probes, predict -> `on_optimizer_step` (params `w_{t+1}`): score again, observed vs predicted ->
+sinks. Steps without analysis cost one `if`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+import trl
+from transformers import TrainerCallback
+
+from trl_ntk import __version__
+from trl_ntk.analysis import dynamics, sharded
+from trl_ntk.batches import TokenLabels, concat_token_batches
+from trl_ntk.integration.adapters import adapter_for, label_step
+from trl_ntk.integration.capture import GradientCapture
+from trl_ntk.output import records
+from trl_ntk.output.sinks import make_sinks
+from trl_ntk.probes.probe_set import ProbeSet, sample_responses
+from trl_ntk.probes.scoring import score_responses
+
+logger = logging.getLogger(__name__)
+
+ATTRIBUTION_LEVELS = ("none", "sums", "tokens")
+
+
+@dataclass
+class DynamicsConfig:
+    """Options of `LearningDynamicsCallback`, logged as run config.
+
+    Args:
+        every_n_steps (`int`, *optional*, defaults to `50`): score the probes (and analyse the update) at every
+            optimizer step whose `global_step` is a multiple of this, and at the end of training.
+        attribution (`str`, *optional*, defaults to `"sums"`): `"none"` (track probe log-probs only, a few no-grad
+            forwards), `"sums"` (predicted vs observed change, sign / group splits: a few backwards and JVPs) or
+            `"tokens"` (adds, for every probe response, each training token's total push and the top-k pushing
+            tokens: one probe backward + one batch JVP per response; and the full probe-token x training-token
+            matrix for the responses of the first `matrix_prompts` probe prompts: about one batch JVP per token).
+        tokens_every_n_steps (`int`, *optional*): with `attribution="sums"`, run the `"tokens"` level on the
+            analysis steps that are multiples of this.
+        matrix_prompts (`int`, *optional*, defaults to `1`): at the tokens level, keep the full token x token
+            matrix (`.npz`) for the responses of this many probe prompts; `None`: for every response (the cost
+            then grows with the probe tokens, e.g. about 100 s of CPU per step for the demo's 1,400 probe tokens).
+        num_prompts (`int`, *optional*, defaults to `4`): prompts taken from the train dataset for default probes.
+        generate (`bool`, *optional*, defaults to `True`): track the model's own greedy response per probe prompt,
+            regenerated at every scoring step (kind `greedy`).
+        num_samples (`int`, *optional*, defaults to `0`): also track this many sampled responses per prompt.
+        sample_temperature (`float`, *optional*, defaults to `1.0`): temperature of those samples.
+        max_new_tokens (`int`, *optional*, defaults to `48`): generation length for sampled probes.
+        top_k (`int`, *optional*, defaults to `5`): training tokens listed per probe response ("tokens" level).
+        chunk_size (`int`, *optional*): parameter-sized tangents held at once by the kernels.
+        score_batch_size (`int`, *optional*, defaults to `32`): probe responses per scoring forward.
+        kernel_summaries (`bool`, *optional*, defaults to `False`): log-prob kernel and pNTK norms between probes
+            and the batch at "tokens" steps (two more `min(Mp, L)`-JVP passes).
+        strict (`bool`, *optional*, defaults to `False`): raise analysis failures instead of warning and counting.
+        seed (`int`, *optional*, defaults to `0`): probe selection and sampling seed.
+        output_dir (`str`, *optional*): where `dynamics.jsonl` goes; defaults to `<args.output_dir>/dynamics`.
+        report_to (`str` or `list[str]`, *optional*): trackers besides the JSONL; defaults to the trainer's
+            `args.report_to`.
+    """
+
+    every_n_steps: int = 50
+    attribution: str = "sums"
+    tokens_every_n_steps: int | None = None
+    matrix_prompts: int | None = 1
+    num_prompts: int = 4
+    generate: bool = True
+    num_samples: int = 0
+    sample_temperature: float = 1.0
+    max_new_tokens: int = 48
+    top_k: int = 5
+    chunk_size: int | None = None
+    score_batch_size: int = 32
+    kernel_summaries: bool = False
+    strict: bool = False
+    seed: int = 0
+    output_dir: str | None = None
+    report_to: str | list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.attribution not in ATTRIBUTION_LEVELS:
+            raise ValueError(f"attribution must be one of {ATTRIBUTION_LEVELS}, got {self.attribution!r}")
+        if self.every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {self.every_n_steps}")
+
+
+@dataclass
+class _PendingAnalysis:
+    step: int
+    before: Any  # ResponseScores at w_t
+    explanation: dynamics.UpdateExplanation | None
+    tokens: bool
+    lld_before: Any = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+class LearningDynamicsCallback(TrainerCallback):
+    r"""
+    A [`~transformers.TrainerCallback`] that tracks probe log-probabilities and explains, token by token, how each
+    analysed optimizer step moved them.
+
+    Usage:
+    ```python
+    >>> trainer = DPOTrainer(...)
+    >>> trainer.add_callback(LearningDynamicsCallback(trainer, every_n_steps=20, attribution="sums"))
+    >>> trainer.train()  # -> <output_dir>/dynamics/dynamics.jsonl; `trl-ntk report <output_dir>/dynamics`
+    ```
+
+    Args:
+        trainer (`Trainer`):
+            An `SFTTrainer`, `DPOTrainer` or `GRPOTrainer` (or a subclass).
+        probes (`ProbeSet`, *optional*):
+            Probe responses to track. Defaults to probes built from the trainer's train dataset
+            (`ProbeSet.from_preference_dataset` for DPO, `ProbeSet.from_prompts` otherwise).
+        config (`DynamicsConfig`, *optional*):
+            All options; keyword arguments override its fields (`every_n_steps=...`, `attribution=...`, ...).
+    """
+
+    def __init__(self, trainer: Any, probes: ProbeSet | None = None, config: DynamicsConfig | None = None, **options):
+        self.trainer = trainer
+        self.config = DynamicsConfig(**{**(asdict(config) if config else {}), **options})
+        self.adapter = adapter_for(trainer)
+        self.adapter.validate(trainer)
+        _validate_parallelism(trainer, self.config)
+        self.tokenizer = trainer.processing_class
+        tokenizer = getattr(self.tokenizer, "tokenizer", self.tokenizer)
+        self.tokenizer = tokenizer
+        model = self._model()
+        if probes is None:
+            probes = self._default_probes(trainer)
+        self.probes = probes
+        self.max_length = _model_max_length(model)
+        self.encoded = probes.encode(tokenizer, max_length=self.max_length)
+        self.encoded.validate(model, tokenizer)
+        self.capture = GradientCapture(model, temperature=self.adapter.temperature(trainer))
+        self._wrap_compute_loss(trainer)
+        self.output_dir = Path(self.config.output_dir or Path(trainer.args.output_dir) / "dynamics")
+        self.sinks = None
+        self.sampled: list = []
+        self.sampled_step: int | None = None
+        self.pending: _PendingAnalysis | None = None
+        self.last_scored_step: int | None = None
+        self.analysis_failures = 0
+        self.last_failure = ""
+        self.sharded = False
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _model(self) -> torch.nn.Module:
+        return self.trainer.accelerator.unwrap_model(self.trainer.model)
+
+    def _default_probes(self, trainer: Any) -> ProbeSet:
+        dataset = trainer.train_dataset
+        if dataset is None:
+            raise ValueError("the trainer has no train_dataset to build default probes from; pass probes=ProbeSet(...)")
+        if self.adapter.kind == "dpo":
+            return ProbeSet.from_preference_dataset(
+                dataset,
+                self.tokenizer,
+                num_prompts=self.config.num_prompts,
+                seed=self.config.seed,
+                test_dataset=getattr(trainer, "eval_dataset", None) or None,
+            )
+        return ProbeSet.from_prompts(
+            dataset, self.tokenizer, num_prompts=self.config.num_prompts, seed=self.config.seed
+        )
+
+    def _wrap_compute_loss(self, trainer: Any) -> None:
+        """Tell the capture where each trainer micro-batch starts (its inputs name the tokens for the adapter)."""
+        compute_loss = trainer.compute_loss
+        capture = self.capture
+
+        def compute_loss_with_capture(model, inputs, *args, **kwargs):
+            capture.begin_loss_call(inputs)
+            return compute_loss(model, inputs, *args, **kwargs)
+
+        trainer.compute_loss = compute_loss_with_capture
+
+    # -------------------------------------------------------------------------------------------- schedule
+    def _due(self, step: int) -> bool:
+        return step % self.config.every_n_steps == 0
+
+    def _tokens_due(self, step: int) -> bool:
+        if self.config.attribution == "tokens":
+            return True
+        every = self.config.tokens_every_n_steps
+        return self.config.attribution == "sums" and every is not None and step % every == 0
+
+    # -------------------------------------------------------------------------------------------- events
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.sharded = sharded.is_sharded(self._model())  # FSDP wraps the model when training starts
+        if self.sharded and not getattr(self.trainer, "is_fsdp_enabled", False):
+            raise ValueError(
+                "the model's parameters are distributed tensors but the trainer does not use FSDP (tensor "
+                "parallelism?); LearningDynamicsCallback supports sharded parameters under FSDP2 only"
+            )
+        resumed = state.global_step if state.global_step > 0 else None
+        if state.is_world_process_zero:
+            self.sinks = make_sinks(
+                self.config.report_to if self.config.report_to is not None else args.report_to,
+                self.output_dir,
+                trainer=self.trainer,
+            )
+            if resumed is not None:
+                self.sinks.truncate_after(resumed - 1)
+            self._emit(
+                state.global_step,
+                [records.run_record(state.global_step, self.adapter.kind, asdict(self.config), _versions(), resumed)],
+            )
+            self._emit(state.global_step, [records.probes_record(state.global_step, self.encoded, self.tokenizer)])
+        self._adopt_nthr_records()
+
+    def _adopt_nthr_records(self) -> None:
+        """Route the records of an `NTHRCallback` on the same trainer through this callback's sinks."""
+        from trl_ntk.integration.nthr import NTHRCallback
+
+        for callback in self.trainer.callback_handler.callbacks:
+            if isinstance(callback, NTHRCallback) and callback.record_fn is None:
+                callback.record_fn = self._write_external
+
+    def _write_external(self, record: dict) -> None:
+        self._emit(int(record.get("step", self.trainer.state.global_step)), [record])
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.config.attribution != "none" and self._due(state.global_step):
+            self.capture.arm()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        step = state.global_step
+        if not self._due(step):
+            return
+        armed = self.capture.armed
+        micro_batches = self.capture.disarm() if armed else []
+        self._guarded(step, self._before_update, step, micro_batches, armed)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        self._guarded(pending.step, self._after_update, pending)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if self.last_scored_step != step:
+            self._guarded(step, self._score_only, step)
+        if self.sinks is not None:
+            sink_status = self.sinks.status()
+            message = self.last_failure or sink_status["message"]
+            self._emit(
+                step, [records.status_record(step, self.analysis_failures, sink_status["sink_failures"], message)]
+            )
+            self.sinks.close()
+            self.sinks = None
+
+    # ------------------------------------------------------------------------------------------ analysis
+    def _guarded(self, step: int, fn, *args) -> None:
+        if self.config.strict:
+            fn(*args)
+            return
+        try:
+            fn(*args)
+        except Exception as error:  # noqa: BLE001 - non-strict mode must never stop training
+            self.pending = None
+            self.capture.disarm()
+            self.analysis_failures += 1
+            self.last_failure = f"step {step}: {type(error).__name__}: {error}"
+            warnings.warn(
+                f"learning-dynamics analysis failed at {self.last_failure} (failure #{self.analysis_failures}); "
+                "training goes on, the count is in the status record",
+                stacklevel=2,
+            )
+
+    def _probe_batch(self, step: int):
+        """The fixed probes plus the sampled ones of this scoring step (regenerated when due)."""
+        if self.config.generate and self.sampled_step != step:
+            self.sampled = self._sample_on_main(step)
+            self.sampled_step = step
+            if self.sampled:
+                encoded = ProbeSet.from_responses(self.probes.responses() + self.sampled).encode(
+                    self.tokenizer, max_length=self.max_length
+                )
+                self._emit(step, [records.probes_record(step, encoded, self.tokenizer)])
+                return encoded
+        if self.sampled:
+            return ProbeSet.from_responses(self.probes.responses() + self.sampled).encode(
+                self.tokenizer, max_length=self.max_length
+            )
+        return self.encoded
+
+    def _sample_on_main(self, step: int) -> list:
+        """The model's own responses, generated on the main process and shared with the other ranks (DDP), so that
+        every rank explains the same probe tokens: the cross-rank sums of the probe JVPs add up token by token.
+        Under FSDP every rank runs `generate` (each forward gathers the shards) and the main process's responses
+        are kept.
+
+        A generation failure is shared as well and raised on every rank, so that no rank is left waiting in a
+        collective the others skip.
+        """
+        sampled, error = None, None
+        if self._is_main() or self.sharded:  # sharded: every rank takes part in every forward of `generate`
+            try:
+                with self.capture.paused():
+                    sampled = sample_responses(
+                        self._model(),
+                        self.tokenizer,
+                        self.probes.prompts(),
+                        num_samples=self.config.num_samples,
+                        temperature=self.config.sample_temperature,
+                        max_new_tokens=self.config.max_new_tokens,
+                        seed=self.config.seed + step,
+                        synced_gpus=self.sharded and self.trainer.accelerator.num_processes > 1,
+                    )
+            except Exception as exception:
+                if self.trainer.accelerator.num_processes <= 1:
+                    raise
+                error = f"rank {self.trainer.accelerator.process_index}: {type(exception).__name__}: {exception}"
+            finally:
+                if self.sharded:
+                    sharded.reshard(self._model())
+        if self.trainer.accelerator.num_processes > 1:
+            errors = _all_gather(self.trainer.accelerator)(error)
+            error = next((e for e in errors if e is not None), None)
+            shared = [sampled]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            sampled = shared[0]
+        if error is not None:
+            raise RuntimeError(f"probe generation failed on {error}")
+        return sampled
+
+    def _score(self, encoded):
+        return self._score_batch(encoded.batch)
+
+    def _score_batch(self, batch):
+        with self.capture.paused():
+            if self.sharded:
+                return sharded.score_sharded(self._model(), batch, batch_size=self.config.score_batch_size)
+            return score_responses(self._model(), batch, batch_size=self.config.score_batch_size)
+
+    def _score_only(self, step: int) -> None:
+        encoded = self._probe_batch(step)
+        scores = self._score(encoded)
+        self.last_scored_step = step
+        self._emit(step, records.probe_records(step, encoded, scores))
+
+    def _before_update(self, step: int, micro_batches: list, armed: bool) -> None:
+        encoded = self._probe_batch(step)
+        before = self._score(encoded)
+        self.last_scored_step = step
+        self._emit(step, records.probe_records(step, encoded, before))
+        if not armed:
+            return
+        problem = self.capture.failures[0] if self.capture.failures else None
+        if problem is None and not micro_batches:
+            problem = "no training forward with a gradient was captured in this step"
+        # every rank stops together: a rank that went on alone would wait in the analysis' collectives
+        if self._on_any_rank(problem is not None):
+            raise RuntimeError(problem or "the step's capture failed on another rank")
+        model = self._model()
+        labels = label_step(self.adapter, micro_batches)
+        tokens = self._tokens_due(step)
+        lld = self._positive_completions(micro_batches, labels) if self.adapter.kind == "grpo" else None
+        was_training = model.training
+        model.eval()
+        try:
+            with self.capture.paused():
+                explanation = self._explain(
+                    model,
+                    encoded.batch,
+                    micro_batches,
+                    labels,
+                    self.adapter.group_names,
+                    self.trainer.optimizer,
+                    attribution="tokens" if tokens else "sums",
+                    coeff_scale=1.0 / self.trainer.accelerator.num_processes,
+                    all_reduce=_all_reduce(self.trainer.accelerator),
+                    all_gather=_all_gather(self.trainer.accelerator),
+                    chunk_size=self.config.chunk_size,
+                    kernel_summaries=self.config.kernel_summaries and tokens,
+                    extra_batches={"lld": lld[0]} if lld is not None else None,
+                    matrix_rows=self._matrix_rows(encoded) if tokens else None,
+                )
+                lld_before = None if lld is None else self._target_logprobs(lld[0])
+        finally:
+            model.train(was_training)
+        self.pending = _PendingAnalysis(
+            step=step,
+            before=(encoded, before),
+            explanation=explanation,
+            tokens=tokens,
+            lld_before=None if lld is None else (lld[:2], lld_before, lld[2]),
+        )
+
+    def _explain(self, model, probe_batch, micro_batches, labels, group_names, optimizer, **options):
+        """`dynamics.explain_update`, or its finite-difference form `sharded.explain_update` (no token level) when
+        the parameters are sharded across ranks."""
+        if not self.sharded:
+            return dynamics.explain_update(model, probe_batch, micro_batches, labels, group_names, optimizer, **options)
+        return sharded.explain_update(
+            model,
+            probe_batch,
+            micro_batches,
+            labels,
+            group_names,
+            optimizer,
+            coeff_scale=options["coeff_scale"],
+            extra_batches=options["extra_batches"],
+            batch_size=self.config.score_batch_size,
+        )
+
+    def _positive_completions(self, micro_batches: list, labels: list):
+        """GRPO's positive-advantage completions of the step (for lazy likelihood displacement): `(batch, their
+        labels, labels of all the step's training tokens)`, or None when there is none.
+
+        Under DDP those of every rank, concatenated in rank order on every rank, so that every rank predicts the
+        same tokens (the cross-rank sums of their JVPs add up token by token) and the main process reports every
+        rank's groups; examples and groups are renumbered per rank (a group split across ranks shows as parts).
+        """
+        has_positive = any(bool((lab.group == 0).any()) for lab in labels)
+        local = dynamics.positive_completion_batches(micro_batches, labels) if has_positive else None
+        all_labels = dynamics.concat_labels(labels)
+        gather = _all_gather(self.trainer.accelerator)
+        if gather is None:
+            return None if local is None else (*local, all_labels)
+        parts = gather((None if local is None else (local[0].to("cpu"), local[1]), all_labels))
+        batches, positive_labels, step_labels = [], [], []
+        example_offset = group_offset = 0
+        for part, rank_labels in parts:
+            if part is not None:
+                batches.append(part[0])
+                positive_labels.append(_renumbered(part[1], example_offset, group_offset))
+            step_labels.append(_renumbered(rank_labels, example_offset, group_offset))
+            if rank_labels.example.numel():
+                example_offset += int(rank_labels.example.max()) + 1
+                group_offset += int(rank_labels.sequence_group.max()) + 1
+        if not batches:
+            return None
+        batch = concat_token_batches(batches).to(self._model().get_input_embeddings().weight.device)
+        return batch, dynamics.concat_labels(positive_labels), dynamics.concat_labels(step_labels)
+
+    def _matrix_rows(self, encoded) -> torch.Tensor | None:
+        """`[B]` bool: the probe responses of the first `matrix_prompts` prompts (all when it is `None`)."""
+        if self.config.matrix_prompts is None:
+            return None
+        prompt_ids = list(dict.fromkeys(r.prompt_id for r in encoded.responses))[: self.config.matrix_prompts]
+        return torch.tensor([r.prompt_id in prompt_ids for r in encoded.responses], dtype=torch.bool)
+
+    def _target_logprobs(self, batch) -> torch.Tensor:
+        """`[M]` log-probs of a token batch's targets (row-major), no grad."""
+        return torch.cat(list(self._score_batch(batch).token_logps))
+
+    def _after_update(self, pending: _PendingAnalysis) -> None:
+        encoded, before = pending.before
+        after = self._score(encoded)
+        step = pending.step
+        out = records.dynamics_records(
+            step, encoded, before, after, pending.explanation, self.tokenizer, top_k=self.config.top_k
+        )
+        if pending.lld_before is not None:
+            (lld_batch, lld_labels), lld_before, all_labels = pending.lld_before
+            groups = dynamics.lazy_likelihood_displacement(
+                lld_before,
+                self._target_logprobs(lld_batch),
+                pending.explanation.extra["lld"],
+                lld_labels,
+                pending.explanation.cell_names,
+                all_labels,
+            )
+            out += records.lld_records(step, groups)
+        if pending.tokens and pending.explanation.matrix is not None and self._is_main():
+            matrix_file = self.sinks.save_attributions(
+                step, records.attribution_arrays(encoded, pending.explanation, self.tokenizer)
+            )
+            with_matrix = set(records.matrix_probe_ids(encoded, pending.explanation))
+            for record in out:
+                if record["type"] == "dynamics" and record["probe_id"] in with_matrix:
+                    record["matrix"] = {"file": matrix_file, "key": record["probe_id"]}
+        self._emit(step, out)
+        logger.info("%s", records.one_line_summary(step, out, time.perf_counter() - pending.started))
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on at least one rank (every rank must call this)."""
+        if self.trainer.accelerator.num_processes <= 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.trainer.accelerator.device)
+        torch.distributed.all_reduce(value)
+        return bool(value.item() > 0)
+
+    # ------------------------------------------------------------------------------------------- output
+    def _is_main(self) -> bool:
+        return self.trainer.accelerator.is_main_process
+
+    def _emit(self, step: int, batch: list[dict]) -> None:
+        if self.sinks is not None and self._is_main():
+            self.sinks.write_event(step, batch)
+
+
+def _validate_parallelism(trainer: Any, config: DynamicsConfig) -> None:
+    """Refuse, before training, the parallel set-ups the analysis cannot run under.
+
+    FSDP2 (`fsdp_config={"fsdp_version": 2}`): every level but `"tokens"` (finite differences on the shards,
+    `sharded.py`). FSDP1 and DeepSpeed ZeRO-3: not supported. DeepSpeed ZeRO-1/2: tracking (`"none"`) only, since
+    DeepSpeed updates the weights before `on_pre_optimizer_step`.
+    """
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if getattr(trainer, "is_fsdp_enabled", False) and plugin is not None:
+        if getattr(plugin, "fsdp_version", 1) != 2:
+            raise ValueError(
+                "LearningDynamicsCallback supports FSDP2 only (it reads the parameter shards as DTensors); set "
+                "fsdp_config={'fsdp_version': 2} in the training arguments"
+            )
+        logits_loss = getattr(trainer, "compute_loss_func", None) is not None or (
+            getattr(trainer, "label_smoother", None) is not None
+        )
+        if logits_loss and config.attribution != "none":
+            raise ValueError(
+                "under FSDP the analysis covers losses on TRL's fused log-probs only; this trainer computes its loss "
+                "from the plain logits (label smoothing or a compute_loss_func): use attribution='none' or drop them"
+            )
+        if getattr(getattr(trainer, "model", None), "peft_config", None) is not None:
+            raise ValueError(
+                "LearningDynamicsCallback does not support PEFT adapters under FSDP (its scoring and generation go "
+                "through the base model, below the root FSDP module); train the adapter with DDP instead"
+            )
+        tokens = config.attribution == "tokens" or (config.attribution == "sums" and config.tokens_every_n_steps)
+        if tokens or config.kernel_summaries:
+            raise ValueError(
+                "the 'tokens' level (and kernel_summaries) needs the full parameters on one process, which FSDP "
+                "shards; use attribution='sums' without tokens_every_n_steps (finite differences on the shards) or "
+                "train without FSDP for token attributions"
+            )
+        args = getattr(trainer, "args", None)
+        if config.attribution != "none" and (getattr(args, "bf16", False) or getattr(args, "fp16", False)):
+            warnings.warn(
+                "under FSDP with bf16/fp16 the forwards compute in half precision, which resolves about 4e-3 of a "
+                "weight: the finite-difference predictions ('sums') are coarse there (only float32 was tested); "
+                "the observed changes and the gradient check are unaffected",
+                stacklevel=3,
+            )
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return
+    deepspeed = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if getattr(deepspeed, "zero_stage", 0) == 3:
+        raise ValueError(
+            "LearningDynamicsCallback does not support DeepSpeed ZeRO-3 (partitioned parameters, and the probe "
+            "forwards would need every rank); use FSDP2 (fsdp_config={'fsdp_version': 2})"
+        )
+    if config.attribution != "none":
+        raise ValueError(
+            "under DeepSpeed the optimizer step runs inside the backward (accelerate's DeepSpeedEngineWrapper), "
+            "before the trainer's on_pre_optimizer_step, so an update cannot be explained from before it; use "
+            "attribution='none' (probe tracking), or DDP / FSDP2 for the step analysis"
+        )
+
+
+def _model_max_length(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    return getattr(text_config, "max_position_embeddings", None)
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "trl_ntk": __version__,
+    }
+
+
+def _all_reduce(accelerator: Any):
+    if accelerator.num_processes <= 1:
+        return None
+
+    def reduce(tensor: torch.Tensor) -> None:
+        torch.distributed.all_reduce(tensor)
+
+    return reduce
+
+
+def _renumbered(labels: TokenLabels, example_offset: int, group_offset: int) -> TokenLabels:
+    return TokenLabels(
+        group=labels.group, example=labels.example + example_offset, sequence_group=labels.sequence_group + group_offset
+    )
+
+
+def _all_gather(accelerator: Any):
+    if accelerator.num_processes <= 1:
+        return None
+
+    def gather(value: Any) -> list:
+        gathered = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
+    return gather

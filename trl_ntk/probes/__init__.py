@@ -1,0 +1,1 @@
+"""Probe responses: the data model, builders from datasets, tokenization, sampling and scoring."""

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests import trainer_factory  # noqa: E402
-from trl_ntk.analysis import sharded  # noqa: E402
+from trl_ntk import _model  # noqa: E402
 from trl_ntk.integration import callbacks  # noqa: E402
 
 
@@ -103,7 +103,7 @@ def main() -> None:
     observed.train()
 
     same_weights = all(
-        torch.equal(sharded.local_shard(a), sharded.local_shard(b))
+        torch.equal(_model.local_shard(a), _model.local_shard(b))
         for a, b in zip(plain.model.parameters(), observed.model.parameters())
     )
     report = {

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from trl_ntk.batches import TokenBatch
-from trl_ntk.ntk import kernels
+from trl_ntk.ntk import attributions, jvp, kernels, logprobs, optim
 
 EXACT = 1e-4  # float32, exact routes
 FINITE_DIFFERENCE = 1e-2
@@ -152,7 +152,7 @@ def test_target_logprobs_match_model_forward_with_padding_on_both_sides(architec
     probe, train = probe_and_train(model)
     for batch in (probe, train):
         expected = model_outputs(model, batch)
-        assert torch.allclose(kernels.target_logprobs(model, batch), expected, atol=1e-5, rtol=0)
+        assert torch.allclose(logprobs.target_logprobs(model, batch), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
@@ -190,7 +190,7 @@ def test_gradients_implementation_matches_bruteforce():
 )
 def test_every_jvp_path_gives_the_bruteforce_kernel(path, tolerance):
     model = qwen2()
-    assert kernels.select_jvp_path(model) is kernels.JvpPath.FUNC  # eager attention, no checkpointing
+    assert jvp.select_jvp_path(model) is jvp.JvpPath.FUNC  # eager attention, no checkpointing
     probe, train = probe_and_train(model)
     expected = bruteforce_kernel(model, probe, train)
     assert relative_error(kernels.logprob_kernel(model, probe, train, path=path), expected) < tolerance
@@ -260,7 +260,7 @@ def test_softcapped_logits_and_attended_padding_token_match_bruteforce():
     probe, train = probe_and_train(model)
     train.input_ids[1, 0] = model.config.pad_token_id  # attended (attention_mask 1)
     assert model.get_input_embeddings().padding_idx == model.config.pad_token_id
-    assert torch.allclose(kernels.target_logprobs(model, probe), model_outputs(model, probe), atol=1e-5, rtol=0)
+    assert torch.allclose(logprobs.target_logprobs(model, probe), model_outputs(model, probe), atol=1e-5, rtol=0)
     expected = bruteforce_kernel(model, probe, train)
     assert relative_error(kernels.logprob_kernel(model, probe, train), expected) < EXACT
 
@@ -283,7 +283,7 @@ def test_gradient_checkpointing_in_train_mode_runs_forward_ad_and_matches_brutef
     model = qwen2()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # configs have zero dropout: train mode is deterministic
-    assert kernels.select_jvp_path(model) is kernels.JvpPath.FORWARD_AD
+    assert jvp.select_jvp_path(model) is jvp.JvpPath.FORWARD_AD
     probe, train = probe_and_train(model)
     expected = bruteforce_kernel(model, probe, train)
     assert relative_error(kernels.logprob_kernel(model, probe, train), expected) < EXACT
@@ -329,7 +329,7 @@ def test_unknown_attention_falls_back_to_finite_differences_or_is_switched_and_r
     direction = random_direction(trainable(model))
     expected = per_target_gradients(model, probe) @ flat(direction, trainable(model))
     assert calls  # the oracle ran through the registered attention
-    assert kernels.select_jvp_path(model) is kernels.JvpPath.FINITE_DIFFERENCE
+    assert jvp.select_jvp_path(model) is jvp.JvpPath.FINITE_DIFFERENCE
 
     calls.clear()
     switched = kernels.logprob_jvp(model, probe, direction, path="func")
@@ -414,16 +414,16 @@ def test_logprob_grad_is_the_weighted_sum_of_per_target_gradients(architecture):
 def test_attribution_helpers_on_a_hand_kernel():
     kernel = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 4.0]])
     grad_coeffs = torch.tensor([-2.0, 1.0, 0.0])
-    matrix = kernels.attribution_matrix(kernel, grad_coeffs, lr=0.1)
+    matrix = attributions.attribution_matrix(kernel, grad_coeffs, lr=0.1)
     assert torch.allclose(matrix, torch.tensor([[0.2, -0.2, 0.0], [-0.2, -0.05, 0.0]]))
-    rows = kernels.attribution_row_sums(kernel, grad_coeffs, lr=0.1)
+    rows = attributions.attribution_row_sums(kernel, grad_coeffs, lr=0.1)
     assert torch.allclose(rows.positive_gradient, torch.tensor([0.2, -0.2]))  # c < 0: token pulled up
     assert torch.allclose(rows.negative_gradient, torch.tensor([-0.2, -0.05]))
     assert torch.allclose(rows.total, matrix.sum(1))
-    assert torch.allclose(kernels.attribution_column_sums(kernel, grad_coeffs, lr=0.1), matrix.sum(0))
+    assert torch.allclose(attributions.attribution_column_sums(kernel, grad_coeffs, lr=0.1), matrix.sum(0))
     groups = torch.tensor([1, 0, 1])
     assert torch.allclose(
-        kernels.attribution_group_sums(kernel, grad_coeffs, groups, lr=0.1),
+        attributions.attribution_group_sums(kernel, grad_coeffs, groups, lr=0.1),
         torch.stack([matrix[:, 1], matrix[:, 0]], 1),
     )
 
@@ -437,15 +437,15 @@ def test_direct_routes_equal_sums_of_the_full_matrix(preconditioned):
     lr = 1.0 if preconditioned else 0.05
     kernel = kernels.logprob_kernel(model, probe, train, preconditioner=preconditioner)
 
-    rows = kernels.attribution_row_sums(kernel, grad_coeffs, lr=lr)
-    direct_rows = kernels.attribution_row_sums_direct(
+    rows = attributions.attribution_row_sums(kernel, grad_coeffs, lr=lr)
+    direct_rows = attributions.attribution_row_sums_direct(
         model, probe, train, grad_coeffs, lr=lr, preconditioner=preconditioner
     )
     assert relative_error(direct_rows.positive_gradient, rows.positive_gradient) < EXACT
     assert relative_error(direct_rows.negative_gradient, rows.negative_gradient) < EXACT
 
-    columns = kernels.attribution_column_sums(kernel, grad_coeffs, lr=lr)
-    direct_columns = kernels.attribution_column_sums_direct(
+    columns = attributions.attribution_column_sums(kernel, grad_coeffs, lr=lr)
+    direct_columns = attributions.attribution_column_sums_direct(
         model, probe, train, grad_coeffs, lr=lr, preconditioner=preconditioner
     )
     assert relative_error(direct_columns, columns) < EXACT
@@ -453,33 +453,33 @@ def test_direct_routes_equal_sums_of_the_full_matrix(preconditioned):
     per_response = torch.zeros(2, probe.num_targets)
     first_row_targets = int(probe.target_mask[0].sum())
     per_response[0, :first_row_targets], per_response[1, first_row_targets:] = 1.0, 1.0
-    direct_per_response = kernels.attribution_column_sums_direct(
+    direct_per_response = attributions.attribution_column_sums_direct(
         model, probe, train, grad_coeffs, lr=lr, preconditioner=preconditioner, probe_weights=per_response
     )
-    expected = kernels.attribution_column_sums(kernel, grad_coeffs, lr=lr, probe_weights=per_response)
+    expected = attributions.attribution_column_sums(kernel, grad_coeffs, lr=lr, probe_weights=per_response)
     assert relative_error(direct_per_response, expected) < EXACT
 
     groups = torch.arange(train.num_targets) % 3
-    direct_groups = kernels.attribution_group_sums_direct(
+    direct_groups = attributions.attribution_group_sums_direct(
         model, probe, train, grad_coeffs, groups, lr=lr, preconditioner=preconditioner, chunk_size=2
     )
-    assert relative_error(direct_groups, kernels.attribution_group_sums(kernel, grad_coeffs, groups, lr=lr)) < EXACT
+    assert relative_error(direct_groups, attributions.attribution_group_sums(kernel, grad_coeffs, groups, lr=lr)) < EXACT
 
 
 def test_direct_routes_give_zeros_for_all_zero_weights_and_for_a_row_without_weight():
     model = qwen2(tied=False)
     probe, train = probe_and_train(model)
     zeros = torch.zeros(train.num_targets)
-    rows = kernels.attribution_row_sums_direct(model, probe, train, zeros)
+    rows = attributions.attribution_row_sums_direct(model, probe, train, zeros)
     assert torch.equal(rows.positive_gradient, torch.zeros_like(rows.positive_gradient))
     assert torch.equal(rows.negative_gradient, torch.zeros_like(rows.negative_gradient))
     grad_coeffs = torch.randn(train.num_targets, generator=torch.Generator().manual_seed(10))
     weights = torch.zeros(3, probe.num_targets)
     weights[0, 0], weights[2, -1] = 1.0, 1.0  # the middle row weighs nothing: its own chunk with chunk_size=1
-    columns = kernels.attribution_column_sums_direct(
+    columns = attributions.attribution_column_sums_direct(
         model, probe, train, grad_coeffs, probe_weights=weights, chunk_size=1
     )
-    expected = kernels.attribution_column_sums(
+    expected = attributions.attribution_column_sums(
         kernels.logprob_kernel(model, probe, train), grad_coeffs, probe_weights=weights
     )
     assert torch.equal(columns[1], torch.zeros_like(columns[1]))
@@ -492,12 +492,12 @@ def sgd_step_change(lr: float) -> tuple[torch.Tensor, torch.Tensor]:
     probe, train = probe_and_train(model)
     grad_coeffs = torch.randn(train.num_targets, generator=torch.Generator().manual_seed(12)) / train.num_targets
     kernel = kernels.logprob_kernel(model, probe, train)
-    predicted = kernels.attribution_row_sums(kernel, grad_coeffs, lr=lr).total
-    before = kernels.target_logprobs(model, probe)
+    predicted = attributions.attribution_row_sums(kernel, grad_coeffs, lr=lr).total
+    before = logprobs.target_logprobs(model, probe)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     (grad_coeffs * model_outputs(model, train)).sum().backward()
     optimizer.step()
-    return kernels.target_logprobs(model, probe) - before, predicted
+    return logprobs.target_logprobs(model, probe) - before, predicted
 
 
 def test_sgd_step_changes_probe_logprobs_as_the_attributions_predict():
@@ -549,7 +549,7 @@ def test_optimizer_step_split_reproduces_torch_steps(kind):
     for step in range(4):  # step 1 with empty state, then with state
         for param in named.values():
             param.grad = torch.randn(param.shape, generator=generator, dtype=param.dtype)
-        split = kernels.optimizer_step_split(optimizer, named)
+        split = optim.optimizer_step_split(optimizer, named)
         predicted = {name: -split.preconditioner[name] * p.grad + split.history[name] for name, p in named.items()}
         before = {name: p.detach().clone() for name, p in named.items()}
         optimizer.step()
@@ -563,11 +563,11 @@ def test_sgd_preconditioner_is_plain_sgd_split_and_scales_the_kernel():
     model = qwen2()
     probe, train = probe_and_train(model)
     lr = 0.05
-    preconditioner = kernels.sgd_preconditioner(model.named_parameters(), lr)
+    preconditioner = optim.sgd_preconditioner(model.named_parameters(), lr)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     for param in model.parameters():
         param.grad = torch.ones_like(param)
-    split = kernels.optimizer_step_split(optimizer, model.named_parameters())
+    split = optim.optimizer_step_split(optimizer, model.named_parameters())
     assert all(torch.equal(preconditioner[name], split.preconditioner[name]) for name in preconditioner)
     preconditioned = kernels.logprob_kernel(model, probe, train, preconditioner=preconditioner)
     assert relative_error(preconditioned, lr * kernels.logprob_kernel(model, probe, train)) < EXACT
@@ -580,7 +580,7 @@ def test_optimizer_step_split_unwraps_accelerate_and_handles_missing_gradients()
     wrapped = accelerate_optimizer.AcceleratedOptimizer.__new__(accelerate_optimizer.AcceleratedOptimizer)
     wrapped.optimizer = inner  # what AcceleratedOptimizer holds (its constructor needs a live Accelerator)
     named["a"].grad = torch.ones_like(named["a"])
-    split = kernels.optimizer_step_split(wrapped, named)
+    split = optim.optimizer_step_split(wrapped, named)
     before = named["b"].detach().clone()
     update_a = -split.preconditioner["a"] * named["a"].grad + split.history["a"]
     start_a = named["a"].detach().clone()
@@ -595,12 +595,12 @@ def test_optimizer_step_split_refuses_what_it_cannot_split_exactly():
     for param in named.values():
         param.grad = torch.ones_like(param)
     with pytest.raises(ValueError, match="unsupported optimizer RMSprop"):
-        kernels.optimizer_step_split(torch.optim.RMSprop(groups, lr=0.1), named)
+        optim.optimizer_step_split(torch.optim.RMSprop(groups, lr=0.1), named)
     with pytest.raises(ValueError, match="maximize"):
-        kernels.optimizer_step_split(torch.optim.AdamW(list(named.values()), maximize=True), named)
+        optim.optimizer_step_split(torch.optim.AdamW(list(named.values()), maximize=True), named)
     stranger = {"x": torch.nn.Parameter(torch.zeros(2))}
     with pytest.raises(ValueError, match="not managed by the optimizer"):
-        kernels.optimizer_step_split(torch.optim.SGD(list(named.values()), lr=0.1), stranger)
+        optim.optimizer_step_split(torch.optim.SGD(list(named.values()), lr=0.1), stranger)
 
 
 def test_preconditioned_kernel_and_history_give_the_real_adamw_update():
@@ -614,9 +614,9 @@ def test_preconditioned_kernel_and_history_give_the_real_adamw_update():
     optimizer.zero_grad()
     (grad_coeffs * model_outputs(model, train)).sum().backward()
 
-    split = kernels.optimizer_step_split(optimizer, model.named_parameters())
+    split = optim.optimizer_step_split(optimizer, model.named_parameters())
     kernel = kernels.logprob_kernel(model, probe, train, preconditioner=split.preconditioner)
-    predicted = kernels.attribution_row_sums(kernel, grad_coeffs).total + kernels.logprob_jvp(
+    predicted = attributions.attribution_row_sums(kernel, grad_coeffs).total + kernels.logprob_jvp(
         model, probe, split.history
     )
     probe_grads = per_target_gradients(model, probe)

@@ -67,7 +67,9 @@ def _padded_batch(sequences, side: str, temperature: float = 1.0) -> TokenBatch:
         input_ids[row, start : start + len(sequence)] = sequence
         attention_mask[row, start : start + len(sequence)] = 1
         target_mask[row, start + context : start + len(sequence)] = True
-    return TokenBatch(input_ids, attention_mask, target_mask, temperature=temperature)
+    # positions counted from each row's first token, so that a row scores as its unpadded sequence
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0) if side == "left" else None
+    return TokenBatch(input_ids, attention_mask, target_mask, position_ids=position_ids, temperature=temperature)
 
 
 def _reference_logits(model, sequences, temperature: float = 1.0) -> list[torch.Tensor]:

@@ -3,7 +3,7 @@
 Inputs: the model at `w_t` (gradients of the step in `.grad`), the probe token batch, the captured training
 micro-batches with their gradient coefficients `c_l`, the adapter's token labels and the optimizer. With
 `g = sum_l c_l grad lp_l` (times the clip and cross-rank factor `s`) and the optimizer's split of its update
-`dw = -P g + history` (`kernels.optimizer_step_split`), every probe token m gets
+`dw = -P g + history` (`optim.optimizer_step_split`), every probe token m gets
 
     predicted_m         = < grad lp~_m, dw >                                       (JVP along the real update)
     current_m           = - s * sum_l c_l < grad lp~_m, P grad lp_l >              (= sum over cells below)
@@ -27,15 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trl_ntk import _dist
+from trl_ntk._model import select_params, trainable_parameters
 from trl_ntk.batches import CapturedMicroBatch, TokenBatch, TokenLabels, concat_token_batches, select_rows, target_rows
-from trl_ntk.ntk import kernels
+from trl_ntk.ntk import attributions, jvp, kernels, logprobs, optim
 
 SIGN_NAMES = ("positive", "negative")  # positive gradient: c_l < 0 (pulled up); negative: c_l > 0 (pushed down)
-
-
-def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
-    """`{name: parameter}` of the parameters with `requires_grad=True` (LoRA parameters for a PEFT model)."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _dot(a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
@@ -137,18 +134,17 @@ def step_cells(
     labels: list[TokenLabels],
     coeffs: list[Tensor],
     group_names: tuple[str, ...],
-    all_reduce: Any = None,
     device: torch.device | str = "cpu",
 ) -> list[tuple[int, int]]:
-    """The (sign index, group index) cells of the step, in a fixed order; under DDP / FSDP (`all_reduce` given) the
-    union over ranks, so that every rank runs the same cells in the same order for the collectives that follow."""
+    """The (sign index, group index) cells of the step, in a fixed order; under DDP / FSDP the union over ranks, so
+    that every rank runs the same cells in the same order for the collectives that follow."""
     cell_ids = _cells(labels, coeffs, group_names)
-    if all_reduce is None:
+    if not _dist.is_distributed():
         return cell_ids
     present = torch.zeros(2, len(group_names), device=device)
     for sign_index, group_index in cell_ids:
         present[sign_index, group_index] = 1.0
-    all_reduce(present)
+    _dist.all_reduce(present)
     return [(s, g) for s in range(2) for g in range(len(group_names)) if present[s, g] > 0]
 
 
@@ -190,8 +186,6 @@ def explain_update(
     *,
     attribution: str = "sums",
     coeff_scale: float = 1.0,
-    all_reduce: Any = None,
-    all_gather: Any = None,
     chunk_size: int | None = None,
     kernel_summaries: bool = False,
     extra_batches: dict[str, TokenBatch] | None = None,
@@ -209,9 +203,6 @@ def explain_update(
         attribution (`str`): `"sums"` (cells, about `K` batch backwards + `K` probe JVPs) or `"tokens"` (adds the
             `[Mp, L]` matrix, about `min(Mp, L)` batch JVPs).
         coeff_scale (`float`): factor on `c_l` before clipping (`1 / world_size` under DDP averaging).
-        all_reduce (`callable`, *optional*): sums a tensor across ranks in place (DDP); `None` on one process.
-        all_gather (`callable`, *optional*): `obj -> [obj of rank 0, obj of rank 1, ...]` (DDP); gathers the
-            "tokens" level columns of every rank. Without it under DDP the matrix holds this rank's columns only.
         chunk_size (`int`, *optional*): rows of parameter-sized tangents held at once.
         kernel_summaries (`bool`): also compute the log-prob kernel and pNTK norms between probe and batch.
         extra_batches (`dict[str, TokenBatch]`, *optional*): other token batches whose changes are predicted along
@@ -229,9 +220,9 @@ def explain_update(
     names = list(params)
     applied = {n: (p.grad.detach() if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
     coeffs = [mb.grad_coeffs * coeff_scale for mb in micro_batches]
-    cell_ids = step_cells(labels, coeffs, group_names, all_reduce, device=next(iter(applied.values())).device)
+    cell_ids = step_cells(labels, coeffs, group_names, device=next(iter(applied.values())).device)
 
-    preconditioner, history = kernels.optimizer_step_split(optimizer, params)
+    preconditioner, history = optim.optimizer_step_split(optimizer, params)
     lr = learning_rate(optimizer)
     batches = {"probe": probe_batch, **(extra_batches or {})}
 
@@ -249,12 +240,9 @@ def explain_update(
             cell_rows[name].append(_probe_jvps(model, batch, [direction], names)[0][0])
         del direction
 
-    residual_rows = _logit_residual_rows(
-        model, micro_batches, batches, params, preconditioner, coeff_scale, raw, all_reduce
-    )
-    if all_reduce is not None:
-        for n in names:
-            all_reduce(raw[n])
+    residual_rows = _logit_residual_rows(model, micro_batches, batches, params, preconditioner, coeff_scale, raw)
+    for n in names:
+        _dist.all_reduce(raw[n])
     raw_norm_sq = float(_dot(raw, raw))
     applied_norm_sq = float(_dot(applied, applied))
     applied_dot_raw = float(_dot(applied, raw))
@@ -272,16 +260,14 @@ def explain_update(
         if not cell_rows[name]:
             return like.new_zeros(0, like.shape[-1])
         values = torch.stack(cell_rows[name]) * scale
-        if all_reduce is not None:
-            all_reduce(values)
+        _dist.all_reduce(values)
         return values
 
     def residual_of(name: str) -> Tensor | None:
         if residual_rows is None:
             return None
         values = residual_rows[name] * scale
-        if all_reduce is not None:
-            all_reduce(values)
+        _dist.all_reduce(values)
         return values
 
     cells = cells_of("probe", history_change)
@@ -305,8 +291,7 @@ def explain_update(
 
     coeff_sq = torch.cat(coeffs).double().pow(2).sum() if coeffs else torch.zeros((), dtype=torch.float64)
     coeff_sq = coeff_sq.to(next(iter(applied.values())).device) if applied else coeff_sq
-    if all_reduce is not None:
-        all_reduce(coeff_sq)
+    _dist.all_reduce(coeff_sq)
 
     explanation = UpdateExplanation(
         predicted=current + history_change,
@@ -334,7 +319,7 @@ def explain_update(
         totals, columns = [], []
         for mb, c in zip(micro_batches, coeffs):
             totals.append(
-                kernels.attribution_column_sums_direct(
+                attributions.attribution_column_sums_direct(
                     model,
                     probe_batch,
                     mb.batch,
@@ -357,15 +342,14 @@ def explain_update(
         explanation.train_targets = torch.cat([mb.batch.targets for mb in micro_batches])
         explanation.train_coeffs = torch.cat(coeffs) * scale
         explanation.train_batches = [mb.batch for mb in micro_batches]
-        if all_gather is not None:
-            _gather_columns(explanation, all_gather)
+        if _dist.is_distributed():
+            _gather_columns(explanation)
     if kernel_summaries:
         squares = torch.zeros(2, dtype=torch.float64, device=coeff_sq.device)
         for mb in micro_batches:
             squares[0] += kernels.logprob_kernel(model, probe_batch, mb.batch, params=names, **chunking).pow(2).sum()
             squares[1] += kernels.pntk(model, probe_batch, mb.batch, params=names, **chunking).pow(2).sum()
-        if all_reduce is not None:
-            all_reduce(squares)
+        _dist.all_reduce(squares)
         explanation.kernel_norms = {"logprob_norm": float(squares[0]) ** 0.5, "pntk_norm": float(squares[1]) ** 0.5}
     return explanation
 
@@ -378,19 +362,13 @@ def _logit_residual_rows(
     preconditioner: dict[str, Tensor],
     coeff_scale: float,
     raw: dict[str, Tensor],
-    all_reduce: Any,
 ) -> dict[str, Tensor] | None:
     """For losses on the plain logits: the gradient of the logit residuals `g_r = coeff_scale * sum_l J_l^T r_l`
     (added into `raw`) and each batch's unscaled JVPs `[M]` along `-P g_r`; `None` when no rank has a residual.
 
     Cost: one full-logits forward and backward per micro-batch with a residual, one batched JVP per batch.
     """
-    flag = torch.tensor([float(any(mb.logit_residual is not None for mb in micro_batches))])
-    if all_reduce is not None:
-        device = next(iter(raw.values())).device
-        flag = flag.to(device)
-        all_reduce(flag)
-    if float(flag.sum()) == 0:
+    if not _dist.any_rank(any(mb.logit_residual is not None for mb in micro_batches)):
         return None
     names = list(params)
     direction = {n: torch.zeros_like(raw[n]) for n in names}
@@ -408,7 +386,7 @@ def _logit_residual_rows(
     return {name: _probe_jvps(model, batch, [direction], names)[0][0] for name, batch in batches.items()}
 
 
-def _gather_columns(explanation: UpdateExplanation, all_gather: Any) -> None:
+def _gather_columns(explanation: UpdateExplanation) -> None:
     """Replace this rank's "tokens" level columns by those of every rank, in rank order (DDP).
 
     Examples and sequence groups are renumbered so that they stay distinct across ranks (rank r's numbers follow
@@ -421,30 +399,18 @@ def _gather_columns(explanation: UpdateExplanation, all_gather: Any) -> None:
         explanation.train_targets.cpu(),
         explanation.train_coeffs.cpu(),
         [batch.to("cpu") for batch in explanation.train_batches],
-        None if labels is None else (labels.group.cpu(), labels.example.cpu(), labels.sequence_group.cpu()),
+        None if labels is None else TokenLabels(labels.group.cpu(), labels.example.cpu(), labels.sequence_group.cpu()),
         explanation.response_totals.cpu(),
     )
-    gathered = all_gather(local)
+    gathered = _dist.gather_objects(local)
     if explanation.matrix is not None:
         explanation.matrix = torch.cat([part[0] for part in gathered], dim=1).to(device)
     explanation.response_totals = torch.cat([part[5] for part in gathered], dim=1).to(device)
     explanation.train_targets = torch.cat([part[1] for part in gathered])
     explanation.train_coeffs = torch.cat([part[2] for part in gathered])
     explanation.train_batches = [batch for part in gathered for batch in part[3]]
-    if labels is None:
-        return
-    groups, examples, sequence_groups = [], [], []
-    example_offset = sequence_offset = 0
-    for part in gathered:
-        group, example, sequence_group = part[4]
-        groups.append(group)
-        examples.append(example + example_offset)
-        sequence_groups.append(sequence_group + sequence_offset)
-        example_offset += int(example.max()) + 1 if example.numel() else 0
-        sequence_offset += int(sequence_group.max()) + 1 if sequence_group.numel() else 0
-    explanation.train_labels = TokenLabels(
-        group=torch.cat(groups), example=torch.cat(examples), sequence_group=torch.cat(sequence_groups)
-    )
+    if labels is not None:
+        explanation.train_labels = _dist.concat_renumbered([part[4] for part in gathered])
 
 
 def _probe_jvps(
@@ -452,23 +418,23 @@ def _probe_jvps(
 ) -> tuple[Tensor, str]:
     """`[len(directions), M]` JVPs of the batch's target log-probs, and the JVP path that ran.
 
-    The directions run as one batched JVP (`vmap` over stacked tangents, `kernels.DEFAULT_CHUNK_SIZE` at a time), so
+    The directions run as one batched JVP (`vmap` over stacked tangents, `jvp.DEFAULT_CHUNK_SIZE` at a time), so
     the primal forward is shared; an all-zero direction (e.g. `history` without momentum or weight decay) is not run.
     Allocates one stacked copy of (at most a chunk of) the directions, in the parameters' dtype.
     """
-    path = kernels.select_jvp_path(model, names)
-    (batch,) = kernels._prepare(model, batch)
-    values = kernels.select_params(model, names)
+    path = jvp.select_jvp_path(model, names)
+    (batch,) = logprobs.prepare(model, batch)
+    values = select_params(model, names)
     rows = torch.zeros(len(directions), batch.num_targets, device=next(iter(values.values())).device)
     nonzero = [
         k for k, direction in enumerate(directions) if bool(torch.stack([direction[n].any() for n in names]).any())
     ]
-    with kernels._forward_mode_attention(model, path):
-        score = kernels._score_fn(model, batch, "logprob", differentiable=path is not kernels.JvpPath.FINITE_DIFFERENCE)
-        for start in range(0, len(nonzero), kernels.DEFAULT_CHUNK_SIZE):
-            chunk = nonzero[start : start + kernels.DEFAULT_CHUNK_SIZE]
+    with jvp.forward_mode_attention(model, path):
+        score = logprobs.score_fn(model, batch, "logprob", differentiable=path is not jvp.JvpPath.FINITE_DIFFERENCE)
+        for start in range(0, len(nonzero), jvp.DEFAULT_CHUNK_SIZE):
+            chunk = nonzero[start : start + jvp.DEFAULT_CHUNK_SIZE]
             tangents = {n: torch.stack([directions[k][n].to(values[n]) for k in chunk]) for n in names}
-            jvps = kernels._jvp_rows(score, values, tangents, path, kernels.DEFAULT_FD_STEP)
+            jvps = jvp.jvp_rows(score, values, tangents, path, jvp.DEFAULT_FD_STEP)
             rows[chunk] = jvps.detach().float()
     return rows, path.value
 

@@ -27,6 +27,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from trl_ntk import _dist
+from trl_ntk._model import input_device, local_shard, trainable_parameters
 from trl_ntk.analysis.dynamics import (
     SIGN_NAMES,
     GradientCheck,
@@ -35,25 +37,12 @@ from trl_ntk.analysis.dynamics import (
     concat_labels,
     learning_rate,
     step_cells,
-    trainable_parameters,
 )
 from trl_ntk.batches import CapturedMicroBatch, TokenBatch, TokenLabels
-from trl_ntk.ntk import kernels
+from trl_ntk.ntk.jvp import DEFAULT_FD_STEP, JvpPath
+from trl_ntk.ntk.logprobs import model_target_logits
+from trl_ntk.ntk.optim import optimizer_step_split
 from trl_ntk.probes.scoring import score_responses
-
-
-def _dtensor_type() -> type | tuple:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return ()
-    return DTensor
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether any parameter is an FSDP2 / tensor-parallel `DTensor` or a DeepSpeed ZeRO-3 partition (`ds_id`)."""
-    dtensor = _dtensor_type()
-    return any(isinstance(p, dtensor) or hasattr(p, "ds_id") for p in model.parameters())
 
 
 def reshard(model: nn.Module) -> None:
@@ -67,48 +56,19 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
-def local_shard(tensor: Tensor) -> Tensor:
-    """This rank's slice of a `DTensor` (a view sharing its storage); other tensors as they are."""
-    return tensor.to_local() if isinstance(tensor, _dtensor_type()) else tensor
-
-
-def _all_reduce(value: Tensor) -> Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(value)
-    return value
-
-
-def _max_over_ranks(values: list[float]) -> list[float]:
-    """Element-wise maximum of `values` over the ranks (the values themselves on one process)."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_backend() == "nccl":
-            tensor = tensor.cuda()
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return tensor.cpu().tolist()
-
-
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
 def global_dot(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
     """`<a, b>` of two sharded parameter dicts given as local slices: the local sums, added across ranks."""
     local = sum(((a[n].double() * b[n].double()).sum() for n in a), torch.zeros((), dtype=torch.float64))
-    return float(_all_reduce(local.to(next(iter(a.values())).device)))
+    return float(_dist.all_reduce(local.to(next(iter(a.values())).device)))
 
 
 def target_logprobs(model: nn.Module, batch: TokenBatch) -> Tensor:
-    """`[M]` `log_softmax(z / temperature)[y]` of the batch's targets from one full forward of the (root) model, with
-    gradient when grad mode is on, with the inputs the trainer's own forward had (position ids only if it passed
-    them). Runs the whole model so that FSDP gathers every parameter it holds."""
-    device = model.get_input_embeddings().weight.device
-    batch = batch.to(device)
-    logits = model(**batch.forward_kwargs(), use_cache=False).logits[:, :-1][batch.target_mask[:, 1:]]
-    logprobs = torch.log_softmax(logits.float() / batch.temperature, dim=-1)
-    return logprobs.gather(-1, batch.targets[:, None]).squeeze(-1)
+    """`[M]` `log_softmax(z / temperature)[y]` of the batch's targets from one full forward of the (root) model
+    (`logprobs.model_target_logits`), with gradient when grad mode is on. Runs the whole model so that FSDP gathers
+    every parameter it holds."""
+    batch = batch.to(input_device(model))
+    logits = model_target_logits(model, batch)
+    return torch.log_softmax(logits / batch.temperature, dim=-1).gather(-1, batch.targets[:, None]).squeeze(-1)
 
 
 def score_sharded(model: nn.Module, batch: TokenBatch, batch_size: int = 32):
@@ -140,7 +100,7 @@ def weighted_gradient(
             with torch.enable_grad():
                 logprobs = target_logprobs(model, mb.batch)
                 (logprobs * w.to(logprobs)).sum().backward()
-        scale = float(_world_size())
+        scale = float(_dist.world_size())
         return {
             name: local_shard(p.grad).detach() * scale if p.grad is not None else torch.zeros_like(local_shard(p))
             for name, p in params.items()
@@ -162,7 +122,7 @@ def finite_difference_jvps(
     directions: list[dict[str, Tensor]],
     names: list[str],
     *,
-    fd_step: float = kernels.DEFAULT_FD_STEP,
+    fd_step: float = DEFAULT_FD_STEP,
     max_change: float = MAX_CHANGE,
     batch_size: int = 32,
 ) -> dict[str, Tensor]:
@@ -209,7 +169,7 @@ def finite_difference_jvps(
             step = fd_step * primal_norm / direction_norm
             near = difference(direction, step)
             local = max(float(values.abs().max()) / 2 if values.numel() else 0.0 for values in near.values())
-            (largest,) = _max_over_ranks([local])  # every rank takes the same step
+            (largest,) = _dist.max_over_ranks([local])  # every rank takes the same step
             if largest > max_change:  # a steep direction: shrink the step until no log-prob moves by more
                 step *= max_change / largest
                 near = difference(direction, step)
@@ -239,7 +199,7 @@ def explain_update(
     *,
     coeff_scale: float = 1.0,
     extra_batches: dict[str, TokenBatch] | None = None,
-    fd_step: float = kernels.DEFAULT_FD_STEP,
+    fd_step: float = DEFAULT_FD_STEP,
     batch_size: int = 32,
 ) -> UpdateExplanation:
     """`dynamics.explain_update` at the "sums" level for sharded parameters (call on every rank, before the step).
@@ -254,7 +214,7 @@ def explain_update(
     """
     count = len(micro_batches)
     residual = float(any(mb.logit_residual is not None for mb in micro_batches))
-    most, fewest, residual = _max_over_ranks([count, -count, residual])  # decided together: no rank left waiting
+    most, fewest, residual = _dist.max_over_ranks([count, -count, residual])  # decided together: no rank left waiting
     if most != -fewest:
         raise RuntimeError(
             f"the ranks captured different numbers of training forwards this step ({int(-fewest)} to {int(most)}); "
@@ -275,8 +235,8 @@ def explain_update(
     }
     device = next(iter(applied.values())).device
     coeffs = [mb.grad_coeffs * coeff_scale for mb in micro_batches]
-    cell_ids = step_cells(labels, coeffs, group_names, _all_reduce, device=device)
-    split = kernels.optimizer_step_split(optimizer, params)
+    cell_ids = step_cells(labels, coeffs, group_names, device=device)
+    split = optimizer_step_split(optimizer, params)
     preconditioner = {n: local_shard(v) for n, v in split.preconditioner.items()}
     history = {n: local_shard(v) for n, v in split.history.items()}
     lr = learning_rate(optimizer)
@@ -322,8 +282,8 @@ def explain_update(
         cells=probe["cells"],
         cell_names=[(SIGN_NAMES[s], group_names[g]) for s, g in cell_ids],
         gradient_check=check,
-        path=kernels.JvpPath.FINITE_DIFFERENCE.value,
-        grad_coeff_norm=float(_all_reduce(coeff_sq)) ** 0.5 * abs(scale),
+        path=JvpPath.FINITE_DIFFERENCE.value,
+        grad_coeff_norm=float(_dist.all_reduce(coeff_sq)) ** 0.5 * abs(scale),
         train_labels=concat_labels(labels),
         extra={name: parts(name) for name in extra_batches or {}},
     )

@@ -20,7 +20,8 @@ import transformers
 import trl
 from transformers import TrainerCallback
 
-from trl_ntk import __version__
+from trl_ntk import __version__, _dist
+from trl_ntk._model import input_device, is_sharded
 from trl_ntk.analysis import dynamics, sharded
 from trl_ntk.batches import TokenLabels, concat_token_batches
 from trl_ntk.integration.adapters import adapter_for, label_step
@@ -198,7 +199,7 @@ class LearningDynamicsCallback(TrainerCallback):
 
     # -------------------------------------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, **kwargs):
-        self.sharded = sharded.is_sharded(self._model())  # FSDP wraps the model when training starts
+        self.sharded = is_sharded(self._model())  # FSDP wraps the model when training starts
         if self.sharded and not getattr(self.trainer, "is_fsdp_enabled", False):
             raise ValueError(
                 "the model's parameters are distributed tensors but the trainer does not use FSDP (tensor "
@@ -328,7 +329,7 @@ class LearningDynamicsCallback(TrainerCallback):
                 if self.sharded:
                     sharded.reshard(self._model())
         if self.trainer.accelerator.num_processes > 1:
-            errors = _all_gather(self.trainer.accelerator)(error)
+            errors = _dist.gather_objects(error)
             error = next((e for e in errors if e is not None), None)
             shared = [sampled]
             torch.distributed.broadcast_object_list(shared, src=0)
@@ -363,7 +364,7 @@ class LearningDynamicsCallback(TrainerCallback):
         if problem is None and not micro_batches:
             problem = "no training forward with a gradient was captured in this step"
         # every rank stops together: a rank that went on alone would wait in the analysis' collectives
-        if self._on_any_rank(problem is not None):
+        if _dist.any_rank(problem is not None):
             raise RuntimeError(problem or "the step's capture failed on another rank")
         model = self._model()
         labels = label_step(self.adapter, micro_batches)
@@ -382,8 +383,6 @@ class LearningDynamicsCallback(TrainerCallback):
                     self.trainer.optimizer,
                     attribution="tokens" if tokens else "sums",
                     coeff_scale=1.0 / self.trainer.accelerator.num_processes,
-                    all_reduce=_all_reduce(self.trainer.accelerator),
-                    all_gather=_all_gather(self.trainer.accelerator),
                     chunk_size=self.config.chunk_size,
                     kernel_summaries=self.config.kernel_summaries and tokens,
                     extra_batches={"lld": lld[0]} if lld is not None else None,
@@ -428,24 +427,20 @@ class LearningDynamicsCallback(TrainerCallback):
         has_positive = any(bool((lab.group == 0).any()) for lab in labels)
         local = dynamics.positive_completion_batches(micro_batches, labels) if has_positive else None
         all_labels = dynamics.concat_labels(labels)
-        gather = _all_gather(self.trainer.accelerator)
-        if gather is None:
+        if not _dist.is_distributed():
             return None if local is None else (*local, all_labels)
-        parts = gather((None if local is None else (local[0].to("cpu"), local[1]), all_labels))
-        batches, positive_labels, step_labels = [], [], []
-        example_offset = group_offset = 0
-        for part, rank_labels in parts:
-            if part is not None:
-                batches.append(part[0])
-                positive_labels.append(_renumbered(part[1], example_offset, group_offset))
-            step_labels.append(_renumbered(rank_labels, example_offset, group_offset))
-            if rank_labels.example.numel():
-                example_offset += int(rank_labels.example.max()) + 1
-                group_offset += int(rank_labels.sequence_group.max()) + 1
-        if not batches:
+        parts = _dist.gather_objects((None if local is None else (local[0].to("cpu"), local[1]), all_labels))
+        if all(part is None for part, _ in parts):
             return None
-        batch = concat_token_batches(batches).to(self._model().get_input_embeddings().weight.device)
-        return batch, dynamics.concat_labels(positive_labels), dynamics.concat_labels(step_labels)
+        batch = concat_token_batches([part[0] for part, _ in parts if part is not None])
+        none = torch.zeros(0, dtype=torch.long)
+        positive = [TokenLabels(none, none, none) if part is None else part[1] for part, _ in parts]
+        step_labels = [rank_labels for _, rank_labels in parts]
+        return (
+            batch.to(input_device(self._model())),
+            _dist.concat_renumbered(positive, step_labels),
+            _dist.concat_renumbered(step_labels),
+        )
 
     def _matrix_rows(self, encoded) -> torch.Tensor | None:
         """`[B]` bool: the probe responses of the first `matrix_prompts` prompts (all when it is `None`)."""
@@ -486,14 +481,6 @@ class LearningDynamicsCallback(TrainerCallback):
                     record["matrix"] = {"file": matrix_file, "key": record["probe_id"]}
         self._emit(step, out)
         logger.info("%s", records.one_line_summary(step, out, time.perf_counter() - pending.started))
-
-    def _on_any_rank(self, flag: bool) -> bool:
-        """Whether `flag` holds on at least one rank (every rank must call this)."""
-        if self.trainer.accelerator.num_processes <= 1:
-            return flag
-        value = torch.tensor([float(flag)], device=self.trainer.accelerator.device)
-        torch.distributed.all_reduce(value)
-        return bool(value.item() > 0)
 
     # ------------------------------------------------------------------------------------------- output
     def _is_main(self) -> bool:
@@ -575,31 +562,3 @@ def _versions() -> dict[str, str]:
         "trl": trl.__version__,
         "trl_ntk": __version__,
     }
-
-
-def _all_reduce(accelerator: Any):
-    if accelerator.num_processes <= 1:
-        return None
-
-    def reduce(tensor: torch.Tensor) -> None:
-        torch.distributed.all_reduce(tensor)
-
-    return reduce
-
-
-def _renumbered(labels: TokenLabels, example_offset: int, group_offset: int) -> TokenLabels:
-    return TokenLabels(
-        group=labels.group, example=labels.example + example_offset, sequence_group=labels.sequence_group + group_offset
-    )
-
-
-def _all_gather(accelerator: Any):
-    if accelerator.num_processes <= 1:
-        return None
-
-    def gather(value: Any) -> list:
-        gathered = [None] * accelerator.num_processes
-        torch.distributed.all_gather_object(gathered, value)
-        return gathered
-
-    return gather

@@ -23,6 +23,9 @@ from torch import Tensor
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
+from trl_ntk import _dist
+from trl_ntk._model import LogitTransform, unwrap_model
+
 logger = logging.getLogger(__name__)
 
 Vocab = Literal["full", "group"]
@@ -610,10 +613,7 @@ def _check_trainer(trainer: Any) -> None:
 
 def _policy_model(trainer: Any) -> Any:
     """The causal LM under the trainer's wrappers (DDP, PEFT): the module whose backbone and head TRL patches."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-        model = model.get_base_model()
-    return model
+    return unwrap_model(trainer.accelerator.unwrap_model(trainer.model))
 
 
 def _backbone(model: Any) -> torch.nn.Module:
@@ -626,31 +626,19 @@ def _backbone(model: Any) -> torch.nn.Module:
 
 
 class _PolicyHead:
-    """`hidden [n, d] -> logits [n, V]` (float32, before the temperature) as TRL's fused LM head computes them:
-    `lm_head(h) * logit_scale`, then soft-capping when the model has it."""
+    """`hidden [n, d] -> logits [n, V]` (float32, before the temperature) as the model's own forward computes them:
+    `lm_head(h)` then the head's `LogitTransform` (scaling, soft-capping). Gathers a sharded head's weight."""
 
     def __init__(self, model: Any) -> None:
         self.lm_head = model.get_output_embeddings()
-        config = model.config.get_text_config()
-        self.softcap = getattr(config, "final_logit_softcapping", None)
-        scale = getattr(config, "logit_scale", None)
-        if scale is None:
-            scale = getattr(config, "output_multiplier", None)
-        if scale is None:
-            scale = getattr(config, "lm_head_multiplier", None)
-        if scale is None and getattr(config, "logits_scaling", None) is not None:
-            scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
-        self.scale = 1.0 if scale is None else float(scale)
+        self.transform = LogitTransform.of(model)
 
     def __call__(self, hidden: Tensor) -> Tensor:
         weight, bias = self.lm_head.weight, self.lm_head.bias
         if hasattr(weight, "full_tensor"):
             weight = weight.full_tensor()
             bias = None if bias is None else bias.full_tensor()
-        logits = F.linear(hidden.to(weight.dtype), weight, bias).float() * self.scale
-        if self.softcap:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
-        return logits
+        return self.transform(F.linear(hidden.to(weight.dtype), weight, bias).float())
 
 
 class _HiddenCapture:
@@ -886,7 +874,7 @@ class NTHRCallback(TrainerCallback):
         """`[B, T, d]` hidden states that predict `output["completion_ids"]`, and the path that produced them."""
         capture, source = self._capture, self.config.hidden_source
         batch, length = output["completion_ids"].shape
-        if source in ("auto", "old_logps") and self._on_every_rank(bool(capture.policy_chunks)):
+        if source in ("auto", "old_logps") and _dist.every_rank(bool(capture.policy_chunks)):
             hidden = torch.cat(capture.policy_chunks)
             if self._agrees(hidden, output, model, "old_logps", output.get("old_per_token_logps")):
                 return hidden, "old_logps"
@@ -898,7 +886,7 @@ class NTHRCallback(TrainerCallback):
                 and steps[0].shape[0] == batch
                 and int(output["completion_mask"].sum(-1).max()) <= len(steps)
             )
-            if self._on_every_rank(usable):
+            if _dist.every_rank(usable):
                 hidden = torch.stack(steps[:length], dim=1)
                 hidden = F.pad(hidden, (0, 0, 0, length - hidden.shape[1]))
                 if self._agrees(hidden, output, model, "generation", None):
@@ -908,14 +896,6 @@ class NTHRCallback(TrainerCallback):
         raise RuntimeError(
             f"hidden_source={source!r} is not available for this trainer's configuration; use hidden_source='auto'"
         )
-
-    def _on_every_rank(self, flag: bool) -> bool:
-        """`flag` and-ed over ranks, so every rank takes the same path (and runs the same forwards)."""
-        accelerator = self.trainer.accelerator
-        if accelerator.num_processes == 1:
-            return flag
-        flags = accelerator.gather(torch.tensor([float(flag)], device=accelerator.device))
-        return bool(flags.min() > 0)
 
     def _policy_forward(self, output: dict[str, Any]) -> Tensor:
         """One no-grad forward of the policy over prompt + completion, through TRL's own log-prob method."""
@@ -953,7 +933,7 @@ class NTHRCallback(TrainerCallback):
         mask = output["completion_mask"].bool()
         mine = _completion_logprobs(hidden, output, _PolicyHead(model), self.trainer.temperature)
         error = float((mine - reference.float())[mask].abs().mean()) if mask.any() else 0.0
-        if self._on_every_rank(error <= 1e-2):
+        if _dist.every_rank(error <= 1e-2):
             self._verified_paths.add(path)
             return True
         logger.warning(

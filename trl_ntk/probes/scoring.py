@@ -1,13 +1,13 @@
 """Per-token log-probs of probe responses and the squeezing diagnostics, from batched no-grad forwards.
 
-The LM head is applied only at the scored positions, in chunks, so the `[B, T, V]` logits are never formed on the
-default path.
+Rows go through the same forward as the kernels (`trl_ntk.ntk.logprobs`): the trainer's inputs exactly, with
+`position_ids` only when the batch carries them. The LM head is applied only at the scored positions, in chunks,
+so the `[B, T, V]` logits are never formed on the default path.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -15,21 +15,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from trl_ntk.batches import TokenBatch
+from trl_ntk._model import LogitTransform, input_device, unwrap_model
+from trl_ntk.batches import TokenBatch, select_rows
+from trl_ntk.ntk.logprobs import final_hidden, head_logits, model_target_logits
 from trl_ntk.probes.probe_set import ProbeResponse, eval_mode
 
 logger = logging.getLogger(__name__)
 
 Strategy = Literal["auto", "backbone", "logits"]
-
-_LOGIT_TRANSFORM_FIELDS = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "output_multiplier",
-    "lm_head_multiplier",
-    "logits_scaling",
-)
-"""Config fields of models whose causal-LM head does more than `lm_head(h)`; those are scored with `"logits"`."""
 
 DIAGNOSTICS = ("logp_sum", "logp_mean", "argmax_logp", "max_prob_mean", "entropy_mean", "a_norm", "g_norm")
 """The per-response scalar fields of `ResponseScores`, in record order."""
@@ -110,15 +103,16 @@ def score_responses(
     """Per-token log-probs `log pi(y_m | x, y_<m)` and squeezing diagnostics of every row's target tokens.
 
     Each row of `batch` is one response; its targets are the response tokens. Rows are scored `batch_size` at a
-    time under `torch.no_grad()` with every module in eval mode (modes restored afterwards). Padding on either side
-    is handled: when `batch.position_ids` is `None`, positions are counted over the attention mask (`cumsum - 1`), so
-    a row scores the same whatever its padding and its neighbours.
+    time under `torch.no_grad()` with every module in eval mode (modes restored afterwards). The forward gets the
+    batch's inputs as the trainer's forward got them: `position_ids` when the batch carries them, else the model's
+    default positions (for learned absolute positions, a left-padded row then counts its padding, as in training;
+    give `position_ids` to score it independently of its padding).
 
     Strategies (a named option; `"auto"` picks `"backbone"` when the model allows it):
-    - `"backbone"`: run the decoder (`model.base_model`) for the final hidden states `[b, T, H]`, then the output
-      embedding on the scored positions only, `chunk_size` tokens at a time: peak extra memory a few
-      `chunk_size x V` floats, never `[b, T, V]`. Models whose head rescales or soft-caps logits (config
-      `final_logit_softcapping`, `logit_scale`, ...) fall back to `"logits"`.
+    - `"backbone"`: `logprobs.final_hidden` (the decoder body) for the hidden states at the scored positions, then
+      the output embedding on those only, `chunk_size` tokens at a time: peak extra memory a few `chunk_size x V`
+      floats, never `[b, T, V]`. Models whose head rescales or soft-caps logits (`LogitTransform`) are scored with
+      `"logits"`: their own forward is the reference the kernels' transform is checked against.
     - `"logits"`: the model's plain forward (`model(input_ids=..., attention_mask=...)`, also on a model patched by
       TRL's `add_fused_lm_head`); holds `[b, T, V]` logits for one micro-batch at a time.
     Log-softmax runs in float32 on `logits / batch.temperature`.
@@ -148,20 +142,25 @@ def score_responses(
             f"the batch carries extra model inputs {sorted(batch.model_kwargs)}, which cannot be split by row; pass "
             f"batch_size >= {batch.input_ids.shape[0]}"
         )
-    causal_lm = _unwrap(model)
+    causal_lm = unwrap_model(model)
     chosen = _resolve_strategy(causal_lm, strategy)
-    device = causal_lm.get_input_embeddings().weight.device
+    device = input_device(causal_lm)
     vocab_size = 0
 
     per_token: dict[str, list[Tensor]] = {name: [] for name in _PER_TOKEN}
     with eval_mode(model), torch.no_grad():
         for start in range(0, batch.input_ids.shape[0], batch_size):
             rows = slice(start, start + batch_size)
-            hidden_or_logits, targets = _scored_positions(causal_lm, batch, rows, chosen, device)
+            sub_batch = _row_slice(batch, rows).to(device)
+            if chosen == "backbone":
+                hidden_or_logits = final_hidden(causal_lm, sub_batch)
+            else:
+                hidden_or_logits = model_target_logits(causal_lm, sub_batch)
+            targets = sub_batch.targets
             for chunk_start in range(0, targets.shape[0], chunk_size):
                 chunk = slice(chunk_start, chunk_start + chunk_size)
                 if chosen == "backbone":
-                    logits = causal_lm.get_output_embeddings()(hidden_or_logits[chunk])
+                    logits = head_logits(causal_lm, hidden_or_logits[chunk])
                 else:
                     logits = hidden_or_logits[chunk]
                 vocab_size = logits.shape[-1]
@@ -219,40 +218,23 @@ def _token_statistics(logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
     }
 
 
-def _scored_positions(
-    causal_lm: nn.Module, batch: TokenBatch, rows: slice, strategy: str, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """`([m, H] hidden states or [m, V] logits predicting each target, [m] target ids)` for `rows`, row-major."""
-    input_ids = batch.input_ids[rows]
-    attention_mask = batch.attention_mask[rows]
-    target_mask = batch.target_mask[rows]
-    position_ids = batch.position_ids[rows] if batch.position_ids is not None else None
-    if position_ids is None:
-        position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-    if not batch.model_kwargs:  # drop columns that are padding in every row of this slice
-        used = attention_mask.bool().any(dim=0).nonzero().flatten()
-        columns = slice(int(used[0]), int(used[-1]) + 1)
-        input_ids, attention_mask = input_ids[:, columns], attention_mask[:, columns]
-        target_mask, position_ids = target_mask[:, columns], position_ids[:, columns]
-    inputs = {
-        "input_ids": input_ids.to(device),
-        "attention_mask": attention_mask.to(device),
-        "position_ids": position_ids.to(device),
-        **batch.model_kwargs,
-    }
-    predicts_target = target_mask[:, 1:].to(device)
-    targets = input_ids.to(device)[:, 1:][predicts_target]
-    if strategy == "backbone":
-        hidden = causal_lm.base_model(**inputs, use_cache=False).last_hidden_state
-        return hidden[:, :-1][predicts_target], targets
-    logits = causal_lm(**inputs, use_cache=False).logits
-    return logits[:, :-1][predicts_target], targets
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The causal LM inside a PEFT wrapper (its LoRA layers stay in place), else the model itself."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
+def _row_slice(batch: TokenBatch, rows: slice) -> TokenBatch:
+    """Rows `rows` of the batch, without the trailing columns that are padding in all of them (causal attention:
+    dropping them changes nothing before them). Extra model inputs cannot be split: the batch is kept whole."""
+    if batch.model_kwargs:
+        return batch
+    keep = torch.zeros(batch.input_ids.shape[0], dtype=torch.bool)
+    keep[rows] = True
+    sub_batch = select_rows(batch, keep)
+    used = sub_batch.attention_mask.bool().any(dim=0).nonzero().flatten()
+    end = int(used[-1]) + 1 if used.numel() else sub_batch.input_ids.shape[1]
+    return TokenBatch(
+        input_ids=sub_batch.input_ids[:, :end],
+        attention_mask=sub_batch.attention_mask[:, :end],
+        target_mask=sub_batch.target_mask[:, :end],
+        position_ids=None if sub_batch.position_ids is None else sub_batch.position_ids[:, :end],
+        temperature=sub_batch.temperature,
+    )
 
 
 def _resolve_strategy(causal_lm: nn.Module, strategy: Strategy) -> str:
@@ -266,23 +248,12 @@ def _resolve_strategy(causal_lm: nn.Module, strategy: Strategy) -> str:
         reasons.append("it exposes no separate decoder (base_model)")
     if not callable(getattr(causal_lm, "get_output_embeddings", None)) or causal_lm.get_output_embeddings() is None:
         reasons.append("it has no output embedding")
-    config = getattr(causal_lm, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    transforms = [
-        name for name in _LOGIT_TRANSFORM_FIELDS if _transforms_logits(name, getattr(text_config, name, None))
-    ]
-    if transforms:
-        reasons.append(f"its head transforms the logits ({', '.join(transforms)})")
+    transform = LogitTransform.of(causal_lm)
+    if not transform.is_identity:
+        reasons.append(f"its head transforms the logits ({', '.join(transform.fields)})")
     if not reasons:
         return "backbone"
     if strategy == "backbone":
         raise ValueError(f"cannot score with strategy='backbone': {'; '.join(reasons)}; use 'logits'")
     logger.debug("scoring with full logits: %s", "; ".join(reasons))
     return "logits"
-
-
-def _transforms_logits(name: str, value: Any) -> bool:
-    """Whether config field `name` = `value` changes the logits (a soft-cap always does; a multiplier unless 1)."""
-    if value is None:
-        return False
-    return name == "final_logit_softcapping" or not math.isclose(float(value), 1.0)

@@ -1,0 +1,199 @@
+"""Per-target outputs of a causal LM: the one forward path every log-prob in the package goes through.
+
+A target `(b, t)` of a `TokenBatch` is scored from the final hidden state at position `t - 1`. The decoder body runs
+on input embeddings with exactly the inputs the trainer's forward had (`attention_mask`, `position_ids` only when
+the batch carries them, any other model inputs): positions are never built here, so a batch without
+`position_ids` gets the model's own default, as in training. The unembedding is applied at the targets only, then
+the head's logit post-processing (`_model.LogitTransform`), never forming the `[B, T, V]` logits.
+
+Forward hooks on the input-embedding module (`enable_input_require_grads`, NEFTune noise) are not run; the model's
+`forward` (which TRL may patch) is never called, except by `model_target_logits`, the full forward for sharded
+models. The model's train/eval mode is left as it is: call `model.eval()` for deterministic values.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from trl_ntk._model import LogitTransform, TensorDict, compute_dtype, decoder_and_head, select_params
+from trl_ntk.batches import TokenBatch
+
+logger = logging.getLogger(__name__)
+
+Output = Literal["logprob", "logit_sum"]
+"""What is differentiated at each target: `"logprob"` = `log_softmax(z / temperature)[y]`; `"logit_sum"` =
+`(1/sqrt V) sum_j z_j` (the pNTK output; the model's logits, temperature not applied)."""
+
+TokenBatchLike = TokenBatch | Mapping[str, Any]
+ScoreFn = Callable[[TensorDict], Tensor]
+
+_SCORER_PREFIX = "model."
+
+
+def final_hidden(model: nn.Module, batch: TokenBatch) -> Tensor:
+    """`[M, H]` final hidden state at position `t - 1` for each target `(b, t)`, row-major.
+
+    Cost: one forward of the decoder body (no unembedding)."""
+    decoder, _ = decoder_and_head(model)
+    embeddings = decoder.get_input_embeddings()
+    inputs_embeds = embeddings.forward(batch.input_ids)  # .forward: hooks on the embedding module are not run
+    padding_idx = getattr(getattr(embeddings, "base_layer", embeddings), "padding_idx", None)
+    if padding_idx is not None:
+        # Backward gives the padding row no gradient through the lookup; forward mode would: match backward.
+        is_padding = (batch.input_ids == padding_idx)[..., None]
+        inputs_embeds = torch.where(is_padding, inputs_embeds.detach(), inputs_embeds)
+    kwargs = batch.forward_kwargs()
+    del kwargs["input_ids"]
+    outputs = decoder(inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    return hidden[:, :-1][batch.target_mask[:, 1:]]
+
+
+def head_logits(model: nn.Module, hidden: Tensor) -> Tensor:
+    """`[n, V]` logits `z` (head and `LogitTransform`, in float32 or wider) from final hidden states `[n, H]`."""
+    _, head = decoder_and_head(model)
+    return LogitTransform.of(model)(head(hidden).to(compute_dtype(hidden.dtype)))
+
+
+def model_target_logits(model: nn.Module, batch: TokenBatch) -> Tensor:
+    """`[M, V]` the logits of the model's own full forward at the targets (float32 or wider), with the same inputs
+    as `final_hidden`. For models whose root module must run (FSDP gathers its parameters there) or whose
+    `forward` is patched (TRL's fused head). Holds `[B, T, V]` for the batch."""
+    logits = model(**batch.forward_kwargs(), use_cache=False).logits[:, :-1][batch.target_mask[:, 1:]]
+    return logits.to(compute_dtype(logits.dtype))
+
+
+def _output_values(pre: Tensor, targets: Tensor, output: Output, temperature: float, transform: LogitTransform):
+    """`[M]` outputs from unembedding outputs `pre [M, V]` (differentiable standard ops)."""
+    logits = transform(pre)
+    if output == "logit_sum":
+        return logits.sum(-1) / math.sqrt(logits.shape[-1])
+    return torch.log_softmax(logits / temperature, dim=-1).gather(-1, targets[:, None])[:, 0]
+
+
+def output_values_and_logit_grads(
+    pre: Tensor, targets: Tensor, output: Output, temperature: float, transform: LogitTransform
+) -> tuple[Tensor, Tensor]:
+    """Outputs `[M]` and their gradients with respect to `pre`, `[M, V]`, in closed form (no autograd).
+
+    logprob: `d lp / d pre = (e_y - softmax(z / T)) / T * dz/dpre`; logit_sum: `(1 / sqrt V) * dz/dpre`, with
+    `dz/dpre = LogitTransform.slope(pre)`.
+    """
+    logits, slope = transform(pre), transform.slope(pre)
+    if output == "logit_sum":
+        norm = math.sqrt(pre.shape[-1])
+        return logits.sum(-1) / norm, slope / norm
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    values = logprobs.gather(-1, targets[:, None])[:, 0]
+    grads = -logprobs.exp()
+    grads.scatter_add_(-1, targets[:, None], torch.ones_like(values)[:, None])
+    return values, grads * slope / temperature
+
+
+def _head_outputs(
+    head: nn.Module,
+    hidden: Tensor,
+    targets: Tensor,
+    output: Output,
+    temperature: float,
+    transform: LogitTransform,
+    differentiable: bool,
+) -> Tensor:
+    """`[M]` per-target outputs from final hidden states `[M, H]`.
+
+    For a plain `nn.Linear` unembedding (weight `W [V, H]`, bias `b`) the value is computed once, detached, and the
+    derivatives enter through the first-order surrogate
+
+        f = f(w) + <h - sg(h), sg(r)> + <sg(h), r - sg(r)> + <a, b - sg(b)>,   a = df/dpre [M, V],  r = a W [M, H]
+
+    (`sg` = detach), whose value is exactly `f` and whose first derivatives are exactly those of `f`. A JVP then
+    costs `M * H` for the hidden-state tangent and one `[M, V] x [V, H]` product for a head-weight tangent, instead
+    of two `[M, H] x [H, V]` products and `[M, V]` softmax tangents per tangent; a backward likewise. Second
+    derivatives of the surrogate are not those of `f`. Other heads (e.g. a LoRA-wrapped lm_head) are differentiated
+    through their own forward.
+    """
+    dtype = compute_dtype(hidden.dtype)
+    if type(head) is not nn.Linear:
+        return _output_values(head(hidden).to(dtype), targets, output, temperature, transform)
+    weight, bias = head.weight, head.bias
+    hidden_value = hidden.detach()
+    pre = nn.functional.linear(hidden_value, weight.detach(), None if bias is None else bias.detach())
+    values, logit_grads = output_values_and_logit_grads(pre.to(dtype), targets, output, temperature, transform)
+    if not differentiable:
+        return values
+    projected = (logit_grads.to(weight.dtype) @ weight).to(dtype)  # r = a W, [M, H]
+    projected_value = projected.detach()
+    result = (
+        values
+        + ((hidden - hidden_value).to(dtype) * projected_value).sum(-1)
+        + (hidden_value.to(dtype) * (projected - projected_value)).sum(-1)
+    )
+    if bias is not None:
+        result = result + (logit_grads * (bias - bias.detach()).to(dtype)).sum(-1)
+    return result
+
+
+class _TargetScorer(nn.Module):
+    """Holds the model as its child `model`, so `torch.func.functional_call` can swap parameter values by name."""
+
+    def __init__(self, model: nn.Module, batch: TokenBatch, output: Output, differentiable: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.batch = batch
+        self.output = output
+        self.differentiable = differentiable
+
+    def forward(self) -> Tensor:
+        _, head = decoder_and_head(self.model)
+        hidden = final_hidden(self.model, self.batch)
+        transform = LogitTransform.of(self.model)
+        batch = self.batch
+        return _head_outputs(
+            head, hidden, batch.targets, self.output, batch.temperature, transform, self.differentiable
+        )
+
+
+def score_fn(model: nn.Module, batch: TokenBatch, output: Output, differentiable: bool = True) -> ScoreFn:
+    """`values -> [M]` per-target outputs with the parameters in `values` replaced (the rest held fixed)."""
+    scorer = _TargetScorer(model, batch, output, differentiable)
+
+    def score(values: TensorDict) -> Tensor:
+        prefixed = {_SCORER_PREFIX + name: value for name, value in values.items()}
+        return torch.func.functional_call(scorer, prefixed, ())
+
+    return score
+
+
+def prepare(model: nn.Module, *batches: TokenBatchLike) -> list[TokenBatch]:
+    """Coerce the batches and move them to the model's device; warn once when the model would compute
+    stochastically (dropout in train mode)."""
+    for module in model.modules():
+        rate = module.p if isinstance(module, nn.Dropout) else getattr(module, "attention_dropout", 0.0)
+        if module.training and isinstance(rate, int | float) and rate > 0:
+            logger.warning(
+                "%s is in train mode with dropout %.3g: results are stochastic; call model.eval() first",
+                type(module).__name__,
+                rate,
+            )
+            break
+    device = next(model.parameters()).device
+    coerced = [TokenBatch.coerce(batch) for batch in batches]
+    return [batch if batch.input_ids.device == device else batch.to(device) for batch in coerced]
+
+
+def target_logprobs(model: nn.Module, batch: TokenBatchLike, *, params: Mapping[str, Tensor] | None = None) -> Tensor:
+    """`[M]` per-target log-probs `log_softmax(z / temperature)[y]` (no grad), the function every kernel
+    differentiates and the probe scoring observes; with `params` (`name -> tensor`), evaluated at those values.
+
+    Cost: one no-grad forward; allocates `[M, V]` logits at the targets only, never `[B, T, V]`.
+    """
+    (batch,) = prepare(model, batch)
+    values = {} if params is None else select_params(model, params)
+    with torch.no_grad():
+        return score_fn(model, batch, "logprob", differentiable=False)(values)

@@ -463,7 +463,9 @@ def test_direct_routes_equal_sums_of_the_full_matrix(preconditioned):
     direct_groups = attributions.attribution_group_sums_direct(
         model, probe, train, grad_coeffs, groups, lr=lr, preconditioner=preconditioner, chunk_size=2
     )
-    assert relative_error(direct_groups, attributions.attribution_group_sums(kernel, grad_coeffs, groups, lr=lr)) < EXACT
+    assert (
+        relative_error(direct_groups, attributions.attribution_group_sums(kernel, grad_coeffs, groups, lr=lr)) < EXACT
+    )
 
 
 def test_direct_routes_give_zeros_for_all_zero_weights_and_for_a_row_without_weight():

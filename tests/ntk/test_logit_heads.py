@@ -110,5 +110,5 @@ def test_sgd_prediction_matches_the_observed_change(head_model):
     observed = logprobs.target_logprobs(model, probe) - before
     model.zero_grad()
     assert explanation.gradient_check.cosine > 1 - 1e-9
-    error = float((explanation.predicted.double() - observed).norm() / observed.norm())
+    error = float((explanation.probe.predicted.double() - observed).norm() / observed.norm())
     assert error < 0.05, error

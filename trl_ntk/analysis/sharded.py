@@ -11,9 +11,9 @@ forward and backward, and works on its own slice only:
                                                        then copies the saved slice back (bit for bit)
     dot        <a, b> = all_reduce(sum over the local slices)
 
-with the step `h` of `finite_difference_jvps`. This gives the observed, predicted, optimizer-aware, history, SGD-view
-and (sign, group) cell changes of `dynamics.explain_update` ("sums" level); the token-level matrix is not computed
-on sharded parameters.
+with the step `h` of `finite_difference_jvps`. `ShardedBackend` gives these to `dynamics.explain_update`, which then
+computes the same predictions as on dense parameters ("sums" level); the token level is not computed on sharded
+parameters.
 
 FSDP2 keeps the root module's parameters gathered after a forward that has no backward; `reshard` is called after
 every forward here so that `model.named_parameters()` are the sharded parameters again and the next forward gathers
@@ -23,25 +23,17 @@ the current slices.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from trl_ntk import _dist
-from trl_ntk._model import input_device, local_shard, trainable_parameters
-from trl_ntk.analysis.dynamics import (
-    SIGN_NAMES,
-    GradientCheck,
-    UpdateExplanation,
-    cell_weights,
-    concat_labels,
-    learning_rate,
-    step_cells,
-)
-from trl_ntk.batches import CapturedMicroBatch, TokenBatch, TokenLabels
+from trl_ntk._model import TensorDict, input_device, local_shard, trainable_parameters
+from trl_ntk.batches import CapturedMicroBatch, TokenBatch
 from trl_ntk.ntk.jvp import DEFAULT_FD_STEP, JvpPath
 from trl_ntk.ntk.logprobs import model_target_logits
-from trl_ntk.ntk.optim import optimizer_step_split
+from trl_ntk.ntk.optim import StepSplit, optimizer_step_split
 from trl_ntk.probes.scoring import score_responses
 
 
@@ -189,101 +181,68 @@ def _no_grad_logprobs(model: nn.Module, batch: TokenBatch, batch_size: int) -> T
     return scores.flat_token_logps.double()
 
 
-def explain_update(
-    model: nn.Module,
-    probe_batch: TokenBatch,
-    micro_batches: list[CapturedMicroBatch],
-    labels: list[TokenLabels],
-    group_names: tuple[str, ...],
-    optimizer: torch.optim.Optimizer,
-    *,
-    coeff_scale: float = 1.0,
-    extra_batches: dict[str, TokenBatch] | None = None,
-    fd_step: float = DEFAULT_FD_STEP,
-    batch_size: int = 32,
-) -> UpdateExplanation:
-    """`dynamics.explain_update` at the "sums" level for sharded parameters (call on every rank, before the step).
+class ShardedBackend:
+    """`dynamics.StepBackend` on FSDP2 shards: every parameter dict holds this rank's slices; gradients are summed
+    over ranks by FSDP's reduce-scatter and JVPs are global, so `reduce` is the identity.
 
-    The same quantities, with `g_k` from `weighted_gradient` and every JVP from `finite_difference_jvps`:
-    `predicted = current + history`, `current = sum_k cells_k`, `cells_k = - s <grad lp~_m, P g_k>`,
-    `sgd = - lr <grad lp~_m, g>`, and the gradient check of `s * sum_k g_k` against the applied `.grad`. The cell
-    and JVP values are global (every rank gets the same numbers); `coeff_scale` is `1 / world_size` as under DDP.
-
-    Cost: `K` backward passes of the step's micro-batches (`K` cells, at most 2 x groups) and `4 (K + 2)` to
+    Cost of one step analysis: `K` backward passes of the step's micro-batches (`K` cells) and `4 (K + 2)` to
     `6 (K + 2)` no-grad forwards of the probe batch (and of each extra batch).
     """
-    count = len(micro_batches)
-    residual = float(any(mb.logit_residual is not None for mb in micro_batches))
-    most, fewest, residual = _dist.max_over_ranks([count, -count, residual])  # decided together: no rank left waiting
-    if most != -fewest:
-        raise RuntimeError(
-            f"the ranks captured different numbers of training forwards this step ({int(-fewest)} to {int(most)}); "
-            "the sharded analysis runs one backward per forward on every rank"
+
+    path = JvpPath.FINITE_DIFFERENCE.value
+
+    def __init__(self, model: nn.Module, *, fd_step: float = DEFAULT_FD_STEP, batch_size: int = 32) -> None:
+        reshard(model)
+        self.model = model
+        self.params = trainable_parameters(model)
+        self.names = list(self.params)
+        self.fd_step = fd_step
+        self.batch_size = batch_size
+
+    def applied_gradient(self) -> TensorDict:
+        return {
+            n: local_shard(p.grad).detach() if p.grad is not None else torch.zeros_like(local_shard(p))
+            for n, p in self.params.items()
+        }
+
+    def step_split(self, optimizer: torch.optim.Optimizer) -> StepSplit:
+        split = optimizer_step_split(optimizer, self.params)
+        return StepSplit(
+            {n: local_shard(v) for n, v in split.preconditioner.items()},
+            {n: local_shard(v) for n, v in split.history.items()},
         )
-    if residual:
+
+    def weighted_gradient(self, micro_batches: list[CapturedMicroBatch], weights: list[Tensor]) -> TensorDict:
+        """`weighted_gradient`, after checking that every rank captured as many forwards (each runs one backward
+        per forward, and FSDP's collectives must pair up)."""
+        most, fewest = _dist.max_over_ranks([len(micro_batches), -len(micro_batches)])
+        if most != -fewest:
+            raise RuntimeError(
+                f"the ranks captured different numbers of training forwards this step ({int(-fewest)} to "
+                f"{int(most)}); the sharded analysis runs one backward per forward on every rank"
+            )
+        return weighted_gradient(self.model, micro_batches, weights, self.names)
+
+    def residual_gradient(self, micro_batches: list[CapturedMicroBatch], coeff_scale: float) -> TensorDict:
         raise ValueError(
             "the loss reaches the model through its plain logits with terms beyond the trained tokens' log-probs "
             "(label smoothing, a compute_loss_func, or bf16 round-off of a logit loss); that residual is not "
             "analysed on sharded parameters"
         )
-    reshard(model)
-    params = trainable_parameters(model)
-    names = list(params)
-    applied = {
-        n: local_shard(p.grad).detach() if p.grad is not None else torch.zeros_like(local_shard(p))
-        for n, p in params.items()
-    }
-    device = next(iter(applied.values())).device
-    coeffs = [mb.grad_coeffs * coeff_scale for mb in micro_batches]
-    cell_ids = step_cells(labels, coeffs, group_names, device=device)
-    split = optimizer_step_split(optimizer, params)
-    preconditioner = {n: local_shard(v) for n, v in split.preconditioner.items()}
-    history = {n: local_shard(v) for n, v in split.history.items()}
-    lr = learning_rate(optimizer)
-    batches = {"probe": probe_batch, **(extra_batches or {})}
 
-    raw = {n: torch.zeros_like(applied[n], dtype=torch.float64) for n in names}
-    cell_rows: dict[str, list[Tensor]] = {name: [] for name in batches}
-    for sign_index, group_index in cell_ids:
-        weights = cell_weights(labels, coeffs, sign_index, group_index)
-        gradient = weighted_gradient(model, micro_batches, weights, names)
-        for n in names:
-            raw[n] += gradient[n].double()
-            gradient[n] = -preconditioner[n].to(gradient[n].dtype) * gradient[n]
-        rows = finite_difference_jvps(model, batches, [gradient], names, fd_step=fd_step, batch_size=batch_size)
-        for name in batches:
-            cell_rows[name].append(rows[name][0])
-        del gradient
+    def jvps(self, batches: dict[str, TokenBatch], directions: list[TensorDict]) -> dict[str, Tensor]:
+        return finite_difference_jvps(
+            self.model, batches, directions, self.names, fd_step=self.fd_step, batch_size=self.batch_size
+        )
 
-    check = GradientCheck.from_dots(global_dot(raw, raw), global_dot(applied, applied), global_dot(applied, raw))
-    scale = check.clip_scale
-    del raw
-    sgd_direction = {n: -lr * applied[n] for n in names}
-    tail = finite_difference_jvps(
-        model, batches, [history, sgd_direction], names, fd_step=fd_step, batch_size=batch_size
-    )
+    def reduce(self, tensor: Tensor) -> Tensor:
+        return tensor
 
-    def parts(name: str) -> dict[str, Tensor]:
-        history_change = tail[name][0]
-        if cell_rows[name]:
-            cells = torch.stack(cell_rows[name]) * scale
-        else:
-            cells = history_change.new_zeros(0, history_change.numel())
-        current = cells.sum(0)
-        return {"cells": cells, "current": current, "history": history_change, "predicted": current + history_change}
+    def dot(self, a: TensorDict, b: TensorDict) -> float:
+        return global_dot(a, b)
 
-    probe = parts("probe")
-    coeff_sq = sum((c.double().pow(2).sum() for c in coeffs), torch.zeros((), dtype=torch.float64)).to(device)
-    return UpdateExplanation(
-        predicted=probe["predicted"],
-        current=probe["current"],
-        history=probe["history"],
-        sgd=tail["probe"][1],
-        cells=probe["cells"],
-        cell_names=[(SIGN_NAMES[s], group_names[g]) for s, g in cell_ids],
-        gradient_check=check,
-        path=JvpPath.FINITE_DIFFERENCE.value,
-        grad_coeff_norm=float(_dist.all_reduce(coeff_sq)) ** 0.5 * abs(scale),
-        train_labels=concat_labels(labels),
-        extra={name: parts(name) for name in extra_batches or {}},
-    )
+    def token_attribution(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError("the 'tokens' level needs the full parameters on one process; FSDP shards them")
+
+    def kernel_norms(self, probe_batch: TokenBatch, micro_batches: list[CapturedMicroBatch]) -> dict[str, float]:
+        raise ValueError("kernel summaries need the full parameters on one process; FSDP shards them")

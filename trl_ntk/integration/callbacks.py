@@ -400,21 +400,11 @@ class LearningDynamicsCallback(TrainerCallback):
         )
 
     def _explain(self, model, probe_batch, micro_batches, labels, group_names, optimizer, **options):
-        """`dynamics.explain_update`, or its finite-difference form `sharded.explain_update` (no token level) when
-        the parameters are sharded across ranks."""
-        if not self.sharded:
-            return dynamics.explain_update(model, probe_batch, micro_batches, labels, group_names, optimizer, **options)
-        return sharded.explain_update(
-            model,
-            probe_batch,
-            micro_batches,
-            labels,
-            group_names,
-            optimizer,
-            coeff_scale=options["coeff_scale"],
-            extra_batches=options["extra_batches"],
-            batch_size=self.config.score_batch_size,
-        )
+        """`dynamics.explain_update` on the dense backend, or on finite differences of the shards
+        (`sharded.ShardedBackend`, no token level) when the parameters are sharded across ranks."""
+        if self.sharded:
+            options["backend"] = sharded.ShardedBackend(model, batch_size=self.config.score_batch_size)
+        return dynamics.explain_update(model, probe_batch, micro_batches, labels, group_names, optimizer, **options)
 
     def _positive_completions(self, micro_batches: list, labels: list):
         """GRPO's positive-advantage completions of the step (for lazy likelihood displacement): `(batch, their
@@ -471,7 +461,8 @@ class LearningDynamicsCallback(TrainerCallback):
                 all_labels,
             )
             out += records.lld_records(step, groups)
-        if pending.tokens and pending.explanation.matrix is not None and self._is_main():
+        tokens = pending.explanation.tokens
+        if tokens is not None and tokens.matrix is not None and self._is_main():
             matrix_file = self.sinks.save_attributions(
                 step, records.attribution_arrays(encoded, pending.explanation, self.tokenizer)
             )

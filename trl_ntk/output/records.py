@@ -65,14 +65,14 @@ def dynamics_records(
     """One `dynamics` record per probe response: observed vs predicted change and its splits."""
     batch = encoded.batch
     fields = {
-        "predicted": _per_response(explanation.predicted, batch),
-        "current": _per_response(explanation.current, batch),
-        "history": _per_response(explanation.history, batch),
+        "predicted": _per_response(explanation.probe.predicted, batch),
+        "current": _per_response(explanation.probe.current, batch),
+        "history": _per_response(explanation.probe.history, batch),
         "sgd": _per_response(explanation.sgd, batch),
     }
-    cells = _per_response(explanation.cells, batch)
-    residual = None if explanation.residual is None else _per_response(explanation.residual, batch)
-    totals = explanation.response_totals  # [B, L] at the tokens level
+    cells = _per_response(explanation.probe.cells, batch)
+    residual = None if explanation.probe.residual is None else _per_response(explanation.probe.residual, batch)
+    totals = None if explanation.tokens is None else explanation.tokens.response_totals  # [B, L], tokens level
     contexts = _train_token_contexts(explanation) if totals is not None else []
     out = []
     for i, response in enumerate(encoded.responses):
@@ -142,10 +142,14 @@ def _top_tokens(
         row, prefix = contexts[l]
         out.append(
             {
-                "text": tokenizer.decode([int(explanation.train_targets[l])]),
+                "text": tokenizer.decode([int(explanation.tokens.train_targets[l])]),
                 "context": tokenizer.decode(prefix[-8:]),
-                "row": int(explanation.train_labels.example[l]) if explanation.train_labels is not None else row,
-                "group": int(explanation.train_labels.group[l]) if explanation.train_labels is not None else 0,
+                "row": int(explanation.tokens.train_labels.example[l])
+                if explanation.tokens.train_labels is not None
+                else row,
+                "group": int(explanation.tokens.train_labels.group[l])
+                if explanation.tokens.train_labels is not None
+                else 0,
                 "value": signed,
             }
         )
@@ -155,7 +159,7 @@ def _top_tokens(
 def _train_token_contexts(explanation: UpdateExplanation) -> list[tuple[int, list[int]]]:
     """For every training target: (micro-batch row, the token ids before it in its sequence)."""
     out = []
-    for batch in explanation.train_batches:
+    for batch in explanation.tokens.train_batches:
         rows, positions = torch.nonzero(batch.target_mask, as_tuple=True)
         for row, t in zip(rows.tolist(), positions.tolist()):
             prefix = batch.input_ids[row, :t][batch.attention_mask[row, :t].bool()]
@@ -165,25 +169,25 @@ def _train_token_contexts(explanation: UpdateExplanation) -> list[tuple[int, lis
 
 def matrix_probe_ids(encoded: Any, explanation: UpdateExplanation) -> list[str]:
     """The probe responses whose full token matrix was computed this step (`matrix_rows`), in batch order."""
-    if explanation.matrix is None:
+    if explanation.tokens is None or explanation.tokens.matrix is None:
         return []
-    return [r.probe_id for r, keep in zip(encoded.responses, explanation.matrix_rows.tolist()) if keep]
+    return [r.probe_id for r, keep in zip(encoded.responses, explanation.tokens.matrix_rows.tolist()) if keep]
 
 
 def attribution_arrays(encoded: Any, explanation: UpdateExplanation, tokenizer: Any) -> dict[str, np.ndarray]:
     """Arrays of `attributions/step_<step>.npz`: per selected probe response its `[M, L]` block and decoded tokens."""
-    selected = select_rows(encoded.batch, explanation.matrix_rows)
-    blocks = _per_response(explanation.matrix.T, selected)
+    selected = select_rows(encoded.batch, explanation.tokens.matrix_rows)
+    blocks = _per_response(explanation.tokens.matrix.T, selected)
     probe_targets = _per_response(selected.targets, selected)
     arrays: dict[str, np.ndarray] = {
-        "train.tokens": np.array([tokenizer.decode([int(t)]) for t in explanation.train_targets]),
-        "train.row": explanation.train_labels.example.numpy()
-        if explanation.train_labels is not None
-        else np.zeros(len(explanation.train_targets), dtype=np.int64),
-        "train.group": explanation.train_labels.group.numpy()
-        if explanation.train_labels is not None
-        else np.zeros(len(explanation.train_targets), dtype=np.int64),
-        "train.coeff": explanation.train_coeffs.float().cpu().numpy(),
+        "train.tokens": np.array([tokenizer.decode([int(t)]) for t in explanation.tokens.train_targets]),
+        "train.row": explanation.tokens.train_labels.example.numpy()
+        if explanation.tokens.train_labels is not None
+        else np.zeros(len(explanation.tokens.train_targets), dtype=np.int64),
+        "train.group": explanation.tokens.train_labels.group.numpy()
+        if explanation.tokens.train_labels is not None
+        else np.zeros(len(explanation.tokens.train_targets), dtype=np.int64),
+        "train.coeff": explanation.tokens.train_coeffs.float().cpu().numpy(),
     }
     for probe_id, block, targets in zip(matrix_probe_ids(encoded, explanation), blocks, probe_targets):
         arrays[probe_id] = block.T.float().cpu().numpy()

@@ -1,0 +1,191 @@
+"""The dense backend of the step analysis: every process holds all parameters (one process, or DDP).
+
+Weighted gradients by autograd (`kernels.logprob_grad`, one backward per micro-batch), JVPs by `torch.func` (or
+the path `jvp.select_jvp_path` picks). Under DDP each rank captures its own micro-batches: a weighted gradient is
+this rank's term of the sum over ranks, and anything linear in it (its JVPs, the raw gradient) is summed across
+ranks by `reduce` (`all_reduce`). The "tokens" level gathers its columns (training tokens) in rank order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from trl_ntk import _dist
+from trl_ntk._model import TensorDict, compute_dtype, select_params, trainable_parameters
+from trl_ntk.analysis.results import TokenAttribution
+from trl_ntk.batches import CapturedMicroBatch, TokenBatch, TokenLabels, select_rows, target_rows
+from trl_ntk.ntk import attributions, jvp, kernels, logprobs, optim
+
+
+class DenseBackend:
+    """`dynamics.StepBackend` on the full parameters of this process.
+
+    Args:
+        model: at `w_t`, in eval mode, with the step's gradient in `.grad`.
+        chunk_size (*optional*): rows of parameter-sized tangents held at once by the "tokens" level kernels.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int | None = None) -> None:
+        self.model = model
+        self.params = trainable_parameters(model)
+        self.names = list(self.params)
+        self.path = jvp.select_jvp_path(model, self.names).value
+        self.chunking = {} if chunk_size is None else {"chunk_size": chunk_size}
+
+    def applied_gradient(self) -> TensorDict:
+        return {n: (p.grad.detach() if p.grad is not None else torch.zeros_like(p)) for n, p in self.params.items()}
+
+    def step_split(self, optimizer: torch.optim.Optimizer) -> optim.StepSplit:
+        return optim.optimizer_step_split(optimizer, self.params)
+
+    def weighted_gradient(self, micro_batches: list[CapturedMicroBatch], weights: list[Tensor]) -> TensorDict:
+        """`sum_l w_l grad lp_l` over this rank's micro-batches (one weighted backward per micro-batch with a
+        non-zero weight)."""
+        total = {n: torch.zeros_like(p, dtype=compute_dtype(p.dtype)) for n, p in self.params.items()}
+        for mb, w in zip(micro_batches, weights):
+            if bool((w != 0).any()):
+                grad = kernels.logprob_grad(self.model, mb.batch, w, params=self.names)
+                for n in self.names:
+                    total[n] += grad[n]
+        return total
+
+    def residual_gradient(self, micro_batches: list[CapturedMicroBatch], coeff_scale: float) -> TensorDict:
+        """`coeff_scale * sum_l J_l^T r_l`: the logit residuals of this rank's micro-batches pulled back (one
+        full-logits forward and backward per micro-batch with a residual)."""
+        total = {n: torch.zeros_like(p, dtype=compute_dtype(p.dtype)) for n, p in self.params.items()}
+        for mb in micro_batches:
+            if mb.logit_residual is None:
+                continue
+            gradient = kernels.logit_cotangent_grad(
+                self.model, mb.batch, mb.residual_positions, mb.logit_residual * coeff_scale, params=self.names
+            )
+            for n in self.names:
+                total[n] += gradient[n]
+        return total
+
+    def jvps(self, batches: dict[str, TokenBatch], directions: list[TensorDict]) -> dict[str, Tensor]:
+        """`name -> [len(directions), M]` float32 JVPs of each batch's target log-probs along each direction: one
+        batched JVP per batch (`vmap` over stacked tangents, `jvp.DEFAULT_CHUNK_SIZE` at a time); all-zero
+        directions are not run. Allocates one stacked copy of (a chunk of) the directions."""
+        return {name: _batch_jvps(self.model, batch, directions, self.names) for name, batch in batches.items()}
+
+    def reduce(self, tensor: Tensor) -> Tensor:
+        """Sum over ranks of a quantity linear in this rank's weighted gradients (in place)."""
+        return _dist.all_reduce(tensor)
+
+    def dot(self, a: TensorDict, b: TensorDict) -> float:
+        return float(sum((a[n].double() * b[n].double()).sum() for n in a))
+
+    def token_attribution(
+        self,
+        probe_batch: TokenBatch,
+        micro_batches: list[CapturedMicroBatch],
+        coeffs: list[Tensor],
+        labels: TokenLabels | None,
+        preconditioner: TensorDict,
+        scale: float,
+        matrix_rows: Tensor | None,
+    ) -> TokenAttribution:
+        """The "tokens" level: per micro-batch, the response totals (one probe backward per response, one JVP of
+        the micro-batch) and the `[M_selected, L_i]` matrix (a kernel of the selected probe rows); under DDP the
+        columns of every rank, in rank order."""
+        rows = target_rows(probe_batch)
+        num_rows = probe_batch.input_ids.shape[0]
+        response_weights = torch.zeros(num_rows, probe_batch.num_targets, device=rows.device)
+        response_weights[rows, torch.arange(rows.numel(), device=rows.device)] = 1.0
+        selected = torch.ones(num_rows, dtype=torch.bool) if matrix_rows is None else matrix_rows.cpu()
+        matrix_batch = select_rows(probe_batch, selected) if bool(selected.any()) else None
+        totals, columns = [], []
+        for mb, c in zip(micro_batches, coeffs):
+            totals.append(
+                attributions.attribution_column_sums_direct(
+                    self.model,
+                    probe_batch,
+                    mb.batch,
+                    c,
+                    lr=scale,
+                    probe_weights=response_weights,
+                    params=self.names,
+                    preconditioner=preconditioner,
+                    **self.chunking,
+                )
+            )
+            if matrix_batch is not None:
+                kernel = kernels.logprob_kernel(
+                    self.model,
+                    matrix_batch,
+                    mb.batch,
+                    params=self.names,
+                    preconditioner=preconditioner,
+                    **self.chunking,
+                )
+                columns.append(-scale * kernel * c.to(kernel.dtype)[None, :])
+        local = TokenAttribution(
+            matrix=torch.cat(columns, dim=1) if columns else None,
+            matrix_rows=selected,
+            response_totals=torch.cat(totals, dim=1),
+            train_targets=torch.cat([mb.batch.targets for mb in micro_batches]),
+            train_coeffs=torch.cat(coeffs) * scale,
+            train_batches=tuple(mb.batch for mb in micro_batches),
+            train_labels=labels,
+        )
+        return _gather_columns(local) if _dist.is_distributed() else local
+
+    def kernel_norms(self, probe_batch: TokenBatch, micro_batches: list[CapturedMicroBatch]) -> dict[str, float]:
+        """Frobenius norms of the log-prob kernel and the pNTK between the probes and all the step's training
+        targets (over every rank)."""
+        squares = torch.zeros(2, dtype=torch.float64, device=next(iter(self.params.values())).device)
+        for mb in micro_batches:
+            logprob = kernels.logprob_kernel(self.model, probe_batch, mb.batch, params=self.names, **self.chunking)
+            squares[0] += logprob.pow(2).sum()
+            squares[1] += (
+                kernels.pntk(self.model, probe_batch, mb.batch, params=self.names, **self.chunking).pow(2).sum()
+            )
+        _dist.all_reduce(squares)
+        return {"logprob_norm": float(squares[0]) ** 0.5, "pntk_norm": float(squares[1]) ** 0.5}
+
+
+def _batch_jvps(model: nn.Module, batch: TokenBatch, directions: list[TensorDict], names: list[str]) -> Tensor:
+    """`[len(directions), M]` JVPs of the batch's target log-probs (see `DenseBackend.jvps`)."""
+    path = jvp.select_jvp_path(model, names)
+    (batch,) = logprobs.prepare(model, batch)
+    values = select_params(model, names)
+    rows = torch.zeros(len(directions), batch.num_targets, device=next(iter(values.values())).device)
+    nonzero = [k for k, d in enumerate(directions) if bool(torch.stack([d[n].any() for n in names]).any())]
+    with jvp.forward_mode_attention(model, path):
+        score = logprobs.score_fn(model, batch, "logprob", differentiable=path is not jvp.JvpPath.FINITE_DIFFERENCE)
+        for start in range(0, len(nonzero), jvp.DEFAULT_CHUNK_SIZE):
+            chunk = nonzero[start : start + jvp.DEFAULT_CHUNK_SIZE]
+            tangents = {n: torch.stack([directions[k][n].to(values[n]) for k in chunk]) for n in names}
+            rows[chunk] = jvp.jvp_rows(score, values, tangents, path, jvp.DEFAULT_FD_STEP).detach().float()
+    return rows
+
+
+def _gather_columns(local: TokenAttribution) -> TokenAttribution:
+    """The columns of every rank, in rank order (DDP); examples and sequence groups renumbered so that they stay
+    distinct across ranks. Moves `[Mp, L_rank]` floats per rank through the CPU; every rank must call it."""
+    device = local.response_totals.device
+    labels = local.train_labels
+    cpu_labels = (
+        None if labels is None else TokenLabels(labels.group.cpu(), labels.example.cpu(), labels.sequence_group.cpu())
+    )
+    gathered = _dist.gather_objects(
+        (
+            None if local.matrix is None else local.matrix.cpu(),
+            local.response_totals.cpu(),
+            local.train_targets.cpu(),
+            local.train_coeffs.cpu(),
+            [batch.to("cpu") for batch in local.train_batches],
+            cpu_labels,
+        )
+    )
+    return TokenAttribution(
+        matrix=None if local.matrix is None else torch.cat([part[0] for part in gathered], dim=1).to(device),
+        matrix_rows=local.matrix_rows,
+        response_totals=torch.cat([part[1] for part in gathered], dim=1).to(device),
+        train_targets=torch.cat([part[2] for part in gathered]),
+        train_coeffs=torch.cat([part[3] for part in gathered]),
+        train_batches=tuple(batch for part in gathered for batch in part[4]),
+        train_labels=None if labels is None else _dist.concat_renumbered([part[5] for part in gathered]),
+    )

@@ -65,9 +65,10 @@ class DenseBackend:
         return total
 
     def jvps(self, batches: dict[str, TokenBatch], directions: list[TensorDict]) -> dict[str, Tensor]:
-        """`name -> [len(directions), M]` float32 JVPs of each batch's target log-probs along each direction: one
-        batched JVP per batch (`vmap` over stacked tangents, `jvp.DEFAULT_CHUNK_SIZE` at a time); all-zero
-        directions are not run. Allocates one stacked copy of (a chunk of) the directions."""
+        """`name -> [len(directions), M]` JVPs of each batch's target log-probs along each direction (float32,
+        float64 for a float64 model): one batched JVP per batch (`vmap` over stacked tangents,
+        `jvp.DEFAULT_CHUNK_SIZE` at a time); all-zero directions are not run. Allocates one stacked copy of (a chunk
+        of) the directions."""
         return {name: _batch_jvps(self.model, batch, directions, self.names) for name, batch in batches.items()}
 
     def reduce(self, tensor: Tensor) -> Tensor:
@@ -151,14 +152,15 @@ def _batch_jvps(model: nn.Module, batch: TokenBatch, directions: list[TensorDict
     path = jvp.select_jvp_path(model, names)
     (batch,) = logprobs.prepare(model, batch)
     values = select_params(model, names)
-    rows = torch.zeros(len(directions), batch.num_targets, device=next(iter(values.values())).device)
+    first = next(iter(values.values()))
+    rows = torch.zeros(len(directions), batch.num_targets, device=first.device, dtype=compute_dtype(first.dtype))
     nonzero = [k for k, d in enumerate(directions) if bool(torch.stack([d[n].any() for n in names]).any())]
     with jvp.forward_mode_attention(model, path):
         score = logprobs.score_fn(model, batch, "logprob", differentiable=path is not jvp.JvpPath.FINITE_DIFFERENCE)
         for start in range(0, len(nonzero), jvp.DEFAULT_CHUNK_SIZE):
             chunk = nonzero[start : start + jvp.DEFAULT_CHUNK_SIZE]
             tangents = {n: torch.stack([directions[k][n].to(values[n]) for k in chunk]) for n in names}
-            rows[chunk] = jvp.jvp_rows(score, values, tangents, path, jvp.DEFAULT_FD_STEP).detach().float()
+            rows[chunk] = jvp.jvp_rows(score, values, tangents, path, jvp.DEFAULT_FD_STEP).detach().to(rows.dtype)
     return rows
 
 

@@ -204,9 +204,7 @@ def explain_update(
 
 def learning_rate(optimizer: Any) -> float:
     """The learning rate of the coming step (one value: the plain-SGD view needs a single `eta`)."""
-    inner = optimizer
-    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
+    inner = optim.unwrap_optimizer(optimizer)
     rates = {float(group["lr"]) for group in inner.param_groups if any(p.requires_grad for p in group["params"])}
     if len(rates) != 1:
         raise ValueError(f"the plain-SGD view needs one learning rate; the optimizer has {sorted(rates)}")

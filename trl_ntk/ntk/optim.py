@@ -26,7 +26,8 @@ class StepSplit(NamedTuple):
     """The rest of the update: momentum carried over from earlier steps, and weight decay."""
 
 
-def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside wrappers that expose it as `.optimizer` (accelerate)."""
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer, other wrappers
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -115,7 +116,7 @@ def optimizer_step_split(
         `StepSplit(preconditioner, history)`, dicts keyed like `named_params`, in float32 (or the parameter's
         dtype if wider). Allocates two parameter-sized tensors per parameter (one for SGD).
     """
-    inner = _unwrap_optimizer(optimizer)
+    inner = unwrap_optimizer(optimizer)
     if isinstance(inner, torch.optim.Adam):
         kind = "adam"
     elif isinstance(inner, torch.optim.SGD):

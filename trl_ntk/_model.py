@@ -157,6 +157,25 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> TensorDict
     return {name: value.detach() for name, value in chosen.items()}
 
 
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def upcast(values: Mapping[str, Tensor]) -> TensorDict:
+    """The values with half-precision floats as float32 copies, the others as they are."""
+    return {name: v.float() if v.dtype in HALF_PRECISION else v for name, v in values.items()}
+
+
+def float32_state(model: nn.Module) -> TensorDict:
+    """Float32 copies of the model's half-precision parameters and buffers, `name -> tensor` (detached; empty for
+    a float32 / float64 model and for sharded parameters). Evaluating the model with these in place of its own
+    (`torch.func.functional_call`) computes in float32 at the same weights. Allocates twice the half-precision
+    weights."""
+    if is_sharded(model):
+        return {}
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {name: v.detach().float() for name, v in state.items() if v.dtype in HALF_PRECISION}
+
+
 def _dtensor_type() -> type | tuple:
     try:
         from torch.distributed.tensor import DTensor

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from trl_ntk import _dist
-from trl_ntk._model import TensorDict, compute_dtype, select_params, trainable_parameters
+from trl_ntk._model import TensorDict, compute_dtype, trainable_parameters
 from trl_ntk.analysis.results import TokenAttribution
 from trl_ntk.batches import CapturedMicroBatch, TokenBatch, TokenLabels, select_rows, target_rows
 from trl_ntk.ntk import attributions, jvp, kernels, logprobs, optim
@@ -151,7 +151,7 @@ def _batch_jvps(model: nn.Module, batch: TokenBatch, directions: list[TensorDict
     """`[len(directions), M]` JVPs of the batch's target log-probs (see `DenseBackend.jvps`)."""
     path = jvp.select_jvp_path(model, names)
     (batch,) = logprobs.prepare(model, batch)
-    values = select_params(model, names)
+    values = logprobs.primal_values(model, names)
     first = next(iter(values.values()))
     rows = torch.zeros(len(directions), batch.num_targets, device=first.device, dtype=compute_dtype(first.dtype))
     nonzero = [k for k, d in enumerate(directions) if bool(torch.stack([d[n].any() for n in names]).any())]

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from trl_ntk._model import ParamSelection, select_params
+from trl_ntk._model import ParamSelection
 from trl_ntk.ntk.jvp import DEFAULT_CHUNK_SIZE, DEFAULT_FD_STEP, JvpPath, contract, resolve_path
-from trl_ntk.ntk.logprobs import TokenBatchLike, prepare
+from trl_ntk.ntk.logprobs import TokenBatchLike, prepare, primal_values
 
 
 @dataclass
@@ -95,7 +95,7 @@ def attribution_group_sums_direct(
     """
     probe, train = prepare(model, probe, train)
     _check_coeffs(grad_coeffs, train.num_targets)
-    values = select_params(model, params)
+    values = primal_values(model, params)
     num_groups = int(groups.max()) + 1 if num_groups is None else num_groups
     coeffs = grad_coeffs.to(values[next(iter(values))].device)
     membership = nn.functional.one_hot(groups.long().to(coeffs.device), num_groups).T.to(coeffs.dtype)
@@ -167,7 +167,7 @@ def attribution_column_sums_direct(
     """
     probe, train = prepare(model, probe, train)
     _check_coeffs(grad_coeffs, train.num_targets)
-    values = select_params(model, params)
+    values = primal_values(model, params)
     device = next(iter(values.values())).device
     weights = torch.ones(1, probe.num_targets, device=device) if probe_weights is None else probe_weights.to(device)
     if weights.dim() != 2 or weights.shape[1] != probe.num_targets:

@@ -43,6 +43,7 @@ from trl_ntk.ntk.logprobs import (
     final_hidden,
     output_values_and_logit_grads,
     prepare,
+    primal_values,
     score_fn,
 )
 
@@ -113,7 +114,7 @@ def _kernel(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     probe, train = prepare(model, probe, train)
-    values = select_params(model, params)
+    values = primal_values(model, params)
     num_probe, num_train = probe.num_targets, train.num_targets
     device = next(iter(values.values())).device
     dtype = compute_dtype(next(iter(values.values())).dtype)
@@ -318,7 +319,7 @@ def logprob_jvp(
     except on the finite-difference path (one perturbed copy of the named parameters at a time).
     """
     (batch,) = prepare(model, batch)
-    values = select_params(model, list(direction))
+    values = primal_values(model, list(direction))
     for name, value in values.items():
         if direction[name].shape != value.shape:
             raise ValueError(
@@ -344,7 +345,7 @@ def logprob_grad(
     `weights [M]`. Cost: one forward and one backward of the batch. Leaves `.grad` of the model untouched.
     """
     (batch,) = prepare(model, batch)
-    values = select_params(model, params)
+    values = primal_values(model, params)
     backward = Backward(score_fn(model, batch, output), values, model)
     if weights.shape != (backward.num_targets,):
         raise ValueError(f"weights must have shape [M] = [{backward.num_targets}], got {tuple(weights.shape)}")

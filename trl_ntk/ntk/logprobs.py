@@ -8,7 +8,8 @@ the head's logit post-processing (`_model.LogitTransform`), never forming the `[
 
 Forward hooks on the input-embedding module (`enable_input_require_grads`, NEFTune noise) are not run; the model's
 `forward` (which TRL may patch) is never called, except by `model_target_logits`, the full forward for sharded
-models. The model's train/eval mode is left as it is: call `model.eval()` for deterministic values.
+models. A half-precision model is evaluated in float32 on upcast copies of its weights. The model's train/eval mode
+is left as it is: call `model.eval()` for deterministic values.
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from trl_ntk._model import LogitTransform, TensorDict, compute_dtype, decoder_and_head, select_params
+from trl_ntk._model import (
+    LogitTransform,
+    ParamSelection,
+    TensorDict,
+    compute_dtype,
+    decoder_and_head,
+    float32_state,
+    select_params,
+    upcast,
+)
 from trl_ntk.batches import TokenBatch
 
 logger = logging.getLogger(__name__)
@@ -139,35 +149,50 @@ def _head_outputs(
     return result
 
 
-class _TargetScorer(nn.Module):
-    """Holds the model as its child `model`, so `torch.func.functional_call` can swap parameter values by name."""
+class _Call(nn.Module):
+    """`fn(model)` as the forward of a module holding the model as its child `model`, so that
+    `torch.func.functional_call` can swap parameter values by name."""
 
-    def __init__(self, model: nn.Module, batch: TokenBatch, output: Output, differentiable: bool) -> None:
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module], Any]) -> None:
         super().__init__()
         self.model = model
-        self.batch = batch
-        self.output = output
-        self.differentiable = differentiable
+        self.fn = fn
 
-    def forward(self) -> Tensor:
-        _, head = decoder_and_head(self.model)
-        hidden = final_hidden(self.model, self.batch)
-        transform = LogitTransform.of(self.model)
-        batch = self.batch
-        return _head_outputs(
-            head, hidden, batch.targets, self.output, batch.temperature, transform, self.differentiable
-        )
+    def forward(self) -> Any:
+        return self.fn(self.model)
+
+
+def call_with(model: nn.Module, values: Mapping[str, Tensor], fn: Callable[[nn.Module], Any]) -> Any:
+    """`fn(model)` with the parameters and buffers named in `values` replaced by those values."""
+    if not values:
+        return fn(model)
+    prefixed = {_SCORER_PREFIX + name: value for name, value in values.items()}
+    return torch.func.functional_call(_Call(model, fn), prefixed, ())
+
+
+def _target_outputs(model: nn.Module, batch: TokenBatch, output: Output, differentiable: bool) -> Tensor:
+    _, head = decoder_and_head(model)
+    hidden = final_hidden(model, batch)
+    transform = LogitTransform.of(model)
+    return _head_outputs(head, hidden, batch.targets, output, batch.temperature, transform, differentiable)
 
 
 def score_fn(model: nn.Module, batch: TokenBatch, output: Output, differentiable: bool = True) -> ScoreFn:
-    """`values -> [M]` per-target outputs with the parameters in `values` replaced (the rest held fixed)."""
-    scorer = _TargetScorer(model, batch, output, differentiable)
+    """`values -> [M]` per-target outputs with the parameters in `values` replaced (the rest held fixed). A
+    half-precision model is evaluated on float32 copies of its weights (`float32_state`); pass `values` from
+    `primal_values`."""
+    state = float32_state(model)
 
     def score(values: TensorDict) -> Tensor:
-        prefixed = {_SCORER_PREFIX + name: value for name, value in values.items()}
-        return torch.func.functional_call(scorer, prefixed, ())
+        return call_with(model, {**state, **values}, lambda m: _target_outputs(m, batch, output, differentiable))
 
     return score
+
+
+def primal_values(model: nn.Module, params: ParamSelection = None) -> TensorDict:
+    """The selected parameters (`select_params`) as the point per-target outputs are evaluated and differentiated
+    at: half-precision values upcast to float32 copies, so that kernels and JVPs compute in float32."""
+    return upcast(select_params(model, params))
 
 
 def prepare(model: nn.Module, *batches: TokenBatchLike) -> list[TokenBatch]:
@@ -194,6 +219,6 @@ def target_logprobs(model: nn.Module, batch: TokenBatchLike, *, params: Mapping[
     Cost: one no-grad forward; allocates `[M, V]` logits at the targets only, never `[B, T, V]`.
     """
     (batch,) = prepare(model, batch)
-    values = {} if params is None else select_params(model, params)
+    values = {} if params is None else primal_values(model, params)
     with torch.no_grad():
         return score_fn(model, batch, "logprob", differentiable=False)(values)

@@ -15,9 +15,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from trl_ntk._model import LogitTransform, input_device, unwrap_model
+from trl_ntk._model import LogitTransform, float32_state, input_device, unwrap_model
 from trl_ntk.batches import TokenBatch, select_rows
-from trl_ntk.ntk.logprobs import final_hidden, head_logits, model_target_logits
+from trl_ntk.ntk.logprobs import call_with, final_hidden, head_logits, model_target_logits
 from trl_ntk.probes.probe_set import ProbeResponse, eval_mode
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,8 @@ def score_responses(
       `"logits"`: their own forward is the reference the kernels' transform is checked against.
     - `"logits"`: the model's plain forward (`model(input_ids=..., attention_mask=...)`, also on a model patched by
       TRL's `add_fused_lm_head`); holds `[b, T, V]` logits for one micro-batch at a time.
-    Log-softmax runs in float32 on `logits / batch.temperature`.
+    Log-softmax runs in float32 on `logits / batch.temperature`; a half-precision model runs in float32 on upcast
+    copies of its weights (twice its half-precision weights in extra memory), as the kernels do.
 
     Args:
         model (`PreTrainedModel`): a causal LM (PEFT-wrapped models are unwrapped to their base model).
@@ -148,23 +149,23 @@ def score_responses(
     vocab_size = 0
 
     per_token: dict[str, list[Tensor]] = {name: [] for name in _PER_TOKEN}
+    state = float32_state(causal_lm)  # a half-precision model is scored in float32 on upcast weights
     with eval_mode(model), torch.no_grad():
         for start in range(0, batch.input_ids.shape[0], batch_size):
-            rows = slice(start, start + batch_size)
-            sub_batch = _row_slice(batch, rows).to(device)
+            sub_batch = _row_slice(batch, slice(start, start + batch_size)).to(device)
             if chosen == "backbone":
-                hidden_or_logits = final_hidden(causal_lm, sub_batch)
+                hidden_or_logits = call_with(causal_lm, state, lambda m, b=sub_batch: final_hidden(m, b))
             else:
-                hidden_or_logits = model_target_logits(causal_lm, sub_batch)
+                hidden_or_logits = call_with(causal_lm, state, lambda m, b=sub_batch: model_target_logits(m, b))
             targets = sub_batch.targets
             for chunk_start in range(0, targets.shape[0], chunk_size):
-                chunk = slice(chunk_start, chunk_start + chunk_size)
+                chunk = hidden_or_logits[chunk_start : chunk_start + chunk_size]
                 if chosen == "backbone":
-                    logits = head_logits(causal_lm, hidden_or_logits[chunk])
-                else:
-                    logits = hidden_or_logits[chunk]
-                vocab_size = logits.shape[-1]
-                stats = _token_statistics(logits.float() / batch.temperature, targets[chunk])
+                    chunk = call_with(causal_lm, state, lambda m, h=chunk: head_logits(m, h))
+                vocab_size = chunk.shape[-1]
+                stats = _token_statistics(
+                    chunk.float() / batch.temperature, targets[chunk_start : chunk_start + chunk_size]
+                )
                 for name, value in stats.items():
                     per_token[name].append(value)
     flat = {name: torch.cat(values).cpu() for name, values in per_token.items()}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from trl_ntk.batches import TokenBatch
+from trl_ntk.ntk import logprobs
 from trl_ntk.probes.probe_set import ProbeResponse
 from trl_ntk.probes.scoring import ResponseScores, score_responses
 
@@ -222,3 +223,21 @@ def test_records_carry_the_probe_record_fields_and_are_json(model, sequences):
         assert record["logp_sum"] == pytest.approx(sum(record["token_logps"]), abs=1e-4)
     with pytest.raises(ValueError, match="got 1 responses for 5 scored rows"):
         scores.to_records(responses[:1])
+
+
+@pytest.mark.parametrize("strategy", ["backbone", "logits"])
+def test_without_position_ids_rows_score_with_the_models_own_positions_as_the_kernels_do(
+    gpt2_model, sequences, strategy
+):
+    """Learned positions and left padding: the scores are those of the model's own forward on the padded batch
+    (positions counted from column 0, as a trainer that passes no position ids trains), whatever the row split."""
+    batch = _padded_batch(sequences, "left")
+    batch = TokenBatch(batch.input_ids, batch.attention_mask, batch.target_mask)  # no position ids
+    with torch.no_grad():
+        logits = gpt2_model(**batch.forward_kwargs()).logits[:, :-1][batch.target_mask[:, 1:]]
+    expected = torch.log_softmax(logits, -1).gather(-1, batch.targets[:, None])[:, 0]
+    scores = score_responses(gpt2_model, batch, batch_size=2, strategy=strategy).flat_token_logps
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores, logprobs.target_logprobs(gpt2_model, batch), atol=1e-5, rtol=0)
+    padded_positions = _padded_batch(sequences, "left")  # positions from the mask: a different function
+    assert float((score_responses(gpt2_model, padded_positions).flat_token_logps - scores).abs().max()) > 1e-3

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from trl_ntk.integration.nthr import hidden_reward, token_weights
+from trl_ntk.ntk.nthr import hidden_reward, token_weights
 
 # ------------------------------------------------------------------------------------------------------------------
 # Oracles, written independently of the code under test.

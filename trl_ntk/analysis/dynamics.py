@@ -96,6 +96,35 @@ def _add_scaled(total: TensorDict, part: TensorDict, preconditioner: TensorDict)
     return {n: -preconditioner[n].to(part[n].dtype) * part[n] for n in part}
 
 
+def _current_rows(
+    backend: StepBackend,
+    batches: dict[str, TokenBatch],
+    micro_batches: list[CapturedMicroBatch],
+    labels: list[TokenLabels],
+    coeffs: list[Tensor],
+    cell_ids: list[tuple[int, int]],
+    preconditioner: TensorDict,
+    coeff_scale: float,
+    raw: TensorDict,
+) -> tuple[dict[str, list[Tensor]], dict[str, Tensor] | None]:
+    """Per batch, this process's JVP rows along `-P g_k` for every cell `k` (and along `-P g_r` for the logit
+    residual gradient `g_r`, `None` when no rank has one); each gradient is added into `raw`.
+
+    One cell at a time: its gradient, the JVPs of every batch, then the gradient is dropped."""
+    cell_rows: dict[str, list[Tensor]] = {name: [] for name in batches}
+    for sign_index, group_index in cell_ids:
+        gradient = backend.weighted_gradient(micro_batches, cell_weights(labels, coeffs, sign_index, group_index))
+        rows = backend.jvps(batches, [_add_scaled(raw, gradient, preconditioner)])
+        del gradient
+        for name in batches:
+            cell_rows[name].append(rows[name][0])
+    if not _dist.any_rank(any(mb.logit_residual is not None for mb in micro_batches)):
+        return cell_rows, None
+    gradient = backend.residual_gradient(micro_batches, coeff_scale)
+    rows = backend.jvps(batches, [_add_scaled(raw, gradient, preconditioner)])
+    return cell_rows, {name: value[0] for name, value in rows.items()}
+
+
 def explain_update(
     model: nn.Module,
     probe_batch: TokenBatch,
@@ -145,22 +174,10 @@ def explain_update(
     preconditioner, history = backend.step_split(optimizer)
     batches = {"probe": probe_batch, **(extra_batches or {})}
 
-    # One cell at a time: its gradient g_k, the JVPs of every batch along -P g_k, then g_k is dropped.
     raw = {n: torch.zeros_like(value, dtype=preconditioner[n].dtype) for n, value in applied.items()}
-    cell_rows: dict[str, list[Tensor]] = {name: [] for name in batches}
-    for sign_index, group_index in cell_ids:
-        gradient = backend.weighted_gradient(micro_batches, cell_weights(labels, coeffs, sign_index, group_index))
-        rows = backend.jvps(batches, [_add_scaled(raw, gradient, preconditioner)])
-        del gradient
-        for name in batches:
-            cell_rows[name].append(rows[name][0])
-    residual_rows = None
-    if _dist.any_rank(any(mb.logit_residual is not None for mb in micro_batches)):
-        gradient = backend.residual_gradient(micro_batches, coeff_scale)
-        residual_rows = {
-            name: rows[0] for name, rows in backend.jvps(batches, [_add_scaled(raw, gradient, preconditioner)]).items()
-        }
-        del gradient
+    cell_rows, residual_rows = _current_rows(
+        backend, batches, micro_batches, labels, coeffs, cell_ids, preconditioner, coeff_scale, raw
+    )
     for n in raw:
         backend.reduce(raw[n])
     check = GradientCheck.from_dots(backend.dot(raw, raw), backend.dot(applied, applied), backend.dot(applied, raw))

@@ -21,7 +21,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from trl_ntk.batches import TokenBatch
-from trl_ntk.ntk import kernels
+from trl_ntk.ntk import attributions, jvp, kernels, logprobs
 
 VOCAB = 600
 
@@ -76,14 +76,14 @@ def naive_kernel(model: torch.nn.Module, probe: TokenBatch, train: TokenBatch) -
 
 def floor_jvps(model: torch.nn.Module, train: TokenBatch, tangents: dict, chunk_size: int) -> torch.Tensor:
     """The Mp batched JVPs of the training log-probs alone (tangents given), as `logprob_kernel` runs them."""
-    values = kernels.select_params(model)
-    score = kernels._score_fn(model, train, "logprob")
+    values = logprobs.primal_values(model)
+    score = logprobs.score_fn(model, train, "logprob")
     rows = []
     num_rows = next(iter(tangents.values())).shape[0]
-    with kernels._forward_mode_attention(model, kernels.JvpPath.FUNC):
+    with jvp.forward_mode_attention(model, jvp.JvpPath.FUNC):
         for start in range(0, num_rows, chunk_size):
             chunk = {name: t[start : start + chunk_size] for name, t in tangents.items()}
-            rows.append(kernels._jvp_rows(score, values, chunk, kernels.JvpPath.FUNC, kernels.DEFAULT_FD_STEP))
+            rows.append(jvp.jvp_rows(score, values, chunk, jvp.JvpPath.FUNC, jvp.DEFAULT_FD_STEP))
     return torch.cat(rows)
 
 
@@ -137,7 +137,7 @@ def headline(repeats: int, chunk_size: int) -> None:
     probe = token_batch(2, 24, 16, seed=1)  # Mp = 32
     train = token_batch(16, 48, 32, seed=2)  # Mt = 512
     grad_coeffs = torch.randn(train.num_targets, generator=torch.Generator().manual_seed(3))
-    values = kernels.select_params(model)
+    values = logprobs.primal_values(model)
     generator = torch.Generator().manual_seed(4)
     tangents = {n: torch.randn(probe.num_targets, *v.shape, generator=generator) for n, v in values.items()}
     num_params = sum(v.numel() for v in values.values())
@@ -162,7 +162,9 @@ def headline(repeats: int, chunk_size: int) -> None:
     )
     times |= interleaved(  # small cases timed apart from the large ones above (allocator state, caches)
         {
-            "column sums, direct": lambda: kernels.attribution_column_sums_direct(model, probe, train, grad_coeffs),
+            "column sums, direct": lambda: attributions.attribution_column_sums_direct(
+                model, probe, train, grad_coeffs
+            ),
             "one training step": lambda: training_step(model, train, grad_coeffs),
         },
         3 * repeats,
@@ -209,7 +211,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--chunk-size", type=int, default=kernels.DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--chunk-size", type=int, default=jvp.DEFAULT_CHUNK_SIZE)
     parser.add_argument("--growth", action="store_true", help="also print the cost-growth table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -189,15 +189,15 @@ def main() -> None:
         f"--batch-size={args.batch_size}",
         f"--num-prompts={args.num_prompts}",
     ]
-    from trl_ntk.ntk import kernels
+    from trl_ntk.ntk import jvp
 
     plain = run_child("plain", False, argv)
     param_bytes = plain["param_bytes"]
-    chunk_bytes = kernels.DEFAULT_CHUNK_SIZE * param_bytes
+    chunk_bytes = jvp.DEFAULT_CHUNK_SIZE * param_bytes
     budget = param_bytes + chunk_bytes
     print(
         f"DPO, AdamW, Qwen2 hidden {args.hidden}, {args.layers} layers, {plain['num_params']:,} trainable "
-        f"parameters = {param_bytes / MB:.1f} MiB (P); one chunk = {kernels.DEFAULT_CHUNK_SIZE} x P = "
+        f"parameters = {param_bytes / MB:.1f} MiB (P); one chunk = {jvp.DEFAULT_CHUNK_SIZE} x P = "
         f"{chunk_bytes / MB:.1f} MiB; target extra <= P + chunk = {budget / MB:.1f} MiB; "
         f"torch.set_num_threads({args.threads})"
     )

@@ -13,7 +13,7 @@ from tests import trainer_factory
 from trl_ntk.demo import toy
 from trl_ntk.integration import capture
 from trl_ntk.integration.callbacks import LearningDynamicsCallback
-from trl_ntk.ntk import kernels
+from trl_ntk.ntk import logprobs
 
 peft = pytest.importorskip("peft")
 
@@ -54,14 +54,14 @@ def test_lora_dpo_kernel_is_over_the_adapter_only_and_reconstructs_its_gradient(
     assert lora_names and all("lora_A" in name or "lora_B" in name for name in lora_names)
 
     selections = []
-    real_select_params = kernels.select_params
+    real_select_params = logprobs.select_params
 
     def select_params(model, params=None):
         chosen = real_select_params(model, params)
         selections.append(set(chosen))
         return chosen
 
-    monkeypatch.setattr(kernels, "select_params", select_params)
+    monkeypatch.setattr(logprobs, "select_params", select_params)  # every evaluation point of the kernels
 
     captured = []
     real_disarm = capture.GradientCapture.disarm

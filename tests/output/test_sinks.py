@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.fixtures.synthetic_run import replay, synthetic_events, write_synthetic_run
+from trl_ntk.output import schema
 from trl_ntk.output.sinks import (
     DYNAMICS_TABLE_COLUMNS,
     PROBE_TABLE_COLUMNS,
@@ -33,12 +34,17 @@ from trl_ntk.output.sinks import (
     attributions_file,
     encode_record,
     load_attributions,
-    make_record,
     make_sinks,
     read_records,
     resolve_report_to,
     save_attributions,
 )
+
+
+def make_record(record_type: str, step: int, **fields) -> dict:
+    """A record with only the fields a test needs, on the builders' header."""
+    return {**schema.header(record_type, step), **fields}
+
 
 SMALL_RUN = {"kinds": ("chosen", "rejected", "greedy"), "num_prompts": 1, "steps": 4, "every": 2}
 

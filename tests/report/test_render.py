@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures.synthetic_run import write_synthetic_run
-from trl_ntk.output.sinks import save_attributions
+from trl_ntk.output.files import save_attributions
 from trl_ntk.report.render import PANEL_IDS, attribution_data, build_report, find_jsonl, load_run, main
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"

@@ -104,6 +104,7 @@ class StepPayloadSink(DashboardSink):
         self._batching = False
         self._owned_run: Any = None
         self._warned_no_run = False
+        self.start_failure: str | None = None
 
     @contextlib.contextmanager
     def _batch(self) -> Iterator[None]:
@@ -130,10 +131,20 @@ class StepPayloadSink(DashboardSink):
             self._send(run, {**pending[step], "train/global_step": step})
 
     def _attach(self) -> Any:
-        """The open run (attached), a run started here when `start_run`, or None (one warning)."""
+        """The open run (attached), a run started here when `start_run`, or None (one warning).
+
+        Starting a run is tried once: if it fails (no network, bad credentials), the sink is off for the rest of
+        the run and every later write raises at once (counted by the `SinkGroup`), never trying again.
+        """
+        if self.start_failure is not None:
+            raise RuntimeError(f"{self.name} is off for this run: starting a run failed ({self.start_failure})")
         run = self._current_run()
         if run is None and self.start_run:
-            run = self._owned_run = self._open_run()
+            try:
+                run = self._owned_run = self._open_run()
+            except Exception as error:
+                self.start_failure = f"{type(error).__name__}: {error}"
+                raise
         if run is None and not self._warned_no_run:
             logger.warning(
                 "%s: no run is open and start_run=False; dashboard output is dropped (the JSONL has it)", self.name
@@ -142,7 +153,9 @@ class StepPayloadSink(DashboardSink):
         return run
 
     def close(self) -> None:
-        self._commit()
+        if self.start_failure is None:
+            self._commit()
+        self._pending = {}
         if self._owned_run is not None:
             owned, self._owned_run = self._owned_run, None
             self._finish_run(owned)

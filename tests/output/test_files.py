@@ -216,3 +216,23 @@ def test_wandb_that_cannot_start_is_tried_once_then_off_for_the_run_and_counted(
     assert group.failures["jsonl"] == 0 and group.failures["wandb"] >= len(events) - 1
     assert "off for this run" in group.last_error
     assert len(read_records(tmp_path / "dynamics.jsonl")) == sum(len(records) for _, records, *_ in events)
+
+
+@pytest.mark.slow
+def test_the_callback_added_twice_writes_one_run_and_the_second_is_refused_with_a_warning(tmp_path):
+    from tests import trainer_factory
+    from trl_ntk.integration.callbacks import LearningDynamicsCallback
+
+    trainer = trainer_factory.sft_trainer(tmp_path, max_steps=2, report_to="none", n=8)
+    for _ in range(2):
+        trainer.add_callback(
+            LearningDynamicsCallback(trainer, every_n_steps=1, attribution="sums", num_prompts=1, generate=False)
+        )
+    with pytest.warns(RuntimeWarning, match="being written by another run .*add the callback once"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    found = read_jsonl(tmp_path / "dynamics" / "dynamics.jsonl")
+    assert found.damaged_lines == 0 and len({r["run_id"] for r in found.records}) == 1
+    assert [r["type"] for r in found.records].count("run") == 1
+    keys = [(r["type"], r["step"], r.get("probe_id")) for r in found.records if r["type"] in ("probe", "dynamics")]
+    assert len(keys) == len(set(keys))

@@ -147,27 +147,32 @@ class JsonlSink:
         self.run_id = run_id or new_run_id()
         self.non_finite_fields: set[str] = set()
         self._file: BinaryIO | None = None
-        self._lock: int | None = None
+        self._lock: BinaryIO | None = None  # a file object, so a sink dropped without close() still frees the folder
         self._resuming = False
         self._needs_newline = False
+        self._refused: RunFolderInUse | None = None
 
     # -------------------------------------------------------------------------------------------- the folder
     def _acquire(self) -> None:
+        """Take the folder's lock; a sink refused once stays refused (it never writes after the other run ends)."""
+        if self._refused is not None:
+            raise self._refused
         if self._lock is not None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        lock = open_binary(self.run_dir / LOCK_NAME, "ab")
         if fcntl is not None:
             try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                os.close(descriptor)
-                raise RunFolderInUse(
+                lock.close()
+                self._refused = RunFolderInUse(
                     f"{self.run_dir} is being written by another run (another process, or a second learning-dynamics "
                     "callback on this trainer); its records are not mixed in: give each run its own output folder "
                     "(output_dir=...), or add the callback once"
-                ) from None
-        self._lock = descriptor
+                )
+                raise self._refused from None
+        self._lock = lock
 
     def _set_aside_previous_run(self) -> Path | None:
         """Move an earlier run's `dynamics.jsonl`, `attributions/` and `report.html` to `previous/<time>/`."""
@@ -298,6 +303,6 @@ class JsonlSink:
         self._close_file()
         if self._lock is not None:
             if fcntl is not None:
-                fcntl.flock(self._lock, fcntl.LOCK_UN)
-            os.close(self._lock)
+                fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
+            self._lock.close()
             self._lock = None

@@ -13,7 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from trl_ntk.output.views import WANDB_MAX_HISTOGRAM_BINS, WANDB_MAX_TABLE_ROWS, Event, RunMemory
+from trl_ntk.output.views import (
+    ATTRIBUTION_HISTOGRAM_KEY,
+    STATUS_TEXT_KEY,
+    WANDB_MAX_HISTOGRAM_BINS,
+    WANDB_MAX_TABLE_ROWS,
+    Event,
+    RunMemory,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +61,9 @@ class DashboardSink:
             for key, (html_text, text) in event.token_texts.items():
                 self.log_text(event.step, key, text, html_text)
             if event.attribution_values is not None and event.attribution_values.size:
-                self.log_histogram(event.step, "ntk/attribution/values", event.attribution_values)
+                self.log_histogram(event.step, ATTRIBUTION_HISTOGRAM_KEY, event.attribution_values)
             if event.status_message:
-                self.log_text(event.step, "ntk/status", event.status_message)
+                self.log_text(event.step, STATUS_TEXT_KEY, event.status_message)
 
     @contextlib.contextmanager
     def _batch(self) -> Iterator[None]:

@@ -248,7 +248,7 @@ def make_sinks(
     sinks: list[Sink] = [JsonlSink(output_dir / JSONL_NAME)]
     for name in resolve_report_to(report_to):
         if name == "wandb":
-            sinks.append(WandbSink(start_run=True))
+            sinks.append(WandbSink(start_run=True, run_dir=output_dir, skip_nthr_scalars=trainer is not None))
         elif name == "tensorboard":
             require("tensorboard", "tensorboard")
             sinks.append(TensorBoardSink(trainer=trainer, log_dir=output_dir / "tensorboard"))

@@ -12,7 +12,7 @@ import numpy as np
 
 from trl_ntk.output.dashboard import DashboardSink, markdown_cell
 from trl_ntk.output.schema import plain as _plain
-from trl_ntk.output.views import Event
+from trl_ntk.output.views import CONFIG_TEXT_KEY, Event, custom_scalar_layout
 
 
 class TensorBoardSink(DashboardSink):
@@ -41,6 +41,7 @@ class TensorBoardSink(DashboardSink):
         self.trainer = trainer
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self._own_writer: Any = None
+        self._laid_out: set[int] = set()
 
     def _trainer_callback(self) -> Any:
         if self.trainer is None:
@@ -68,8 +69,12 @@ class TensorBoardSink(DashboardSink):
         return self._own_writer
 
     def write_event(self, event: Event) -> None:
+        writer = self.writer
+        if id(writer) not in self._laid_out:  # one custom-scalars layout per writer: the sections as multi-line charts
+            writer.add_custom_scalars(custom_scalar_layout())
+            self._laid_out.add(id(writer))
         super().write_event(event)
-        self.writer.flush()
+        writer.flush()
 
     def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         writer = self.writer
@@ -97,7 +102,7 @@ class TensorBoardSink(DashboardSink):
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         text = json.dumps(_plain(dict(config)), indent=2, sort_keys=True)
-        self.writer.add_text("ntk/config", "```\n" + text + "\n```", 0)
+        self.writer.add_text(CONFIG_TEXT_KEY, "```\n" + text + "\n```", 0)
 
     def close(self) -> None:
         if self._own_writer is not None:

@@ -20,7 +20,21 @@ from trl_ntk.output.schema import plain as _plain
 WANDB_MAX_TABLE_ROWS = 10_000
 WANDB_MAX_HISTOGRAM_BINS = 512
 
-PROBE_TABLE_KEY = "ntk/probes"
+# Dashboard keys: W&B makes one panel section per prefix before the first "/", TensorBoard one group; so every key
+# starts with one of these sections (plus the trainer's own `train`): ten at most.
+SECTIONS = {
+    "ntk_logp": "summed log-prob of the probe responses, one line per kind",
+    "ntk_squeeze": "squeezing diagnostics per kind: argmax log-prob, max probability, entropy",
+    "ntk_change": "observed and predicted change per analysed step, their gap, the optimizer history part",
+    "ntk_split": "the predicted change split by gradient sign (positive / negative) and by adapter group",
+    "ntk_lld": "GRPO lazy likelihood displacement (means over groups)",
+    "ntk_nthr": "NTHR reweighting (only when no trainer logs it as train/nthr/*)",
+    "ntk_attribution": "token attribution heat maps, coloured tokens and the histogram of attributions",
+    "ntk_tables": "the probe and dynamics tables (every step) and the HTML report",
+    "ntk_charts": "multi-line charts across kinds and signs, observed vs predicted scatter",
+    "ntk_health": "analysis and sink failures, the last status message, the configuration",
+}
+PROBE_TABLE_KEY = "ntk_tables/probes"
 PROBE_TABLE_COLUMNS = (
     "step",
     "probe_id",
@@ -35,7 +49,7 @@ PROBE_TABLE_COLUMNS = (
     "max_prob_mean",
     "entropy_mean",
 )
-DYNAMICS_TABLE_KEY = "ntk/dynamics"
+DYNAMICS_TABLE_KEY = "ntk_tables/dynamics"
 DYNAMICS_TABLE_COLUMNS = (
     "step",
     "probe_id",
@@ -56,19 +70,22 @@ DYNAMICS_TABLE_COLUMNS = (
     "top_down",
 )
 
-# record field -> scalar name, aggregated as the mean over the probes of one kind: `ntk/<name>/<kind>`
+# record field -> key prefix, aggregated as the mean over the probes of one kind: `<prefix>/<kind>`
 PROBE_SCALARS = {
-    "logp_sum": "logp",
-    "argmax_logp": "argmax_logp",
-    "max_prob_mean": "max_prob",
-    "entropy_mean": "entropy",
+    "logp_sum": "ntk_logp",
+    "argmax_logp": "ntk_squeeze/argmax_logp",
+    "max_prob_mean": "ntk_squeeze/max_prob",
+    "entropy_mean": "ntk_squeeze/entropy",
 }
 DYNAMICS_SCALARS = {
-    "observed": "observed",
-    "predicted": "predicted",
-    "gap": "gap",
-    "history": "history",
+    "observed": "ntk_change/observed",
+    "predicted": "ntk_change/predicted",
+    "gap": "ntk_change/gap",
+    "history": "ntk_change/history",
 }
+ATTRIBUTION_HISTOGRAM_KEY = "ntk_attribution/values"
+STATUS_TEXT_KEY = "ntk_health/status"
+CONFIG_TEXT_KEY = "ntk_health/config"
 LLD_SCALARS = ("delta_observed", "delta_predicted", "delta_from_negative")
 NTHR_SCALARS = ("frac_downweighted", "tau", "eta", "s_neg_mean", "seconds")
 
@@ -88,13 +105,16 @@ def aggregate_scalars(records: Iterable[Mapping[str, Any]]) -> dict[int, dict[st
     """Dashboard scalars of some records, per record step: means over the probes of a kind, not one per token.
 
     Keys (kind and group names made key-safe):
-        `probe`: `ntk/logp/<kind>`, `ntk/argmax_logp/<kind>`, `ntk/max_prob/<kind>`, `ntk/entropy/<kind>`;
-        `dynamics`: `ntk/observed/<kind>`, `ntk/predicted/<kind>`, `ntk/gap/<kind>`, `ntk/history/<kind>`,
-            `ntk/split/positive/<kind>`, `ntk/split/negative/<kind>`, `ntk/group/<group>/<kind>`;
-        `lld` (mean over groups): `lld/delta_observed`, `lld/delta_predicted`, `lld/delta_from_negative`,
-            `lld/frac_groups_negative` (share of groups whose positive completions lost likelihood);
-        `nthr`: `nthr/frac_downweighted`, `nthr/tau`, `nthr/eta`, `nthr/s_neg_mean`, `nthr/seconds`;
-        `status`: `ntk/analysis_failures`, `ntk/sink_failures` (summed over sinks).
+        `probe`: `ntk_logp/<kind>`, `ntk_squeeze/argmax_logp/<kind>`, `ntk_squeeze/max_prob/<kind>`,
+            `ntk_squeeze/entropy/<kind>`;
+        `dynamics`: `ntk_change/observed/<kind>`, `ntk_change/predicted/<kind>`, `ntk_change/gap/<kind>`,
+            `ntk_change/history/<kind>`, `ntk_split/positive/<kind>`, `ntk_split/negative/<kind>`,
+            `ntk_split/group_<group>/<kind>`;
+        `lld` (mean over groups): `ntk_lld/delta_observed`, `ntk_lld/delta_predicted`, `ntk_lld/delta_from_negative`,
+            `ntk_lld/frac_groups_negative` (share of groups whose positive completions lost likelihood);
+        `nthr`: `ntk_nthr/frac_downweighted`, `ntk_nthr/tau`, `ntk_nthr/eta`, `ntk_nthr/s_neg_mean`,
+            `ntk_nthr/seconds`;
+        `status`: `ntk_health/analysis_failures`, `ntk_health/sink_failures` (summed over sinks).
 
     Returns:
         `dict[int, dict[str, float]]`: step -> key -> value; keys whose values are all missing or non-finite are
@@ -108,27 +128,28 @@ def aggregate_scalars(records: Iterable[Mapping[str, Any]]) -> dict[int, dict[st
         kind = _key_part(record.get("kind", "unknown"))
         if kind_of == "probe":
             for source, name in PROBE_SCALARS.items():
-                bucket[f"ntk/{name}/{kind}"].append(record.get(source))
+                bucket[f"{name}/{kind}"].append(record.get(source))
         elif kind_of == "dynamics":
             for source, name in DYNAMICS_SCALARS.items():
-                bucket[f"ntk/{name}/{kind}"].append(record.get(source))
+                bucket[f"{name}/{kind}"].append(record.get(source))
             for sign, value in (record.get("split") or {}).items():
-                bucket[f"ntk/split/{_key_part(sign)}/{kind}"].append(value)
+                bucket[f"ntk_split/{_key_part(sign)}/{kind}"].append(value)
             for group, value in (record.get("groups") or {}).items():
-                bucket[f"ntk/group/{_key_part(group)}/{kind}"].append(value)
+                bucket[f"ntk_split/group_{_key_part(group)}/{kind}"].append(value)
         elif kind_of == "lld":
             for name in LLD_SCALARS:
-                bucket[f"lld/{name}"].append(record.get(name))
+                bucket[f"ntk_lld/{name}"].append(record.get(name))
             delta = record.get("delta_observed")
             if isinstance(delta, (int, float)) and math.isfinite(delta):
-                bucket["lld/frac_groups_negative"].append(1.0 if delta < 0 else 0.0)
+                bucket["ntk_lld/frac_groups_negative"].append(1.0 if delta < 0 else 0.0)
         elif kind_of == "nthr":
             for name in NTHR_SCALARS:
-                bucket[f"nthr/{name}"].append(record.get(name))
+                bucket[f"ntk_nthr/{name}"].append(record.get(name))
         elif kind_of == "status":
-            bucket["ntk/analysis_failures"].append(record.get("analysis_failures"))
+            bucket["ntk_health/analysis_failures"].append(record.get("analysis_failures"))
             sink_failures = record.get("sink_failures") or {}
-            bucket["ntk/sink_failures"].append(sum(v for v in sink_failures.values() if isinstance(v, (int, float))))
+            failed = sum(v for v in sink_failures.values() if isinstance(v, (int, float)))
+            bucket["ntk_health/sink_failures"].append(failed)
     scalars: dict[int, dict[str, float]] = {}
     for step, bucket in sorted(samples.items()):
         values = {key: mean for key, items in bucket.items() if (mean := _mean(items)) is not None}
@@ -173,7 +194,7 @@ class RunMemory:
 
 
 def probe_table_rows(records: Iterable[Mapping[str, Any]], memory: RunMemory) -> list[list[Any]]:
-    """Rows of the `ntk/probes` table (`PROBE_TABLE_COLUMNS`): one per `probe` record, by step then probe id."""
+    """Rows of the `ntk_tables/probes` table (`PROBE_TABLE_COLUMNS`): one per `probe` record, by step then probe id."""
     rows = []
     for record in records:
         if record.get("type") != "probe":
@@ -185,7 +206,8 @@ def probe_table_rows(records: Iterable[Mapping[str, Any]], memory: RunMemory) ->
 
 
 def dynamics_table_rows(records: Iterable[Mapping[str, Any]], memory: RunMemory) -> list[list[Any]]:
-    """Rows of the `ntk/dynamics` table (`DYNAMICS_TABLE_COLUMNS`): one per `dynamics` record, by step then probe id.
+    """Rows of the `ntk_tables/dynamics` table (`DYNAMICS_TABLE_COLUMNS`): one per `dynamics` record, by step, then
+    probe id.
 
     `logp_sum` is the probe's log-prob before the update: its `probe` record of the same step, from these records or
     from `memory` (the callback writes the scores before the update in an earlier event).
@@ -242,7 +264,7 @@ class Event:
 
     @cached_property
     def tables(self) -> dict[str, tuple[Sequence[str], list[list[Any]]]]:
-        """`ntk/probes` and `ntk/dynamics` -> (columns, rows), for the record types the event has."""
+        """`ntk_tables/probes` and `ntk_tables/dynamics` -> (columns, rows), for the record types the event has."""
         memory = self.memory.copy()
         memory.update(r for r in self.records if r.get("type") == "probes")
         tables = {}
@@ -301,10 +323,10 @@ class Event:
 
     @cached_property
     def heatmaps(self) -> dict[str, list[tuple[np.ndarray, str]]]:
-        """`ntk/attribution/<kind>` -> [(RGB image, caption)], at most `max_images_per_kind` probes per kind."""
+        """`ntk_attribution/<kind>` -> [(RGB image, caption)], at most `max_images_per_kind` probes per kind."""
         images: dict[str, list[tuple[np.ndarray, str]]] = defaultdict(list)
         for kind, record, matrix in self._matrices():
-            key = f"ntk/attribution/{_key_part(kind)}"
+            key = f"ntk_attribution/{_key_part(kind)}"
             if len(images[key]) >= self.max_images_per_kind or matrix.ndim != 2:
                 continue
             probe_key = (record.get("matrix") or {}).get("key", record.get("probe_id"))
@@ -325,11 +347,12 @@ class Event:
 
     @cached_property
     def token_texts(self) -> dict[str, tuple[str, str]]:
-        """`ntk/tokens/<kind>` -> (HTML, plain text): probe responses coloured by per-token predicted change, and the
-        training tokens coloured by how much each moved the response (column sums of the attribution matrix)."""
+        """`ntk_attribution/tokens_<kind>` -> (HTML, plain text): probe responses coloured by per-token predicted
+        change, and the training tokens coloured by how much each moved the response (column sums of the attribution
+        matrix)."""
         parts: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for kind, record, matrix in self._matrices():
-            key = f"ntk/tokens/{_key_part(kind)}"
+            key = f"ntk_attribution/tokens_{_key_part(kind)}"
             if len(parts[key]) >= self.max_html_probes_per_kind or matrix.ndim != 2:
                 continue
             probe_key = (record.get("matrix") or {}).get("key", record.get("probe_id"))
@@ -362,3 +385,84 @@ class Event:
 
 def _is_number(*values: Any) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Views of the whole run (the end of training): layout, multi-line series, summary
+
+
+def custom_scalar_layout() -> dict[str, dict[str, list[Any]]]:
+    """TensorBoard's `add_custom_scalars` layout: one category per section, one multi-line chart per metric (every
+    probe kind on one chart; positive against negative on one chart)."""
+    return {
+        "ntk_logp": {"summed log-prob by kind": ["Multiline", [r"ntk_logp/.*"]]},
+        "ntk_squeeze": {
+            f"{name} by kind": ["Multiline", [rf"ntk_squeeze/{name}/.*"]]
+            for name in ("argmax_logp", "max_prob", "entropy")
+        },
+        "ntk_change": {
+            f"{name} by kind": ["Multiline", [rf"ntk_change/{name}/.*"]]
+            for name in ("observed", "predicted", "gap", "history")
+        },
+        "ntk_split": {
+            "positive vs negative, by kind": ["Multiline", [r"ntk_split/positive/.*", r"ntk_split/negative/.*"]],
+            "by adapter group": ["Multiline", [r"ntk_split/group_.*"]],
+        },
+        "ntk_lld": {"displacement": ["Multiline", [r"ntk_lld/.*"]]},
+        "ntk_nthr": {"reweighting": ["Multiline", [r"ntk_nthr/.*"]]},
+        "ntk_health": {"failures": ["Multiline", [r"ntk_health/.*"]]},
+    }
+
+
+def series_by_suffix(history: Mapping[int, Mapping[str, float]], prefix: str) -> dict[str, tuple[list[int], list]]:
+    """From a step -> key -> value history, the keys `<prefix>/<name>` as name -> (steps, values), steps ascending."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for step in sorted(history):
+        for key, value in history[step].items():
+            if key.startswith(prefix + "/") and "/" not in key[len(prefix) + 1 :]:
+                steps, values = series.setdefault(key[len(prefix) + 1 :], ([], []))
+                steps.append(step)
+                values.append(value)
+    return series
+
+
+def _correlation(xs: list[float], ys: list[float]) -> float | None:
+    if len(xs) < 2:
+        return None
+    x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    if x.std() == 0 or y.std() == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def run_summary(history: Mapping[int, Mapping[str, float]], records: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """The run's summary for the runs table of a dashboard (sortable across a sweep).
+
+    Keys: `ntk/<kind>/logp_start`, `.../logp_end`, `.../logp_peak`, `.../logp_change` (from the per-kind mean
+    log-prob of `history`); `ntk/prediction/median_abs_gap` and `ntk/prediction/correlation` (Pearson, observed
+    against predicted over every `dynamics` record); `ntk/lld/<field>_mean` and `ntk/nthr/<field>_mean` (means over
+    every `lld` / `nthr` record). Missing data leaves its keys out.
+    """
+    summary: dict[str, float] = {}
+    for kind, (_, values) in series_by_suffix(history, "ntk_logp").items():
+        summary[f"ntk/{kind}/logp_start"] = values[0]
+        summary[f"ntk/{kind}/logp_end"] = values[-1]
+        summary[f"ntk/{kind}/logp_peak"] = max(values)
+        summary[f"ntk/{kind}/logp_change"] = values[-1] - values[0]
+    pairs, lld, nthr = [], defaultdict(list), defaultdict(list)
+    for record in records:
+        kind_of = record.get("type")
+        if kind_of == "dynamics" and _is_number(record.get("observed"), record.get("predicted")):
+            pairs.append((float(record["observed"]), float(record["predicted"])))
+        for name in LLD_SCALARS if kind_of == "lld" else NTHR_SCALARS if kind_of == "nthr" else ():
+            if _is_number(record.get(name)):
+                (lld if kind_of == "lld" else nthr)[name].append(float(record[name]))
+    if pairs:
+        observed, predicted = zip(*pairs)
+        summary["ntk/prediction/median_abs_gap"] = float(np.median(np.abs(np.subtract(observed, predicted))))
+        correlation = _correlation(list(observed), list(predicted))
+        if correlation is not None:
+            summary["ntk/prediction/correlation"] = correlation
+    summary.update({f"ntk/lld/{name}_mean": sum(v) / len(v) for name, v in lld.items()})
+    summary.update({f"ntk/nthr/{name}_mean": sum(v) / len(v) for name, v in nthr.items()})
+    return summary

@@ -519,3 +519,46 @@ def test_dashboard_sink_write_accepts_single_records_and_remembers_probe_texts()
                 sink.write(record)
     tables = [row for _, key, row in logged if key == "ntk_tables/probes"]
     assert tables and tables[0]["prompt"].startswith("Question")
+
+
+def test_tensorboard_gets_one_custom_scalars_layout_with_the_dashboard_sections(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from trl_ntk.output.views import SECTIONS, custom_scalar_layout
+
+    log_dir = tmp_path / "tb"
+    group = SinkGroup([TensorBoardSink(log_dir=log_dir)], strict=True)
+    replay(group, synthetic_events(**SMALL_RUN))
+    group.close()
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    (event,) = accumulator.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    titles = [category.title for category in layout.category]
+    assert titles == list(custom_scalar_layout()) and set(titles) <= set(SECTIONS)
+    logp = next(category for category in layout.category if category.title == "ntk_logp")
+    assert logp.chart[0].multiline.tag == ["ntk_logp/.*"]
+    split = next(category for category in layout.category if category.title == "ntk_split")
+    assert split.chart[0].multiline.tag == ["ntk_split/positive/.*", "ntk_split/negative/.*"]
+
+
+def test_run_summary_has_start_end_peak_change_per_kind_and_the_prediction_accuracy():
+    from trl_ntk.output.views import run_summary
+
+    history = {0: {"ntk_logp/chosen": -5.0}, 1: {"ntk_logp/chosen": -4.0}, 2: {"ntk_logp/chosen": -7.0}}
+    records = [
+        make_record("dynamics", 0, kind="chosen", observed=1.0, predicted=0.5),
+        make_record("dynamics", 1, kind="chosen", observed=-3.0, predicted=-2.0),
+        make_record("dynamics", 1, kind="rejected", observed=2.0, predicted=2.5),
+        make_record("lld", 1, group=0, delta_observed=-0.2, delta_predicted=-0.1),
+        make_record("lld", 1, group=1, delta_observed=0.4, delta_predicted=0.3),
+        make_record("nthr", 1, frac_downweighted=0.25, tau=0.5),
+    ]
+    summary = run_summary(history, records)
+    assert summary["ntk/chosen/logp_start"] == -5.0 and summary["ntk/chosen/logp_end"] == -7.0
+    assert summary["ntk/chosen/logp_peak"] == -4.0 and summary["ntk/chosen/logp_change"] == -2.0
+    assert summary["ntk/prediction/median_abs_gap"] == 0.5  # |gaps| 0.5, 1.0, 0.5
+    assert summary["ntk/prediction/correlation"] == pytest.approx(np.corrcoef([1, -3, 2], [0.5, -2, 2.5])[0, 1])
+    assert summary["ntk/lld/delta_observed_mean"] == pytest.approx(0.1)
+    assert summary["ntk/nthr/frac_downweighted_mean"] == 0.25 and summary["ntk/nthr/tau_mean"] == 0.5

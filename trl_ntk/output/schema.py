@@ -267,8 +267,9 @@ def decode_line(line: bytes) -> dict[str, Any] | None:
 
 
 def check_record(record: Mapping[str, Any], where: str) -> None:
-    """Refuse a record of an unknown `schema_version` or with a field of the wrong type (`SchemaError`)."""
-    version = record.get("schema_version")
+    """Refuse a record of an unknown `schema_version` or with a field of the wrong type (`SchemaError`); a record
+    without `schema_version` (made by hand) is read as the current version."""
+    version = record.get("schema_version", SCHEMA_VERSION)
     if version not in READABLE_SCHEMA_VERSIONS:
         raise SchemaError(
             f"{where}: schema_version {version!r} is not one this trl_ntk reads "

@@ -562,3 +562,22 @@ def test_run_summary_has_start_end_peak_change_per_kind_and_the_prediction_accur
     assert summary["ntk/prediction/correlation"] == pytest.approx(np.corrcoef([1, -3, 2], [0.5, -2, 2.5])[0, 1])
     assert summary["ntk/lld/delta_observed_mean"] == pytest.approx(0.1)
     assert summary["ntk/nthr/frac_downweighted_mean"] == 0.25 and summary["ntk/nthr/tau_mean"] == 0.5
+
+
+def test_nthr_scalars_are_left_to_the_trainer_when_the_sinks_follow_one(tmp_path):
+    logged = []
+
+    class Recorder(RaisingSink):
+        name = "recorder"
+
+        def log_scalars(self, step, scalars):
+            logged.append(dict(scalars))
+
+    record = make_record("nthr", 2, frac_downweighted=0.25, tau=0.5)
+    SinkGroup([Recorder(skip_nthr_scalars=True)], strict=True).write(record)
+    assert logged == []  # the trainer's train/nthr/* has them; no second key
+    SinkGroup([Recorder()], strict=True).write(record)
+    assert logged == [{"ntk_nthr/frac_downweighted": 0.25, "ntk_nthr/tau": 0.5}]
+    trainer = _Trainer(["wandb", "tensorboard"], tmp_path)
+    assert all(sink.skip_nthr_scalars for sink in make_sinks(trainer=trainer).sinks[1:])
+    assert not make_sinks(["wandb"], tmp_path / "alone").sinks[1].skip_nthr_scalars

@@ -31,15 +31,20 @@ class DashboardSink:
     Args:
         max_table_rows (`int`, *optional*, defaults to `10000`): rows kept per table (W&B's limit).
         histogram_bins (`int`, *optional*, defaults to `64`): bins of the attribution histogram (at most 512).
+        skip_nthr_scalars (`bool`, *optional*, defaults to `False`): leave out the `ntk_nthr/*` scalars, because the
+            trainer already logs them as `train/nthr/*` (`make_sinks` sets it when it has a trainer).
     """
 
     name = "dashboard"
 
-    def __init__(self, max_table_rows: int = WANDB_MAX_TABLE_ROWS, histogram_bins: int = 64):
+    def __init__(
+        self, max_table_rows: int = WANDB_MAX_TABLE_ROWS, histogram_bins: int = 64, skip_nthr_scalars: bool = False
+    ):
         if not 1 <= histogram_bins <= WANDB_MAX_HISTOGRAM_BINS:
             raise ValueError(f"histogram_bins must be in [1, {WANDB_MAX_HISTOGRAM_BINS}], got {histogram_bins}")
         self.max_table_rows = min(max_table_rows, WANDB_MAX_TABLE_ROWS)
         self.histogram_bins = histogram_bins
+        self.skip_nthr_scalars = skip_nthr_scalars
         self._memory = RunMemory()
         self._warned_rows = False
 
@@ -53,7 +58,10 @@ class DashboardSink:
             if event.config is not None:
                 self.log_config(event.config)
             for step, scalars in event.scalars.items():
-                self.log_scalars(step, scalars)
+                if self.skip_nthr_scalars:
+                    scalars = {key: value for key, value in scalars.items() if not key.startswith("ntk_nthr/")}
+                if scalars:
+                    self.log_scalars(step, scalars)
             for key, (columns, rows) in event.tables.items():
                 self.log_table(event.step, key, columns, rows)
             for key, images in event.heatmaps.items():

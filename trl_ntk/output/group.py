@@ -246,12 +246,15 @@ def make_sinks(
         output_dir = Path(args.output_dir) / "dynamics"
     output_dir = Path(output_dir)
     sinks: list[Sink] = [JsonlSink(output_dir / JSONL_NAME)]
+    by_trainer = trainer is not None  # the trainer logs NTHR's scalars itself (train/nthr/*)
     for name in resolve_report_to(report_to):
         if name == "wandb":
-            sinks.append(WandbSink(start_run=True, run_dir=output_dir, skip_nthr_scalars=trainer is not None))
+            sinks.append(WandbSink(start_run=True, run_dir=output_dir, skip_nthr_scalars=by_trainer))
         elif name == "tensorboard":
             require("tensorboard", "tensorboard")
-            sinks.append(TensorBoardSink(trainer=trainer, log_dir=output_dir / "tensorboard"))
+            sinks.append(
+                TensorBoardSink(trainer=trainer, log_dir=output_dir / "tensorboard", skip_nthr_scalars=by_trainer)
+            )
         elif name == "trackio":
-            sinks.append(TrackioSink(start_run=True))
+            sinks.append(TrackioSink(start_run=True, skip_nthr_scalars=by_trainer))
     return SinkGroup(sinks, strict=strict)

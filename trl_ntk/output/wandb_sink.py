@@ -50,9 +50,7 @@ class WandbSink(StepPayloadSink):
         project (`str`, *optional*): project of a run started here; defaults to `$WANDB_PROJECT` or `"trl_ntk"`.
         init_kwargs (`dict`, *optional*): more `wandb.init` arguments for a run started here.
         run_dir (`str` or `PathLike`, *optional*): the run folder, for the report and the artifact of `LOG_REPORT_ENV`.
-        skip_nthr_scalars (`bool`, *optional*, defaults to `False`): leave out `ntk_nthr/*` scalars, because the
-            trainer already logs them as `train/nthr/*` (`make_sinks` sets it when it has a trainer).
-        max_table_rows, histogram_bins: see `DashboardSink`.
+        max_table_rows, histogram_bins, skip_nthr_scalars: see `DashboardSink`.
 
     Keys start with one of `SECTIONS` (W&B makes one panel section per prefix). Tables are incremental
     (`log_mode="INCREMENTAL"`, every step kept); a wandb without them gets a new table per step. At `close()` the
@@ -68,14 +66,12 @@ class WandbSink(StepPayloadSink):
         project: str | None = None,
         init_kwargs: Mapping[str, Any] | None = None,
         run_dir: str | os.PathLike | None = None,
-        skip_nthr_scalars: bool = False,
         **kwargs: Any,
     ):
         self._wandb = require("wandb", "wandb")
         super().__init__(start_run=start_run, project=project, **kwargs)
         self.init_kwargs = dict(init_kwargs or {})
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.skip_nthr_scalars = skip_nthr_scalars
         self._defined_for: str | None = None
         self._history: dict[int, dict[str, float]] = {}
         self._records: list[dict[str, Any]] = []
@@ -107,11 +103,8 @@ class WandbSink(StepPayloadSink):
                 self._records.append({name: record[name] for name in _KEPT_FIELDS if name in record})
 
     def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        if self.skip_nthr_scalars:
-            scalars = {key: value for key, value in scalars.items() if not key.startswith("ntk_nthr/")}
         self._history.setdefault(int(step), {}).update(scalars)
-        if scalars:
-            self._stage(step, scalars)
+        self._stage(step, scalars)
 
     def log_table(self, step: int, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         rows = [list(r) for r in self._cap_rows(rows)]

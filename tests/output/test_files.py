@@ -236,3 +236,29 @@ def test_the_callback_added_twice_writes_one_run_and_the_second_is_refused_with_
     assert [r["type"] for r in found.records].count("run") == 1
     keys = [(r["type"], r["step"], r.get("probe_id")) for r in found.records if r["type"] in ("probe", "dynamics")]
     assert len(keys) == len(set(keys))
+
+
+def test_kill_9_while_writing_then_report_reads_every_complete_record(tmp_path):
+    import signal
+
+    from trl_ntk.report.render import main as report_main
+
+    path = tmp_path / "dynamics.jsonl"
+    code = (
+        "import sys\nfrom tests.fixtures.synthetic_run import synthetic_events\n"
+        "from trl_ntk.output.sinks import JsonlSink, SinkGroup\n"
+        f"group = SinkGroup([JsonlSink({str(path)!r})], strict=True)\n"
+        "events = synthetic_events(kinds=('chosen', 'rejected'), num_prompts=1, steps=4, every=2, attribution='sums')\n"
+        "group.write_event(*events[0][:2])\nprint('ready', flush=True)\n"
+        "while True:\n    for step, records, *_ in events[1:]:\n        group.write_event(step, records)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        lines = iter(process.stdout.readline, "")
+        assert any(line.strip() == "ready" for line in lines)  # other output (library banners) may come first
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    found = read_jsonl(path)
+    assert found.damaged_lines <= 1 and found.records[0]["type"] == "run"
+    assert report_main([str(tmp_path), "-q"]) == 0 and (tmp_path / "report.html").is_file()

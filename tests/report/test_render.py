@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -257,3 +258,18 @@ def test_main_writes_into_a_folder_given_as_output_and_leaves_no_temporary_file(
         main([str(tmp_path / "run"), "-o", str(blocked / "r.html"), "-q"])
     assert exit_info.value.code == 2 and "Traceback" not in capsys.readouterr().err
     assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_report_of_a_file_with_two_runs_shows_the_latest_and_names_the_other(tmp_path, caplog):
+    path = write_synthetic_run(tmp_path, steps=4, kinds=("chosen",), num_prompts=1)
+    old = path.read_text(encoding="utf-8")
+    (tmp_path / "new").mkdir()
+    write_synthetic_run(tmp_path / "new", steps=2, kinds=("chosen",), num_prompts=1)
+    new = (tmp_path / "new" / "dynamics.jsonl").read_text(encoding="utf-8")
+    path.write_text(old + new + old.splitlines(keepends=True)[3], encoding="utf-8")  # as an older version mixed them
+    data = load_run(tmp_path, progress=False)
+    old_id = next(r["run_id"] for r in map(json.loads, old.splitlines()))
+    assert data.other_runs == [old_id] and "other run" in caplog.text
+    assert max(r["step"] for r in data.of("probe")) == 2
+    sections = _sections(build_report(tmp_path, progress=False).read_text(encoding="utf-8"))
+    assert old_id in sections["panel-run"] and "other runs in the file" in sections["panel-run"]

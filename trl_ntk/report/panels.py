@@ -44,6 +44,12 @@ def run_panel(data: RunData) -> Panel:
     if steps:
         rows.append(("steps", f"{steps[0]} to {steps[-1]}"))
     rows.append(("attribution archives", str(len(data.archives))))
+    if runs and runs[-1].get("run_id"):
+        rows.append(("run id", html.escape(str(runs[-1]["run_id"]))))
+    if data.other_runs:
+        rows.append(("other runs in the file (not shown)", html.escape(", ".join(data.other_runs))))
+    if data.damaged_lines:
+        rows.append(("damaged lines skipped", str(data.damaged_lines)))
     if statuses:
         status = statuses[-1]
         failures = status.get("sink_failures") or {}

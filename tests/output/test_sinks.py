@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.fixtures.synthetic_run import replay, synthetic_events, write_synthetic_run
+from trl_ntk.output import schema
 from trl_ntk.output.sinks import (
     DYNAMICS_TABLE_COLUMNS,
     PROBE_TABLE_COLUMNS,
@@ -33,12 +34,19 @@ from trl_ntk.output.sinks import (
     attributions_file,
     encode_record,
     load_attributions,
-    make_record,
     make_sinks,
     read_records,
     resolve_report_to,
     save_attributions,
 )
+
+TABLE_TYPES = ("table-file", "incremental-table-file")  # W&B incremental tables, or the fixed ones
+
+
+def make_record(record_type: str, step: int, **fields) -> dict:
+    """A record with only the fields a test needs, on the builders' header."""
+    return {**schema.header(record_type, step), **fields}
+
 
 SMALL_RUN = {"kinds": ("chosen", "rejected", "greedy"), "num_prompts": 1, "steps": 4, "every": 2}
 
@@ -152,21 +160,21 @@ def test_aggregate_scalars_are_means_per_kind_and_step_not_per_token():
     scalars = aggregate_scalars(records)
     assert set(scalars) == {2, 3}
     at_2 = scalars[2]
-    assert at_2["ntk/logp/chosen"] == -3.0 and at_2["ntk/argmax_logp/chosen"] == -1.0
-    assert at_2["ntk/logp/my_kind_x"] == -1.0
-    assert at_2["ntk/split/positive/chosen"] == 0.2 and at_2["ntk/split/negative/chosen"] == -0.6
-    assert at_2["ntk/group/rejected/chosen"] == -0.5
-    assert at_2["lld/delta_observed"] == pytest.approx(0.1) and at_2["lld/frac_groups_negative"] == 0.5
+    assert at_2["ntk_logp/chosen"] == -3.0 and at_2["ntk_squeeze/argmax_logp/chosen"] == -1.0
+    assert at_2["ntk_logp/my_kind_x"] == -1.0
+    assert at_2["ntk_split/positive/chosen"] == 0.2 and at_2["ntk_split/negative/chosen"] == -0.6
+    assert at_2["ntk_split/group_rejected/chosen"] == -0.5
+    assert at_2["ntk_lld/delta_observed"] == pytest.approx(0.1) and at_2["ntk_lld/frac_groups_negative"] == 0.5
     assert scalars[3] == {
-        "nthr/frac_downweighted": 0.25,
-        "nthr/tau": 0.5,
-        "nthr/eta": 0.6,
-        "nthr/s_neg_mean": 0.1,
-        "nthr/seconds": 0.01,
-        "ntk/analysis_failures": 1.0,
-        "ntk/sink_failures": 2.0,
+        "ntk_nthr/frac_downweighted": 0.25,
+        "ntk_nthr/tau": 0.5,
+        "ntk_nthr/eta": 0.6,
+        "ntk_nthr/s_neg_mean": 0.1,
+        "ntk_nthr/seconds": 0.01,
+        "ntk_health/analysis_failures": 1.0,
+        "ntk_health/sink_failures": 2.0,
     }
-    assert not any(key.startswith("ntk/entropy") for key in at_2)  # no value, no key
+    assert not any(key.startswith("ntk_squeeze/entropy") for key in at_2)  # no value, no key
 
 
 def test_event_views_join_texts_and_earlier_scores_and_draw_heatmaps():
@@ -177,16 +185,16 @@ def test_event_views_join_texts_and_earlier_scores_and_draw_heatmaps():
         if any(r["type"] == "dynamics" for r in records):
             break
         memory.update(records)
-    columns, rows = event.tables["ntk/dynamics"]
+    columns, rows = event.tables["ntk_tables/dynamics"]
     assert tuple(columns) == DYNAMICS_TABLE_COLUMNS
     row = dict(zip(columns, rows[0]))
     assert row["prompt"].startswith("Question") and row["response"]
     assert isinstance(row["logp_sum"], float)  # from the probe record of the earlier event
-    assert "ntk/probes" not in event.tables
-    assert set(event.heatmaps) == {"ntk/attribution/chosen", "ntk/attribution/rejected", "ntk/attribution/greedy"}
-    image, caption = event.heatmaps["ntk/attribution/chosen"][0]
+    assert "ntk_tables/probes" not in event.tables
+    assert set(event.heatmaps) == {"ntk_attribution/chosen", "ntk_attribution/rejected", "ntk_attribution/greedy"}
+    image, caption = event.heatmaps["ntk_attribution/chosen"][0]
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and "p0-chosen" in caption
-    html_text, text = event.token_texts["ntk/tokens/chosen"]
+    html_text, text = event.token_texts["ntk_attribution/tokens_chosen"]
     assert "<span title=" in html_text and "p0-chosen" in text
     assert event.attribution_values is not None and event.attribution_values.size > 0
 
@@ -337,30 +345,32 @@ def test_wandb_sink_logs_kind_means_tables_and_images_at_train_global_step(tmp_p
     assert calls and all(not args and "step" not in kwargs for _, args, kwargs in calls)
     assert all("train/global_step" in data for data, _, _ in calls)
     history = _history(run_dir)
-    logp = {item["train/global_step"]: item["ntk/logp/chosen"] for item in history if "ntk/logp/chosen" in item}
+    logp = {item["train/global_step"]: item["ntk_logp/chosen"] for item in history if "ntk_logp/chosen" in item}
     assert sorted(logp) == [0, 2, 4]
     jsonl = read_records(tmp_path / "dynamics.jsonl", types=["probe"])
     assert logp[2] == pytest.approx(next(r["logp_sum"] for r in jsonl if r["step"] == 2 and r["kind"] == "chosen"))
 
-    analysis = [item for item in history if "ntk/observed/chosen" in item]
+    analysis = [item for item in history if "ntk_change/observed/chosen" in item]
     assert sorted(item["train/global_step"] for item in analysis) == [0, 2]
     item = analysis[0]
     for key in (
-        "ntk/predicted/rejected",
-        "ntk/gap/greedy",
-        "ntk/split/positive/chosen",
-        "ntk/split/negative/chosen",
-        "ntk/history/chosen",
-        "lld/delta_observed",
+        "ntk_change/predicted/rejected",
+        "ntk_change/gap/greedy",
+        "ntk_split/positive/chosen",
+        "ntk_split/negative/chosen",
+        "ntk_change/history/chosen",
+        "ntk_lld/delta_observed",
     ):
         assert key in item, key
-    assert item["ntk/attribution/chosen._type"] == "images/separated"
-    assert item["ntk/tokens/chosen._type"] == "html-file"
-    assert item["ntk/dynamics._type"] == "table-file" and item["ntk/dynamics.ncols"] == len(DYNAMICS_TABLE_COLUMNS)
-    table = json.loads((run_dir / "files" / item["ntk/dynamics.path"]).read_text())
+    assert item["ntk_attribution/chosen._type"] == "images/separated"
+    assert item["ntk_attribution/tokens_chosen._type"] == "html-file"
+    assert item["ntk_tables/dynamics._type"] in TABLE_TYPES and item["ntk_tables/dynamics.ncols"] == len(
+        DYNAMICS_TABLE_COLUMNS
+    )
+    table = json.loads((run_dir / "files" / item["ntk_tables/dynamics.path"]).read_text())
     assert table["columns"] == list(DYNAMICS_TABLE_COLUMNS) and len(table["data"]) == 3
-    assert any(i.get("ntk/probes.ncols") == len(PROBE_TABLE_COLUMNS) for i in history)
-    assert any("nthr/frac_downweighted" in i for i in history)
+    assert any(i.get("ntk_tables/probes.ncols") == len(PROBE_TABLE_COLUMNS) for i in history)
+    assert any("ntk_nthr/frac_downweighted" in i for i in history)
     metric_names = {key.split(".")[0] for i in history for key in i if not key.startswith("_")}
     assert len(metric_names) < 100  # per kind, never per token or per probe
 
@@ -394,7 +404,7 @@ def test_wandb_sink_starts_a_run_when_asked_and_none_is_open_and_finishes_only_t
         group.close()
     assert wandb.run is None
     history = _history(run_dir)
-    assert [(i["train/global_step"], i["ntk/logp/chosen"]) for i in history] == [(5, -2.5)]
+    assert [(i["train/global_step"], i["ntk_logp/chosen"]) for i in history] == [(5, -2.5)]
 
 
 # ------------------------------------------------------------------------------------------------ TensorBoard
@@ -410,11 +420,15 @@ def test_tensorboard_sink_writes_scalars_images_and_text_readable_by_event_accum
     accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     accumulator.Reload()
     tags = accumulator.Tags()
-    assert [event.step for event in accumulator.Scalars("ntk/logp/chosen")] == [0, 2, 4]
-    assert [event.step for event in accumulator.Scalars("ntk/observed/rejected")] == [0, 2]
-    assert "ntk/attribution/chosen/0" in tags["images"]
-    assert {"ntk/probes/text_summary", "ntk/dynamics/text_summary", "ntk/config/text_summary"} <= set(tags["tensors"])
-    text = accumulator.Tensors("ntk/dynamics/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert [event.step for event in accumulator.Scalars("ntk_logp/chosen")] == [0, 2, 4]
+    assert [event.step for event in accumulator.Scalars("ntk_change/observed/rejected")] == [0, 2]
+    assert "ntk_attribution/chosen/0" in tags["images"]
+    assert {
+        "ntk_tables/probes/text_summary",
+        "ntk_tables/dynamics/text_summary",
+        "ntk_health/config/text_summary",
+    } <= set(tags["tensors"])
+    text = accumulator.Tensors("ntk_tables/dynamics/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| step | probe_id |" in text and "p0-chosen" in text
 
 
@@ -468,9 +482,9 @@ def test_trackio_sink_logs_with_train_global_step_and_finishes_only_its_own_run(
     (run,) = fake.runs
     assert run.finished and run.config["trl_ntk"]["trainer"] == "dpo"
     assert all(kw == {} and "train/global_step" in metrics for metrics, kw in run.logged)
-    steps = [m["train/global_step"] for m, _ in run.logged if "ntk/logp/chosen" in m]
+    steps = [m["train/global_step"] for m, _ in run.logged if "ntk_logp/chosen" in m]
     assert steps == [0, 2, 4]
-    assert any("ntk/attribution/chosen/0" in m for m, _ in run.logged)
+    assert any("ntk_attribution/chosen/0" in m for m, _ in run.logged)
 
     other = _FakeTrackio()
     monkeypatch.setitem(sys.modules, "trackio", other)
@@ -503,5 +517,67 @@ def test_dashboard_sink_write_accepts_single_records_and_remembers_probe_texts()
         for _, records, *_ in events[:3]:  # run, probes, probe records of step 0
             for record in records:
                 sink.write(record)
-    tables = [row for _, key, row in logged if key == "ntk/probes"]
+    tables = [row for _, key, row in logged if key == "ntk_tables/probes"]
     assert tables and tables[0]["prompt"].startswith("Question")
+
+
+def test_tensorboard_gets_one_custom_scalars_layout_with_the_dashboard_sections(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from trl_ntk.output.views import SECTIONS, custom_scalar_layout
+
+    log_dir = tmp_path / "tb"
+    group = SinkGroup([TensorBoardSink(log_dir=log_dir)], strict=True)
+    replay(group, synthetic_events(**SMALL_RUN))
+    group.close()
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    (event,) = accumulator.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    titles = [category.title for category in layout.category]
+    assert titles == list(custom_scalar_layout()) and set(titles) <= set(SECTIONS)
+    logp = next(category for category in layout.category if category.title == "ntk_logp")
+    assert logp.chart[0].multiline.tag == ["ntk_logp/.*"]
+    split = next(category for category in layout.category if category.title == "ntk_split")
+    assert split.chart[0].multiline.tag == ["ntk_split/positive/.*", "ntk_split/negative/.*"]
+
+
+def test_run_summary_has_start_end_peak_change_per_kind_and_the_prediction_accuracy():
+    from trl_ntk.output.views import run_summary
+
+    history = {0: {"ntk_logp/chosen": -5.0}, 1: {"ntk_logp/chosen": -4.0}, 2: {"ntk_logp/chosen": -7.0}}
+    records = [
+        make_record("dynamics", 0, kind="chosen", observed=1.0, predicted=0.5),
+        make_record("dynamics", 1, kind="chosen", observed=-3.0, predicted=-2.0),
+        make_record("dynamics", 1, kind="rejected", observed=2.0, predicted=2.5),
+        make_record("lld", 1, group=0, delta_observed=-0.2, delta_predicted=-0.1),
+        make_record("lld", 1, group=1, delta_observed=0.4, delta_predicted=0.3),
+        make_record("nthr", 1, frac_downweighted=0.25, tau=0.5),
+    ]
+    summary = run_summary(history, records)
+    assert summary["ntk/chosen/logp_start"] == -5.0 and summary["ntk/chosen/logp_end"] == -7.0
+    assert summary["ntk/chosen/logp_peak"] == -4.0 and summary["ntk/chosen/logp_change"] == -2.0
+    assert summary["ntk/prediction/median_abs_gap"] == 0.5  # |gaps| 0.5, 1.0, 0.5
+    assert summary["ntk/prediction/correlation"] == pytest.approx(np.corrcoef([1, -3, 2], [0.5, -2, 2.5])[0, 1])
+    assert summary["ntk/lld/delta_observed_mean"] == pytest.approx(0.1)
+    assert summary["ntk/nthr/frac_downweighted_mean"] == 0.25 and summary["ntk/nthr/tau_mean"] == 0.5
+
+
+def test_nthr_scalars_are_left_to_the_trainer_when_the_sinks_follow_one(tmp_path):
+    logged = []
+
+    class Recorder(RaisingSink):
+        name = "recorder"
+
+        def log_scalars(self, step, scalars):
+            logged.append(dict(scalars))
+
+    record = make_record("nthr", 2, frac_downweighted=0.25, tau=0.5)
+    SinkGroup([Recorder(skip_nthr_scalars=True)], strict=True).write(record)
+    assert logged == []  # the trainer's train/nthr/* has them; no second key
+    SinkGroup([Recorder()], strict=True).write(record)
+    assert logged == [{"ntk_nthr/frac_downweighted": 0.25, "ntk_nthr/tau": 0.5}]
+    trainer = _Trainer(["wandb", "tensorboard"], tmp_path)
+    assert all(sink.skip_nthr_scalars for sink in make_sinks(trainer=trainer).sinks[1:])
+    assert not make_sinks(["wandb"], tmp_path / "alone").sinks[1].skip_nthr_scalars

@@ -21,6 +21,8 @@ TOKEN_STEPS = [0, 2]  # attribution="sums" with the "tokens" level every 2nd ana
 ANALYSED_STEPS = [0, 1, 2]
 SCORED_STEPS = [0, 1, 2, 3]  # every step, and the end of training
 
+TABLE_TYPES = ("table-file", "incremental-table-file")  # W&B incremental tables, or the fixed ones
+
 
 def _observed_dpo_trainer(output_dir: Path, report_to: str):
     trainer = trainer_factory.dpo_trainer(output_dir, max_steps=MAX_STEPS, report_to=report_to, n=16)
@@ -83,30 +85,39 @@ def test_wandb_run_of_the_trainer_gets_ntk_keys_tables_and_images_at_train_globa
 
     history = _wandb_history(run_dir)
     assert _steps_with(history, "train/loss") == [1, 2, 3]  # the trainer's own logs, in the same run
-    assert _steps_with(history, "ntk/logp/chosen") == SCORED_STEPS
+    assert _steps_with(history, "ntk_logp/chosen") == SCORED_STEPS
     jsonl = _jsonl(tmp_path, types=["probe", "dynamics"])
-    logp = {i["train/global_step"]: i["ntk/logp/chosen"] for i in history if "ntk/logp/chosen" in i}
+    logp = {i["train/global_step"]: i["ntk_logp/chosen"] for i in history if "ntk_logp/chosen" in i}
     chosen_at_1 = [r["logp_sum"] for r in jsonl if r["type"] == "probe" and r["step"] == 1 and r["kind"] == "chosen"]
     assert logp[1] == pytest.approx(sum(chosen_at_1) / len(chosen_at_1))
-    for key in ("ntk/observed/chosen", "ntk/predicted/rejected", "ntk/split/negative/rejected", "ntk/gap/greedy"):
+    for key in (
+        "ntk_change/observed/chosen",
+        "ntk_change/predicted/rejected",
+        "ntk_split/negative/rejected",
+        "ntk_change/gap/greedy",
+    ):
         assert _steps_with(history, key) == ANALYSED_STEPS, key
-    observed = {i["train/global_step"]: i["ntk/observed/rejected"] for i in history if "ntk/observed/rejected" in i}
+    observed = {
+        i["train/global_step"]: i["ntk_change/observed/rejected"]
+        for i in history
+        if "ntk_change/observed/rejected" in i
+    }
     rejected_at_2 = [
         r["observed"] for r in jsonl if r["type"] == "dynamics" and r["step"] == 2 and r["kind"] == "rejected"
     ]
     assert observed[2] == pytest.approx(sum(rejected_at_2) / len(rejected_at_2))
 
-    assert _steps_with(history, "ntk/attribution/chosen._type") == TOKEN_STEPS  # heatmaps at "tokens" steps only
-    images = next(i for i in history if "ntk/attribution/chosen._type" in i)
-    assert images["ntk/attribution/chosen._type"] == "images/separated" and images["ntk/attribution/chosen.count"] >= 1
+    assert _steps_with(history, "ntk_attribution/chosen._type") == TOKEN_STEPS  # heatmaps at "tokens" steps only
+    images = next(i for i in history if "ntk_attribution/chosen._type" in i)
+    assert images["ntk_attribution/chosen._type"] == "images/separated" and images["ntk_attribution/chosen.count"] >= 1
 
-    for key, columns in (("ntk/dynamics", DYNAMICS_TABLE_COLUMNS), ("ntk/probes", PROBE_TABLE_COLUMNS)):
+    for key, columns in (("ntk_tables/dynamics", DYNAMICS_TABLE_COLUMNS), ("ntk_tables/probes", PROBE_TABLE_COLUMNS)):
         item = next(i for i in history if f"{key}._type" in i)
-        assert item[f"{key}._type"] == "table-file"
+        assert item[f"{key}._type"] in TABLE_TYPES
         table = json.loads((run_dir / "files" / item[f"{key}.path"]).read_text())
         assert table["columns"] == list(columns) and table["data"]
         assert all(isinstance(cell, (str, int, float, type(None))) for row in table["data"] for cell in row)
-    assert _steps_with(history, "ntk/dynamics._type") == ANALYSED_STEPS
+    assert _steps_with(history, "ntk_tables/dynamics._type") == ANALYSED_STEPS
 
 
 def test_tensorboard_report_to_reads_back_with_event_accumulator_and_starts_no_wandb_run(tmp_path):
@@ -126,11 +137,11 @@ def test_tensorboard_report_to_reads_back_with_event_accumulator_and_starts_no_w
     accumulator.Reload()
     tags = accumulator.Tags()
     assert [e.step for e in accumulator.Scalars("train/loss")] == [1, 2, 3]
-    assert [e.step for e in accumulator.Scalars("ntk/logp/chosen")] == SCORED_STEPS
-    for tag in ("ntk/observed/chosen", "ntk/predicted/rejected", "ntk/split/negative/rejected"):
+    assert [e.step for e in accumulator.Scalars("ntk_logp/chosen")] == SCORED_STEPS
+    for tag in ("ntk_change/observed/chosen", "ntk_change/predicted/rejected", "ntk_split/negative/rejected"):
         assert [e.step for e in accumulator.Scalars(tag)] == ANALYSED_STEPS, tag
-    assert [e.step for e in accumulator.Images("ntk/attribution/chosen/0")] == TOKEN_STEPS
-    assert "ntk/dynamics/text_summary" in tags["tensors"]
+    assert [e.step for e in accumulator.Images("ntk_attribution/chosen/0")] == TOKEN_STEPS
+    assert "ntk_tables/dynamics/text_summary" in tags["tensors"]
 
 
 def test_no_wandb_run_is_started_when_report_to_lacks_wandb(tmp_path):
@@ -173,3 +184,73 @@ def test_a_failing_wandb_sink_never_loses_the_jsonl_and_never_stops_training(tmp
     # every event went to the sink and failed; the status event itself is written after its counts are taken
     assert status["sink_failures"] == {"jsonl": 0, "wandb": len(attempts) - 1}
     assert len(attempts) > len(SCORED_STEPS) and "ConnectionError" in status["message"]
+
+
+def _wandb_records(run_dir: Path) -> list[dict]:
+    result = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def test_wandb_run_reads_back_with_few_sections_multi_kind_charts_full_tables_summary_and_scatter(
+    tmp_path, monkeypatch
+):
+    import wandb
+
+    Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("TRL_NTK_WANDB_LOG_REPORT", "true")
+    trainer, _ = _observed_dpo_trainer(tmp_path, report_to="wandb")
+    try:
+        trainer.train()
+        run_dir = Path(wandb.run.dir).parent
+    finally:
+        if wandb.run is not None:
+            wandb.run.finish()
+    records = _wandb_records(run_dir)
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    metrics = {key.split(".")[0] for item in history for key in item if not key.startswith("_")}
+    sections = {key.split("/")[0] for key in metrics}
+    assert len(sections) <= 10, sorted(sections)
+    assert {"train", "ntk_logp", "ntk_change", "ntk_split", "ntk_tables", "ntk_charts"} <= sections
+
+    # no metric twice: every (key, step) of the sink is logged once, and nothing under the trainer's `train/`
+    logged = [(key, item["train/global_step"]) for item in history for key in item if key.startswith("ntk_")]
+    assert len(logged) == len(set(logged)), sorted({entry for entry in logged if logged.count(entry) > 1})
+    assert not any(key.startswith("ntk_nthr/") for key in metrics)  # NTHR scalars are the trainer's train/nthr/*
+
+    # a chart with every probe kind on it
+    chart = next(item for item in history if "ntk_charts/logp_by_kind_table._type" in item)
+    table = json.loads((run_dir / "files" / chart["ntk_charts/logp_by_kind_table.path"]).read_text())
+    kinds = {row[table["columns"].index("lineKey")] for row in table["data"]}
+    assert {"chosen", "rejected", "greedy"} <= kinds
+    for key in ("ntk_charts/split_positive_negative_table", "ntk_charts/observed_vs_predicted_table"):
+        assert any(f"{key}._type" in item for item in history), key
+    scatter_item = next(item for item in history if "ntk_charts/observed_vs_predicted_table._type" in item)
+    scatter = json.loads((run_dir / "files" / scatter_item["ntk_charts/observed_vs_predicted_table.path"]).read_text())
+    assert len(scatter["data"]) == len(_jsonl(tmp_path, types=["dynamics"]))
+
+    # the dynamics table keeps every analysed step, the probe table every scoring step
+    for key, steps in (("ntk_tables/dynamics", ANALYSED_STEPS), ("ntk_tables/probes", SCORED_STEPS)):
+        rows = []
+        for item in history:
+            if f"{key}._type" in item:
+                part = json.loads((run_dir / "files" / item[f"{key}.path"]).read_text())
+                rows += part["data"]
+        assert sorted({row[0] for row in rows}) == steps, key
+
+    summary = {}
+    for record in records:
+        if record["type"] == "summary":
+            summary.update(record["summary"].get("update", {}))
+    for key in ("ntk/chosen/logp_start", "ntk/chosen/logp_end", "ntk/chosen/logp_peak", "ntk/rejected/logp_change"):
+        assert isinstance(summary.get(key), float), (key, sorted(summary))
+    assert summary["ntk/prediction/median_abs_gap"] >= 0 and -1 <= summary["ntk/prediction/correlation"] <= 1
+    assert any(item.get("ntk_tables/report._type") == "html-file" for item in history)
+    (artifact,) = [r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["type"] == "trl_ntk_run"]
+    paths = {entry["path"] for entry in artifact["manifest"]["contents"]}
+    assert {"dynamics.jsonl", "report.html", "attributions/step_0.npz", "attributions/step_2.npz"} <= paths

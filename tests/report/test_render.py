@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures.synthetic_run import write_synthetic_run
-from trl_ntk.output.sinks import save_attributions
+from trl_ntk.output.files import save_attributions
 from trl_ntk.report.render import PANEL_IDS, attribution_data, build_report, find_jsonl, load_run, main
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
@@ -178,3 +179,97 @@ def test_report_renders_every_figure_in_headless_chromium_without_console_errors
     screenshot = ARTIFACTS / "report_screenshot.png"
     shot = _chromium(["--window-size=1400,3000", f"--screenshot={screenshot}", url], tmp_path / "profile-shot")
     assert shot.returncode == 0 and screenshot.stat().st_size > 50_000, shot.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_report_of_a_real_tiny_trainer_run_loads_and_renders_every_record_type_it_wrote(tmp_path):
+    from tests import trainer_factory
+    from trl_ntk.integration.callbacks import LearningDynamicsCallback
+
+    trainer = trainer_factory.dpo_trainer(tmp_path, max_steps=2, report_to="none", n=8)
+    trainer.add_callback(
+        LearningDynamicsCallback(
+            trainer, every_n_steps=1, attribution="tokens", num_prompts=1, max_new_tokens=4, strict=True
+        )
+    )
+    trainer.train()
+    data = load_run(tmp_path, progress=False)
+    assert {"run", "probes", "probe", "dynamics", "status"} <= set(data.records)
+    assert sorted({r["step"] for r in data.of("dynamics")}) == [0, 1]
+    assert sorted({r["step"] for r in data.of("probe")}) == [0, 1, 2]
+    assert len({r["run_id"] for rs in data.records.values() for r in rs}) == 1 and not data.other_runs
+    assert all(r["path"] in ("func", "forward_ad", "finite_difference") for r in data.of("dynamics"))
+    assert all("cells" in r and "gradient_check" in r for r in data.of("dynamics"))
+    assert [step for step, _ in data.archives] == [0, 1]
+    sections = _sections(build_report(tmp_path, progress=False).read_text(encoding="utf-8"))
+    assert list(sections) == list(PANEL_IDS)
+    for panel_id in ("panel-run", "panel-logp", "panel-prediction", "panel-split", "panel-attribution"):
+        assert 'class="no-data"' not in sections[panel_id], panel_id
+    assert (
+        "figure-prediction" in sections["panel-prediction"] and 'id="attribution-step"' in sections["panel-attribution"]
+    )
+
+
+def test_main_refuses_an_unknown_schema_version_and_a_wrong_typed_field_with_one_line(tmp_path, capsys):
+    path = write_synthetic_run(tmp_path, steps=2, kinds=("chosen",), num_prompts=1)
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1].replace('"schema_version":2', '"schema_version":99'))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "-q"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1 and "schema_version 99" in error
+    assert "Traceback" not in error
+    probe_line = next(i for i, line in enumerate(lines) if '"type":"probe"' in line)
+    lines[probe_line] = lines[probe_line].replace('"num_tokens":', '"num_tokens":"many","x":')
+    path.write_text("".join(lines))
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "-q"])
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "field 'num_tokens'" in error and f":{probe_line + 1}:" in error
+
+
+def test_main_refuses_a_non_positive_heatmap_step_count_before_reading(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "missing"), "--max-heatmap-steps", "-3"])
+    assert exit_info.value.code == 2 and "must be a positive integer, got -3" in capsys.readouterr().err
+
+
+def test_a_corrupt_archive_costs_only_its_heat_maps_with_one_warning_line(tmp_path, caplog):
+    write_synthetic_run(tmp_path, steps=4, every=2, kinds=("chosen",), num_prompts=1)
+    archive = tmp_path / "attributions" / "step_2.npz"
+    archive.write_bytes(archive.read_bytes()[: len(archive.read_bytes()) // 2])  # a zip cut short
+    (tmp_path / "attributions" / "step_0.npz").write_bytes(b"PK\x03\x04 not a zip at all")
+    data = attribution_data(load_run(tmp_path, progress=False), progress=False)
+    assert data is None  # both archives were damaged; the panel says "no data"
+    assert caplog.text.count("cannot read") == 2
+    assert main([str(tmp_path), "-q"]) == 0
+
+
+def test_main_writes_into_a_folder_given_as_output_and_leaves_no_temporary_file(tmp_path, capsys):
+    write_synthetic_run(tmp_path / "run", steps=2, kinds=("chosen",), num_prompts=1)
+    (tmp_path / "out").mkdir()
+    assert main([str(tmp_path / "run"), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert (tmp_path / "out" / "report.html").is_file()
+    assert not list(tmp_path.glob("**/*.tmp"))
+    capsys.readouterr()
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "run"), "-o", str(blocked / "r.html"), "-q"])
+    assert exit_info.value.code == 2 and "Traceback" not in capsys.readouterr().err
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_report_of_a_file_with_two_runs_shows_the_latest_and_names_the_other(tmp_path, caplog):
+    path = write_synthetic_run(tmp_path, steps=4, kinds=("chosen",), num_prompts=1)
+    old = path.read_text(encoding="utf-8")
+    (tmp_path / "new").mkdir()
+    write_synthetic_run(tmp_path / "new", steps=2, kinds=("chosen",), num_prompts=1)
+    new = (tmp_path / "new" / "dynamics.jsonl").read_text(encoding="utf-8")
+    path.write_text(old + new + old.splitlines(keepends=True)[3], encoding="utf-8")  # as an older version mixed them
+    data = load_run(tmp_path, progress=False)
+    old_id = next(r["run_id"] for r in map(json.loads, old.splitlines()))
+    assert data.other_runs == [old_id] and "other run" in caplog.text
+    assert max(r["step"] for r in data.of("probe")) == 2
+    sections = _sections(build_report(tmp_path, progress=False).read_text(encoding="utf-8"))
+    assert old_id in sections["panel-run"] and "other runs in the file" in sections["panel-run"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from trl import GRPOTrainer
 from trl_ntk import _dist
 from trl_ntk._model import LogitTransform, unwrap_model
 from trl_ntk.ntk.nthr import NTHRStats, Vocab, check_weight_options, group_weights
+from trl_ntk.output import schema
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +34,6 @@ HiddenSource = Literal["auto", "old_logps", "generation", "forward"]
 SUPPORTED_TRL = (Version("1.10"), Version("2.0"))
 """`NTHRCallback` wraps `GRPOTrainer` internals that are stable in this range (tested with trl 1.16): lower bound
 inclusive, upper bound exclusive."""
-
-SCHEMA_VERSION = 2
-"""`schema_version` of the records written (see docs/output-format.md)."""
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -182,26 +179,8 @@ class NTHRConfig:
 
 
 def nthr_record(step: int, stats: NTHRStats, seconds: float, path: str, time_fraction: float | None) -> dict[str, Any]:
-    """The `type: "nthr"` record of one generation batch (docs/output-format.md); NaN means become `None`."""
-
-    def finite(value: float) -> float | None:
-        return None if math.isnan(value) else value
-
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "type": "nthr",
-        "step": step,
-        "time": time.time(),
-        "frac_downweighted": stats.frac_downweighted,
-        "tau": finite(stats.tau),
-        "eta": finite(stats.eta),
-        "s_neg_mean": finite(stats.s_neg_mean),
-        "num_groups": stats.num_groups,
-        "num_mixed_groups": stats.num_mixed_groups,
-        "seconds": seconds,
-        "path": path,
-        "time_fraction": time_fraction,
-    }
+    """The `type: "nthr"` record of one generation batch (built by `trl_ntk.output.schema.nthr_record`)."""
+    return schema.nthr_record(step, stats, seconds, path, time_fraction)
 
 
 def _check_trainer(trainer: Any) -> None:

@@ -1,8 +1,8 @@
-"""Build the JSONL records of `docs/output-format.md` from scores and step explanations (plain dicts, no I/O)."""
+"""Turn scores and step explanations into the records of `docs/output-format.md` (through the builders of
+`schema.py`; plain dicts, no I/O)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -11,45 +11,41 @@ from torch import Tensor
 
 from trl_ntk.analysis.dynamics import UpdateExplanation
 from trl_ntk.batches import select_rows, target_rows
+from trl_ntk.output import schema
+from trl_ntk.output.schema import run_record, status_record
 
-SCHEMA_VERSION = 2
+__all__ = [
+    "attribution_arrays",
+    "dynamics_records",
+    "lld_records",
+    "matrix_probe_ids",
+    "one_line_summary",
+    "probe_records",
+    "probes_record",
+    "run_record",
+    "status_record",
+]
+
 _SCORE_FIELDS = ("logp_sum", "logp_mean", "argmax_logp", "max_prob_mean", "entropy_mean", "a_norm", "g_norm")
-
-
-def _base(kind: str, step: int) -> dict[str, Any]:
-    return {"schema_version": SCHEMA_VERSION, "type": kind, "step": int(step), "time": time.time()}
-
-
-def run_record(step: int, trainer_kind: str, config: dict, versions: dict, resumed_from: int | None) -> dict:
-    return {
-        **_base("run", step),
-        "trainer": trainer_kind,
-        "config": config,
-        "versions": versions,
-        "resumed_from": resumed_from,
-    }
 
 
 def probes_record(step: int, encoded: Any, tokenizer: Any) -> dict:
     """The `probes` record: every response with its decoded response tokens."""
-    return {**_base("probes", step), "probes": encoded.describe(tokenizer)}
+    return schema.probes_record(step, encoded.describe(tokenizer))
 
 
 def probe_records(step: int, encoded: Any, scores: Any) -> list[dict]:
     """One `probe` record per response."""
     out = []
     for i, response in enumerate(encoded.responses):
-        record = {
-            **_base("probe", step),
-            "probe_id": response.probe_id,
-            "prompt_id": response.prompt_id,
-            "kind": response.kind,
-        }
-        for name in _SCORE_FIELDS:
-            record[name] = float(getattr(scores, name)[i])
-        record["num_tokens"] = int(scores.token_logps[i].numel())
-        record["token_logps"] = [round(float(v), 6) for v in scores.token_logps[i]]
-        out.append(record)
+        fields = {name: float(getattr(scores, name)[i]) for name in _SCORE_FIELDS}
+        fields["num_tokens"] = int(scores.token_logps[i].numel())
+        fields["token_logps"] = [round(float(v), 6) for v in scores.token_logps[i]]
+        out.append(
+            schema.probe_record(
+                step, probe_id=response.probe_id, prompt_id=response.prompt_id, kind=response.kind, **fields
+            )
+        )
     return out
 
 
@@ -60,9 +56,21 @@ def _per_response(values: Tensor, batch: Any) -> list[Tensor]:
 
 
 def dynamics_records(
-    step: int, encoded: Any, before: Any, after: Any, explanation: UpdateExplanation, tokenizer: Any, *, top_k: int = 5
+    step: int,
+    encoded: Any,
+    before: Any,
+    after: Any,
+    explanation: UpdateExplanation,
+    tokenizer: Any,
+    *,
+    top_k: int = 5,
+    trusted: bool | None = None,
+    trust_reason: str | None = None,
 ) -> list[dict]:
-    """One `dynamics` record per probe response: observed vs predicted change and its splits."""
+    """One `dynamics` record per probe response: observed vs predicted change and its splits.
+
+    `trusted` / `trust_reason` (the step's gradient-check verdict; None when not judged) go on every record.
+    """
     batch = encoded.batch
     fields = {
         "predicted": _per_response(explanation.probe.predicted, batch),
@@ -87,30 +95,31 @@ def dynamics_records(
             split[sign] += value
             groups[group] = groups.get(group, 0.0) + value
             by_cell[f"{sign}/{group}"] = value
-        record = {
-            **_base("dynamics", step),
-            "probe_id": response.probe_id,
-            "prompt_id": response.prompt_id,
-            "kind": response.kind,
-            "observed": observed,
-            "predicted": predicted,
-            "gap": observed - predicted,
-            "predicted_sgd": float(fields["sgd"][i].sum()),
-            "predicted_current": float(fields["current"][i].sum()),
-            "history": float(fields["history"][i].sum()),
-            "split": split,
-            "groups": groups,
-            "cells": by_cell,
-            "token_observed": [round(float(v), 6) for v in observed_tokens],
-            "token_predicted": [round(float(v), 6) for v in fields["predicted"][i]],
-            "path": explanation.path,
-            "kernel": {"grad_coeff_norm": explanation.grad_coeff_norm, **explanation.kernel_norms},
-            "gradient_check": {
+        record = schema.dynamics_record(
+            step,
+            probe_id=response.probe_id,
+            prompt_id=response.prompt_id,
+            kind=response.kind,
+            observed=observed,
+            predicted=predicted,
+            trusted=trusted,
+            trust_reason=trust_reason,
+            predicted_sgd=float(fields["sgd"][i].sum()),
+            predicted_current=float(fields["current"][i].sum()),
+            history=float(fields["history"][i].sum()),
+            split=split,
+            groups=groups,
+            cells=by_cell,
+            token_observed=[round(float(v), 6) for v in observed_tokens],
+            token_predicted=[round(float(v), 6) for v in fields["predicted"][i]],
+            path=explanation.path,
+            kernel={"grad_coeff_norm": explanation.grad_coeff_norm, **explanation.kernel_norms},
+            gradient_check={
                 "cosine": explanation.gradient_check.cosine,
                 "relative_error": explanation.gradient_check.relative_error,
                 "clip_scale": explanation.gradient_check.clip_scale,
             },
-        }
+        )
         if residual is not None:  # losses on the plain logits: the part beyond the trained tokens' log-probs
             record["logit_residual"] = float(residual[i].sum())
         if totals is not None:  # each training token's total push on this response
@@ -195,18 +204,11 @@ def attribution_arrays(encoded: Any, explanation: UpdateExplanation, tokenizer: 
     return arrays
 
 
-def lld_records(step: int, groups: list[dict]) -> list[dict]:
-    """One `lld` record per GRPO group."""
-    return [{**_base("lld", step), **group} for group in groups]
-
-
-def status_record(step: int, analysis_failures: int, sink_failures: dict, message: str) -> dict:
-    return {
-        **_base("status", step),
-        "analysis_failures": analysis_failures,
-        "sink_failures": dict(sink_failures),
-        "message": message,
-    }
+def lld_records(
+    step: int, groups: list[dict], *, trusted: bool | None = None, trust_reason: str | None = None
+) -> list[dict]:
+    """One `lld` record per GRPO group (`trusted` / `trust_reason` as for `dynamics_records`)."""
+    return [schema.lld_record(step, trusted=trusted, trust_reason=trust_reason, **group) for group in groups]
 
 
 def one_line_summary(step: int, batch: list[dict], seconds: float) -> str:

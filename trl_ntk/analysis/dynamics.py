@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trl_ntk.analysis.guard import replayed_randomness
 from trl_ntk.batches import CapturedMicroBatch, TokenBatch, TokenLabels, concat_token_batches, select_rows, target_rows
 from trl_ntk.ntk import kernels
 
@@ -168,12 +169,14 @@ def reconstruct_gradient(
     weights: list[Tensor],
     params: dict[str, Tensor],
 ) -> dict[str, Tensor]:
-    """`sum_l w_l grad lp_l` over all micro-batches (one weighted backward per micro-batch)."""
+    """`sum_l w_l grad lp_l` over all micro-batches (one weighted backward per micro-batch), each forward with the
+    dropout masks and noise of the training forward it reproduces (`mb.rng_state`, when recorded)."""
     total: dict[str, Tensor] | None = None
     for mb, w in zip(micro_batches, weights):
         if not bool((w != 0).any()):
             continue
-        grad = kernels.logprob_grad(model, mb.batch, w, params=list(params))
+        with replayed_randomness(model, mb.rng_state):
+            grad = kernels.logprob_grad(model, mb.batch, w, params=list(params))
         total = grad if total is None else {n: total[n] + grad[n] for n in total}
     if total is None:
         total = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -397,9 +400,10 @@ def _logit_residual_rows(
     for mb in micro_batches:
         if mb.logit_residual is None:
             continue
-        gradient = kernels.logit_cotangent_grad(
-            model, mb.batch, mb.residual_positions, mb.logit_residual * coeff_scale, params=names
-        )
+        with replayed_randomness(model, mb.rng_state):
+            gradient = kernels.logit_cotangent_grad(
+                model, mb.batch, mb.residual_positions, mb.logit_residual * coeff_scale, params=names
+            )
         for n in names:
             direction[n] += gradient[n]
     for n in names:

@@ -60,9 +60,19 @@ def _per_response(values: Tensor, batch: Any) -> list[Tensor]:
 
 
 def dynamics_records(
-    step: int, encoded: Any, before: Any, after: Any, explanation: UpdateExplanation, tokenizer: Any, *, top_k: int = 5
+    step: int,
+    encoded: Any,
+    before: Any,
+    after: Any,
+    explanation: UpdateExplanation,
+    tokenizer: Any,
+    *,
+    top_k: int = 5,
+    trusted: bool = True,
+    trust_reason: str | None = None,
 ) -> list[dict]:
-    """One `dynamics` record per probe response: observed vs predicted change and its splits."""
+    """One `dynamics` record per probe response: observed vs predicted change and its splits; `trusted` (and the
+    reason when false) is the step's verdict of `analysis.guard.judge`."""
     batch = encoded.batch
     fields = {
         "predicted": _per_response(explanation.predicted, batch),
@@ -110,6 +120,8 @@ def dynamics_records(
                 "relative_error": explanation.gradient_check.relative_error,
                 "clip_scale": explanation.gradient_check.clip_scale,
             },
+            "trusted": bool(trusted),
+            "trust_reason": trust_reason,
         }
         if residual is not None:  # losses on the plain logits: the part beyond the trained tokens' log-probs
             record["logit_residual"] = float(residual[i].sum())
@@ -191,15 +203,18 @@ def attribution_arrays(encoded: Any, explanation: UpdateExplanation, tokenizer: 
     return arrays
 
 
-def lld_records(step: int, groups: list[dict]) -> list[dict]:
-    """One `lld` record per GRPO group."""
-    return [{**_base("lld", step), **group} for group in groups]
+def lld_records(step: int, groups: list[dict], *, trusted: bool = True, trust_reason: str | None = None) -> list[dict]:
+    """One `lld` record per GRPO group, with the step's trust verdict."""
+    return [{**_base("lld", step), **group, "trusted": bool(trusted), "trust_reason": trust_reason} for group in groups]
 
 
-def status_record(step: int, analysis_failures: int, sink_failures: dict, message: str) -> dict:
+def status_record(
+    step: int, analysis_failures: int, sink_failures: dict, message: str, *, untrusted_steps: int = 0
+) -> dict:
     return {
         **_base("status", step),
         "analysis_failures": analysis_failures,
+        "untrusted_steps": untrusted_steps,
         "sink_failures": dict(sink_failures),
         "message": message,
     }

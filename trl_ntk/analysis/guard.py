@@ -30,16 +30,18 @@ class Thresholds:
     max_relative_error: float
 
 
-# float32 / float64: a reconstruction differs from `.grad` only by summation order (cosine >= 1 - 2e-12 and
-# relative error <= 2e-6 measured on eleven architectures), while every known set-up that breaks exactness gives
-# cosine <= 1 - 9e-7 (MoE load-balancing loss) and usually far less. Half precision: each gradient entry carries a
-# rounding of up to eps/2 (bf16: 3.9e-3) and the reconstruction rounds independently; measured on the toy model
-# (bf16 weights and bf16 autocast, SFT / DPO / GRPO) cosine >= 0.9997 and relative error <= 2.5e-2.
+# float32 / float64: a reconstruction differs from `.grad` only by summation order (cosine >= 1 - 2e-12 measured on
+# eleven architectures); the known set-ups that break exactness give cosine 0.35-0.99 (packing, NEFTune, dropout) or,
+# for terms the check cannot see at all (MoE load-balancing loss: 1 - 5e-9; entropy bonus), are flagged from the
+# set-up. bf16: each gradient entry carries a rounding of up to eps/2 = 3.9e-3 that the float32 reconstruction does
+# not; measured (bf16 weights and bf16 autocast; SFT, DPO, GRPO; toy, Llama, Gemma 2) cosine >= 1 - 7.5e-5 and
+# relative error <= 1.2e-2, so the limits (1 - 1e-3, 4.5e-2; a consistent pair, rel^2 ~ 2 (1 - cos)) leave a margin
+# of about 4 on the relative error. fp16 (eps 8 times smaller, not measured): the bf16 pair scaled down accordingly.
 _THRESHOLDS = {
     torch.float64: Thresholds(1 - 1e-6, 1e-3),
     torch.float32: Thresholds(1 - 1e-6, 1e-3),
-    torch.bfloat16: Thresholds(1 - 2e-3, 6e-2),
-    torch.float16: Thresholds(1 - 1e-3, 4e-2),
+    torch.bfloat16: Thresholds(1 - 1e-3, 4.5e-2),
+    torch.float16: Thresholds(1 - 5e-5, 1e-2),
 }
 
 

@@ -96,7 +96,8 @@ class GradientCapture:
         return self._armed
 
     def begin_loss_call(self, inputs: dict[str, Any]) -> None:
-        """Mark the start of one `compute_loss` call (a trainer micro-batch) and remember its inputs."""
+        """Mark the start of one `compute_loss` call (a trainer micro-batch) and remember its inputs (plain
+        bookkeeping: nothing here can raise)."""
         if not self._armed:
             return
         self._loss_call += 1
@@ -114,8 +115,13 @@ class GradientCapture:
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         """Keep the RNG state at the start of the forward (dropout, NEFTune draw from it during the forward)."""
-        if self._armed and not self._paused and self.record_randomness:
+        if not self._armed or self._paused or not self.record_randomness:
+            return
+        try:
             self._rng_state = RngState.capture(module)
+        except Exception as error:  # noqa: BLE001 - never let the observer stop the trainer's forward
+            self._rng_state = None
+            self.failures.append(f"RNG-state capture failed: {type(error).__name__}: {error}")
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         """Record one training forward. It runs inside the trainer's forward, where an exception would stop
@@ -175,11 +181,7 @@ class GradientCapture:
         if not fused:
             hook = _logit_gradient_hook(record, logits.detach(), target_positions, self.temperature, self.failures)
         else:
-
-            def hook(grad: Tensor) -> None:
-                coeffs = grad.detach()[target_positions].float()
-                record.grad_coeffs = coeffs if record.grad_coeffs is None else record.grad_coeffs + coeffs
-
+            hook = _log_prob_gradient_hook(record, target_positions, self.failures)
         (log_probs if fused else logits).register_hook(hook)
         self._row_offset += input_ids.shape[0]
         self.micro_batches.append(record)
@@ -237,6 +239,24 @@ def logit_gradient_split(
     gradient = logit_grad.float()
     coeffs = (gradient * direction).sum(-1) / direction.pow(2).sum(-1).clamp(min=1e-30)
     return coeffs, gradient - coeffs[:, None] * direction
+
+
+def _log_prob_gradient_hook(record: CapturedMicroBatch, target_positions: Tensor, failures: list[str]):
+    """The tensor hook on the fused log-probs `[B, T-1]`: `c_l` at the targets into `record.grad_coeffs`. It runs
+    inside the trainer's backward: a failure is appended to `failures`, never raised."""
+
+    def keep_grad(grad: Tensor) -> None:
+        try:
+            _accumulate_coeffs(record, grad.detach()[target_positions])
+        except Exception as error:  # noqa: BLE001 - never let the observer stop the trainer's backward
+            failures.append(f"log-prob gradient capture failed: {type(error).__name__}: {error}")
+
+    return keep_grad
+
+
+def _accumulate_coeffs(record: CapturedMicroBatch, coeffs: Tensor) -> None:
+    coeffs = coeffs.float()
+    record.grad_coeffs = coeffs if record.grad_coeffs is None else record.grad_coeffs + coeffs
 
 
 def _logit_gradient_hook(

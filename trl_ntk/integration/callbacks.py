@@ -613,6 +613,15 @@ def _validate_adapter(model: torch.nn.Module) -> None:
 
 def _warn_unreproduced(issues: list[guard.SetupIssue], config: DynamicsConfig) -> None:
     """Warn, before training, about set-ups the analysis does not reproduce: their steps are flagged untrusted."""
+    replayed = [issue.name for issue in issues if issue.handled]
+    tokens = config.attribution == "tokens" or config.tokens_every_n_steps is not None
+    if replayed and tokens:
+        warnings.warn(
+            f"the training forward draws random numbers ({', '.join(replayed)}): the gradient reconstruction, the "
+            "predictions and their sign / group splits replay them exactly, but the 'tokens' level attributions are "
+            "computed without them (the deterministic network), so their row sums differ from the prediction",
+            stacklevel=3,
+        )
     unhandled = [issue.detail for issue in issues if not issue.handled]
     if unhandled and config.attribution != "none":
         warnings.warn(

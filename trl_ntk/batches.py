@@ -188,6 +188,9 @@ class CapturedMicroBatch:
             head, or when the residual is zero to float precision (a plain cross-entropy).
         residual_positions (`Tensor[B, T-1]` bool, *optional*): the logit positions of `logit_residual` (position
             `t` predicts token `t + 1`), row-major.
+        entropy_grads (`Tensor[M]`, *optional*): `dL / dH_l` for a loss with an entropy term on the fused head's
+            per-token entropies `H_l` (GRPO's entropy bonus), at the `M` targets; turned into a logit residual
+            before the analysis (`capture.add_entropy_residuals`).
         rng_state (*optional*): the random-number generator state and train mode at the start of this forward
             (`analysis.guard.RngState`), set when the model draws random numbers in its forward (dropout, NEFTune)
             so that the analysis forwards can draw the same ones.
@@ -200,6 +203,7 @@ class CapturedMicroBatch:
     loss_inputs: dict[str, Any] = field(default_factory=dict)
     logit_residual: Tensor | None = None
     residual_positions: Tensor | None = None
+    entropy_grads: Tensor | None = None
     rng_state: Any = None
 
 

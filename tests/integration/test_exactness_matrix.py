@@ -283,9 +283,11 @@ def test_sft_labels_that_differ_from_the_inputs_are_the_trained_tokens(tmp_path)
     assert_exact(records)
 
 
-def test_grpo_entropy_bonus_is_flagged(tmp_path):
-    records, caught = run(grpo(tmp_path, tiny_model("llama"), beta=0.0, entropy_coef=0.01), strict=False)
-    assert_flagged(records, caught, "entropy bonus")
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_grpo_entropy_bonus_is_captured_as_a_logit_residual(tmp_path, arch):
+    records, _ = run(grpo(tmp_path, tiny_model(arch), beta=0.0, entropy_coef=0.5))
+    assert_exact(records)
+    assert any(r.get("logit_residual") for r in records if r["type"] == "dynamics")
 
 
 def test_sft_moe_load_balancing_loss_is_flagged(tmp_path):
@@ -299,8 +301,8 @@ def test_sft_bf16_weights_are_flagged(tmp_path):
 
 
 def test_flagged_set_up_raises_under_strict(tmp_path):
-    with pytest.raises(RuntimeError, match="not trusted.*entropy bonus"):
-        run(grpo(tmp_path, tiny_model("llama"), beta=0.0, entropy_coef=0.01), strict=True)
+    with pytest.raises(RuntimeError, match="not trusted.*MoE load-balancing loss"):
+        run(sft(tmp_path, tiny_model("qwen2_moe")), strict=True)
 
 
 def test_sft_bf16_autocast_is_within_the_bf16_thresholds(tmp_path):

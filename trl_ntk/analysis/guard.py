@@ -164,8 +164,8 @@ def diagnose(trainer: Any, model: nn.Module, replays_randomness: bool) -> list[S
         issues.append(
             SetupIssue(
                 "entropy_bonus",
-                f"GRPO entropy bonus (entropy_coef={entropy_coef}): its gradient is not part of the captured log-prob "
-                "signal",
+                f"GRPO entropy bonus (entropy_coef={entropy_coef}); its gradient is captured as a logit residual",
+                handled=True,
             )
         )
     if getattr(trainer, "aux_loss_enabled", False) or _moe_aux_loss(model, trainer):

@@ -24,7 +24,7 @@ from trl_ntk import __version__
 from trl_ntk.analysis import dynamics, guard, sharded
 from trl_ntk.batches import TokenLabels, concat_token_batches
 from trl_ntk.integration.adapters import adapter_for, label_step
-from trl_ntk.integration.capture import GradientCapture
+from trl_ntk.integration.capture import GradientCapture, add_entropy_residuals
 from trl_ntk.output import records
 from trl_ntk.output.sinks import make_sinks
 from trl_ntk.probes.probe_set import ProbeSet, sample_responses
@@ -390,6 +390,7 @@ class LearningDynamicsCallback(TrainerCallback):
         model.eval()
         try:
             with self.capture.paused():
+                add_entropy_residuals(model, micro_batches)
                 explanation = self._explain(
                     model,
                     encoded.batch,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trl_ntk.analysis.guard import RngState
+from trl_ntk.analysis.guard import RngState, replayed_randomness
 from trl_ntk.batches import CapturedMicroBatch, TokenBatch
 
 # Keyword inputs of the trainer's forward that are not model inputs of the token batch.
@@ -182,6 +182,9 @@ class GradientCapture:
             hook = _logit_gradient_hook(record, logits.detach(), target_positions, self.temperature, self.failures)
         else:
             hook = _log_prob_gradient_hook(record, target_positions, self.failures)
+            entropy = getattr(output, "entropy", None)
+            if entropy is not None and entropy.requires_grad:
+                entropy.register_hook(_entropy_gradient_hook(record, target_positions, self.failures))
         (log_probs if fused else logits).register_hook(hook)
         self._row_offset += input_ids.shape[0]
         self.micro_batches.append(record)
@@ -252,6 +255,57 @@ def _log_prob_gradient_hook(record: CapturedMicroBatch, target_positions: Tensor
             failures.append(f"log-prob gradient capture failed: {type(error).__name__}: {error}")
 
     return keep_grad
+
+
+def _entropy_gradient_hook(record: CapturedMicroBatch, target_positions: Tensor, failures: list[str]):
+    """The tensor hook on the fused per-token entropies `[B, T-1]`: `dL/dH_l` into `record.entropy_grads`."""
+
+    def keep_grad(grad: Tensor) -> None:
+        try:
+            values = grad.detach()[target_positions].float()
+            record.entropy_grads = values if record.entropy_grads is None else record.entropy_grads + values
+        except Exception as error:  # noqa: BLE001 - never let the observer stop the trainer's backward
+            failures.append(f"entropy gradient capture failed: {type(error).__name__}: {error}")
+
+    return keep_grad
+
+
+def entropy_logit_residual(logits: Tensor, entropy_grads: Tensor, temperature: float) -> Tensor:
+    """`[M, V]` the logit gradient of an entropy term, `r = e * dH/dz` with `H = -sum_v p_v log p_v`,
+    `p = softmax(z / T)`: `dH/dz = -p * (log p + H) / T`, in float32.
+
+    Args:
+        logits (`Tensor[M, V]`): `z` at the targets; `entropy_grads` (`Tensor[M]`): `e = dL/dH`.
+    """
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    probs = logprobs.exp()
+    entropy = -(probs * logprobs).sum(-1, keepdim=True)
+    return entropy_grads[:, None] * (-probs * (logprobs + entropy) / temperature)
+
+
+def add_entropy_residuals(model: nn.Module, micro_batches: list[CapturedMicroBatch]) -> None:
+    """Fold each micro-batch's captured entropy gradient into its logit residual (`entropy_logit_residual` at the
+    targets), so that the analysis' residual term carries the entropy bonus' gradient.
+
+    Cost: one no-grad forward with full logits per micro-batch with a non-zero entropy gradient, with the training
+    forward's randomness replayed; allocates `[B, T, V]` logits for it. Call with the capture paused.
+    """
+    for mb in micro_batches:
+        if mb.entropy_grads is None or not bool((mb.entropy_grads != 0).any()):
+            continue
+        batch = mb.batch
+        with torch.no_grad(), replayed_randomness(model, mb.rng_state):
+            logits = model(**batch.forward_kwargs(), use_cache=False).logits[:, :-1]
+        positions = batch.target_mask[:, 1:]
+        full = torch.zeros(*positions.shape, logits.shape[-1], dtype=torch.float32, device=logits.device)
+        full[positions] = entropy_logit_residual(
+            logits[positions], mb.entropy_grads.to(logits.device), batch.temperature
+        )
+        if mb.logit_residual is not None:
+            full[mb.residual_positions] += mb.logit_residual.float()
+            positions = positions | mb.residual_positions
+        mb.logit_residual, mb.residual_positions = full[positions], positions
+        mb.entropy_grads = None
 
 
 def _accumulate_coeffs(record: CapturedMicroBatch, coeffs: Tensor) -> None:

@@ -26,7 +26,11 @@ class TokenBatch:
         position_ids (`Tensor[B, T]`, *optional*): passed to the model when the trainer passed them (padding-free).
         temperature (`float`, *optional*, defaults to `1.0`): the log-probs are `log_softmax(z / temperature)`,
             as the trainer scores them (GRPO scores at its sampling temperature).
-        model_kwargs (`dict`, *optional*): any other keyword inputs the trainer's forward received.
+        model_kwargs (`dict`, *optional*): any other keyword inputs the trainer's forward received
+            (`{"attention_mask": None}` when it received no attention mask: the model then finds the sequence
+            boundaries from `position_ids`, as in the trainer's padding-free forward).
+        label_ids (`Tensor[B, T]`, long, *optional*): the token scored at each target when it is not the input
+            token there (a collator that perturbs labels); `None`: the target is `input_ids[b, t]`.
     """
 
     input_ids: Tensor
@@ -35,6 +39,7 @@ class TokenBatch:
     position_ids: Tensor | None = None
     temperature: float = 1.0
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    label_ids: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2:
@@ -90,7 +95,7 @@ class TokenBatch:
     @property
     def targets(self) -> Tensor:
         """`[M]` the target token ids, row-major."""
-        return self.input_ids[self.target_mask]
+        return (self.input_ids if self.label_ids is None else self.label_ids)[self.target_mask]
 
     def to(self, device: torch.device | str) -> TokenBatch:
         """A copy on `device`."""
@@ -102,6 +107,7 @@ class TokenBatch:
             target_mask=self.target_mask.to(device),
             position_ids=None if self.position_ids is None else self.position_ids.to(device),
             model_kwargs=moved,
+            label_ids=None if self.label_ids is None else self.label_ids.to(device),
         )
 
     def forward_kwargs(self) -> dict[str, Any]:
@@ -138,6 +144,9 @@ def concat_token_batches(batches: list[TokenBatch], pad_token_id: int = 0) -> To
         target_mask=torch.cat([pad(b.target_mask, False) for b in batches]),
         position_ids=torch.cat([pad(b.position_ids, 0) for b in batches]) if all(has_positions) else None,
         temperature=batches[0].temperature,
+        label_ids=None
+        if all(b.label_ids is None for b in batches)
+        else torch.cat([pad(b.input_ids if b.label_ids is None else b.label_ids, pad_token_id) for b in batches]),
     )
 
 
@@ -157,6 +166,7 @@ def select_rows(batch: TokenBatch, rows: Tensor) -> TokenBatch:
         position_ids=None if batch.position_ids is None else batch.position_ids[rows],
         temperature=batch.temperature,
         model_kwargs=dict(batch.model_kwargs),
+        label_ids=None if batch.label_ids is None else batch.label_ids[rows],
     )
 
 
@@ -178,6 +188,12 @@ class CapturedMicroBatch:
             head, or when the residual is zero to float precision (a plain cross-entropy).
         residual_positions (`Tensor[B, T-1]` bool, *optional*): the logit positions of `logit_residual` (position
             `t` predicts token `t + 1`), row-major.
+        entropy_grads (`Tensor[M]`, *optional*): `dL / dH_l` for a loss with an entropy term on the fused head's
+            per-token entropies `H_l` (GRPO's entropy bonus), at the `M` targets; turned into a logit residual
+            before the analysis (`capture.add_entropy_residuals`).
+        rng_state (*optional*): the random-number generator state and train mode at the start of this forward
+            (`analysis.guard.RngState`), set when the model draws random numbers in its forward (dropout, NEFTune)
+            so that the analysis forwards can draw the same ones.
     """
 
     batch: TokenBatch
@@ -187,6 +203,8 @@ class CapturedMicroBatch:
     loss_inputs: dict[str, Any] = field(default_factory=dict)
     logit_residual: Tensor | None = None
     residual_positions: Tensor | None = None
+    entropy_grads: Tensor | None = None
+    rng_state: Any = None
 
 
 @dataclass(frozen=True)

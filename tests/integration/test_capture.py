@@ -225,3 +225,88 @@ def test_a_failure_inside_the_logit_hook_is_reported_by_the_analysis_and_trainin
     status = [json.loads(line) for line in (tmp_path / "dynamics" / "dynamics.jsonl").read_text().splitlines()][-1]
     assert status["type"] == "status" and status["analysis_failures"] == 2
     assert "MemoryError" in status["message"]
+
+
+def _failing(*args, **kwargs):
+    raise RuntimeError("injected fault")
+
+
+def _train_losses_and_params(trainer) -> tuple[list[float], list[torch.Tensor]]:
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, [p.detach().clone() for p in trainer.model.parameters()]
+
+
+@pytest.mark.parametrize("hook", ["forward", "pre-forward", "log-prob-gradient"])
+def test_an_exception_in_each_capture_hook_is_an_analysis_failure_and_training_is_bit_identical(
+    tmp_path, monkeypatch, hook
+):
+    import json
+
+    from trl_ntk.analysis import guard
+    from trl_ntk.integration import capture
+    from trl_ntk.integration.callbacks import LearningDynamicsCallback
+
+    plain_losses, plain_params = _train_losses_and_params(trainer_factory.sft_trainer(tmp_path / "plain", max_steps=2))
+    trainer = trainer_factory.sft_trainer(tmp_path / "observed", max_steps=2)
+    callback = LearningDynamicsCallback(trainer, every_n_steps=1, num_prompts=1, generate=False)
+    if hook == "forward":
+        monkeypatch.setattr(capture.GradientCapture, "_record_forward", _failing)
+    elif hook == "pre-forward":
+        callback.capture.record_randomness = True
+        monkeypatch.setattr(guard.RngState, "capture", _failing)
+    else:
+        monkeypatch.setattr(capture, "_accumulate_coeffs", _failing)
+    trainer.add_callback(callback)
+    with pytest.warns(UserWarning, match="injected fault"):
+        losses, params = _train_losses_and_params(trainer)
+    assert losses == plain_losses
+    assert all(torch.equal(a, b) for a, b in zip(params, plain_params))
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "observed" / "dynamics" / "dynamics.jsonl").read_text().split("\n")
+        if line
+    ]
+    assert records[-1]["type"] == "status" and records[-1]["analysis_failures"] == 2
+    assert not [r for r in records if r["type"] == "dynamics"]
+
+
+def test_pre_shifted_labels_are_a_recorded_failure_not_an_exception(tmp_path):
+    from trl_ntk.demo import toy
+
+    model, _ = toy.model_and_tokenizer(warmup="pretrain")
+    capture = GradientCapture(model)
+    capture.arm()
+    input_ids = torch.tensor([[5, 6, 7, 8]])
+    log_probs = torch.zeros(1, 3, requires_grad=True)
+    output = type("Output", (), {"log_probs": log_probs})()
+    kwargs = {"input_ids": input_ids, "labels": input_ids, "shift_labels": input_ids[:, 1:], "fused_lm_head": True}
+    capture._on_forward(model, (), kwargs, output)
+    assert capture.micro_batches == []
+    assert len(capture.failures) == 1 and "pre-shifted labels" in capture.failures[0]
+
+
+def test_a_forward_without_attention_mask_keeps_the_trainers_layout():
+    """Padding-free forwards pass `position_ids` and no mask: the captured batch passes no mask either, so the
+    analysis forwards find the same sequence boundaries, and their log-probs equal the training forward's (and
+    differ from those of one unbroken sequence, which an all-ones mask would give)."""
+    from dataclasses import replace
+
+    from trl_ntk.demo import toy
+    from trl_ntk.ntk import kernels
+
+    model, _ = toy.model_and_tokenizer(warmup="pretrain")
+    model.eval()
+    capture = GradientCapture(model)
+    capture.arm()
+    input_ids = torch.tensor([[5, 60, 70, 80, 90, 100, 110, 120]])
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])  # two packed documents
+    with torch.enable_grad():
+        logits = model(input_ids=input_ids, position_ids=position_ids, labels=input_ids, use_cache=False).logits
+    (record,) = capture.micro_batches
+    assert record.batch.model_kwargs == {"attention_mask": None}
+    expected = torch.log_softmax(logits[0, :-1].detach(), -1).gather(-1, input_ids[0, 1:, None])[:, 0]
+    expected = expected[record.batch.target_mask[0, 1:]]
+    assert torch.allclose(kernels.target_logprobs(model, record.batch), expected, atol=1e-5)
+    unbroken = kernels.target_logprobs(model, replace(record.batch, model_kwargs={}))
+    assert (unbroken - expected).abs().max() > 1e-2

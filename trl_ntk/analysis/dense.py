@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from trl_ntk import _dist
 from trl_ntk._model import TensorDict, compute_dtype, trainable_parameters
+from trl_ntk.analysis.guard import replayed_randomness
 from trl_ntk.analysis.results import TokenAttribution
 from trl_ntk.batches import CapturedMicroBatch, TokenBatch, TokenLabels, select_rows, target_rows
 from trl_ntk.ntk import attributions, jvp, kernels, logprobs, optim
@@ -41,11 +42,12 @@ class DenseBackend:
 
     def weighted_gradient(self, micro_batches: list[CapturedMicroBatch], weights: list[Tensor]) -> TensorDict:
         """`sum_l w_l grad lp_l` over this rank's micro-batches (one weighted backward per micro-batch with a
-        non-zero weight)."""
+        non-zero weight), each forward with the dropout masks and noise of the training forward it reproduces."""
         total = {n: torch.zeros_like(p, dtype=compute_dtype(p.dtype)) for n, p in self.params.items()}
         for mb, w in zip(micro_batches, weights):
             if bool((w != 0).any()):
-                grad = kernels.logprob_grad(self.model, mb.batch, w, params=self.names)
+                with replayed_randomness(self.model, mb.rng_state):
+                    grad = kernels.logprob_grad(self.model, mb.batch, w, params=self.names)
                 for n in self.names:
                     total[n] += grad[n]
         return total
@@ -57,9 +59,10 @@ class DenseBackend:
         for mb in micro_batches:
             if mb.logit_residual is None:
                 continue
-            gradient = kernels.logit_cotangent_grad(
-                self.model, mb.batch, mb.residual_positions, mb.logit_residual * coeff_scale, params=self.names
-            )
+            with replayed_randomness(self.model, mb.rng_state):
+                gradient = kernels.logit_cotangent_grad(
+                    self.model, mb.batch, mb.residual_positions, mb.logit_residual * coeff_scale, params=self.names
+                )
             for n in self.names:
                 total[n] += gradient[n]
         return total

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from trl_ntk import _dist
 from trl_ntk._model import TensorDict, input_device, local_shard, trainable_parameters
+from trl_ntk.analysis.guard import replayed_randomness
 from trl_ntk.batches import CapturedMicroBatch, TokenBatch
 from trl_ntk.ntk.jvp import DEFAULT_FD_STEP, JvpPath
 from trl_ntk.ntk.logprobs import model_target_logits
@@ -89,7 +90,7 @@ def weighted_gradient(
         for p in params.values():
             p.grad = None
         for mb, w in zip(micro_batches, weights):
-            with torch.enable_grad():
+            with torch.enable_grad(), replayed_randomness(model, mb.rng_state):
                 logprobs = target_logprobs(model, mb.batch)
                 (logprobs * w.to(logprobs)).sum().backward()
         scale = float(_dist.world_size())

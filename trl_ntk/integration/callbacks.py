@@ -22,10 +22,10 @@ from transformers import TrainerCallback
 
 from trl_ntk import __version__, _dist
 from trl_ntk._model import input_device, is_sharded
-from trl_ntk.analysis import dynamics, sharded
+from trl_ntk.analysis import dynamics, guard, sharded
 from trl_ntk.batches import TokenLabels, concat_token_batches
 from trl_ntk.integration.adapters import adapter_for, label_step
-from trl_ntk.integration.capture import GradientCapture
+from trl_ntk.integration.capture import GradientCapture, add_entropy_residuals
 from trl_ntk.output import records
 from trl_ntk.output.sinks import make_sinks
 from trl_ntk.probes.probe_set import ProbeSet, sample_responses
@@ -134,17 +134,24 @@ class LearningDynamicsCallback(TrainerCallback):
         self.adapter = adapter_for(trainer)
         self.adapter.validate(trainer)
         _validate_parallelism(trainer, self.config)
+        model = self._model()
+        _validate_adapter(model)
+        self.setup_issues = guard.diagnose(trainer, model, replays_randomness=True)
+        _warn_unreproduced(self.setup_issues, self.config)
+        self.gradient_dtype = guard.gradient_dtype(model, getattr(trainer, "args", None))
         self.tokenizer = trainer.processing_class
         tokenizer = getattr(self.tokenizer, "tokenizer", self.tokenizer)
         self.tokenizer = tokenizer
-        model = self._model()
         if probes is None:
             probes = self._default_probes(trainer)
         self.probes = probes
         self.max_length = _model_max_length(model)
         self.encoded = probes.encode(tokenizer, max_length=self.max_length)
         self.encoded.validate(model, tokenizer)
-        self.capture = GradientCapture(model, temperature=self.adapter.temperature(trainer))
+        random_forward = any(issue.name in ("dropout", "neftune") for issue in self.setup_issues)
+        self.capture = GradientCapture(
+            model, temperature=self.adapter.temperature(trainer), record_randomness=random_forward
+        )
         self._wrap_compute_loss(trainer)
         self.output_dir = Path(self.config.output_dir or Path(trainer.args.output_dir) / "dynamics")
         self.sinks = None
@@ -153,6 +160,7 @@ class LearningDynamicsCallback(TrainerCallback):
         self.pending: _PendingAnalysis | None = None
         self.last_scored_step: int | None = None
         self.analysis_failures = 0
+        self.untrusted_steps = 0
         self.last_failure = ""
         self.sharded = False
 
@@ -207,6 +215,8 @@ class LearningDynamicsCallback(TrainerCallback):
             )
         resumed = state.global_step if state.global_step > 0 else None
         if state.is_world_process_zero:
+            if self.sinks is not None:  # a second `train()` in this process: release the folder first
+                self.sinks.close()
             self.sinks = make_sinks(
                 self.config.report_to if self.config.report_to is not None else args.report_to,
                 self.output_dir,
@@ -255,11 +265,7 @@ class LearningDynamicsCallback(TrainerCallback):
         if self.last_scored_step != step:
             self._guarded(step, self._score_only, step)
         if self.sinks is not None:
-            sink_status = self.sinks.status()
-            message = self.last_failure or sink_status["message"]
-            self._emit(
-                step, [records.status_record(step, self.analysis_failures, sink_status["sink_failures"], message)]
-            )
+            self._write_status(step)
             self.sinks.close()
             self.sinks = None
 
@@ -280,6 +286,13 @@ class LearningDynamicsCallback(TrainerCallback):
                 "training goes on, the count is in the status record",
                 stacklevel=2,
             )
+            if self.analysis_failures == 1:
+                self._write_status(step)
+
+    def _write_status(self, step: int) -> None:
+        """A `status` record with the counts so far (at the first failure, the first untrusted step, and the end)."""
+        if self.sinks is not None:
+            self.sinks.write_status(step, self.analysis_failures, self.last_failure, self.untrusted_steps)
 
     def _probe_batch(self, step: int):
         """The fixed probes plus the sampled ones of this scoring step (regenerated when due)."""
@@ -374,6 +387,7 @@ class LearningDynamicsCallback(TrainerCallback):
         model.eval()
         try:
             with self.capture.paused():
+                add_entropy_residuals(model, micro_batches)
                 explanation = self._explain(
                     model,
                     encoded.batch,
@@ -447,8 +461,10 @@ class LearningDynamicsCallback(TrainerCallback):
         encoded, before = pending.before
         after = self._score(encoded)
         step = pending.step
+        verdict = guard.judge(pending.explanation.gradient_check, self.gradient_dtype, self.setup_issues)
+        trust = {"trusted": verdict.trusted, "trust_reason": verdict.reason}
         out = records.dynamics_records(
-            step, encoded, before, after, pending.explanation, self.tokenizer, top_k=self.config.top_k
+            step, encoded, before, after, pending.explanation, self.tokenizer, top_k=self.config.top_k, **trust
         )
         if pending.lld_before is not None:
             (lld_batch, lld_labels), lld_before, all_labels = pending.lld_before
@@ -460,7 +476,7 @@ class LearningDynamicsCallback(TrainerCallback):
                 pending.explanation.cell_names,
                 all_labels,
             )
-            out += records.lld_records(step, groups)
+            out += records.lld_records(step, groups, **trust)
         tokens = pending.explanation.tokens
         if tokens is not None and tokens.matrix is not None and self._is_main():
             matrix_file = self.sinks.save_attributions(
@@ -472,6 +488,22 @@ class LearningDynamicsCallback(TrainerCallback):
                     record["matrix"] = {"file": matrix_file, "key": record["probe_id"]}
         self._emit(step, out)
         logger.info("%s", records.one_line_summary(step, out, time.perf_counter() - pending.started))
+        if not verdict.trusted:
+            self._untrusted(step, verdict.reason)
+
+    def _untrusted(self, step: int, reason: str) -> None:
+        """Count a step whose explanation is not trusted; warn at the first one; raise under `strict=True`."""
+        self.untrusted_steps += 1
+        message = f"the learning-dynamics explanation of step {step} is not trusted: {reason}"
+        if self.config.strict:
+            raise RuntimeError(message + " (strict=True)")
+        if self.untrusted_steps == 1:
+            warnings.warn(
+                message + ". Its records carry trusted: false with this reason; later such steps are only counted "
+                "(untrusted_steps in the status record)",
+                stacklevel=2,
+            )
+            self._write_status(step)
 
     # ------------------------------------------------------------------------------------------- output
     def _is_main(self) -> bool:
@@ -537,6 +569,44 @@ def _validate_parallelism(trainer: Any, config: DynamicsConfig) -> None:
             "under DeepSpeed the optimizer step runs inside the backward (accelerate's DeepSpeedEngineWrapper), "
             "before the trainer's on_pre_optimizer_step, so an update cannot be explained from before it; use "
             "attribution='none' (probe tracking), or DDP / FSDP2 for the step analysis"
+        )
+
+
+def _validate_adapter(model: torch.nn.Module) -> None:
+    """Refuse, before training, PEFT prompt-learning adapters (prompt / prefix / P-tuning): their virtual tokens
+    change the forward's sequence layout, which the token-level analysis cannot name."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return
+    for name, peft_config in configs.items():
+        if getattr(peft_config, "is_prompt_learning", False):
+            raise ValueError(
+                f"LearningDynamicsCallback does not support the prompt-learning PEFT adapter {name!r} "
+                f"({type(peft_config).__name__}): its virtual tokens are not tokens of the training batch, so the "
+                "training tokens cannot be attributed; use a LoRA-type adapter (LoraConfig) or full fine-tuning"
+            )
+
+
+def _warn_unreproduced(issues: list[guard.SetupIssue], config: DynamicsConfig) -> None:
+    """Warn, before training, about set-ups the analysis does not reproduce: their steps are flagged untrusted."""
+    replayed = [issue.name for issue in issues if issue.handled]
+    tokens = config.attribution == "tokens" or config.tokens_every_n_steps is not None
+    if replayed and tokens:
+        warnings.warn(
+            f"the training forward draws random numbers ({', '.join(replayed)}): the gradient reconstruction, the "
+            "predictions and their sign / group splits replay them exactly, but the 'tokens' level attributions are "
+            "computed without them (the deterministic network), so their row sums differ from the prediction",
+            stacklevel=3,
+        )
+    unhandled = [issue.detail for issue in issues if not issue.handled]
+    if unhandled and config.attribution != "none":
+        warnings.warn(
+            "the learning-dynamics explanations of this run will be flagged untrusted (trusted: false in the "
+            "records"
+            + (", and strict=True raises at the first analysed step" if config.strict else "")
+            + "): "
+            + "; ".join(unhandled),
+            stacklevel=3,
         )
 
 

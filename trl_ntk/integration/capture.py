@@ -3,7 +3,9 @@
 TRL's trainers call the model with `fused_lm_head=True` and `labels`; the output carries per-token log-probs
 `log_probs [B, T-1]` (position `t-1` scores the token at `t`). A forward hook keeps each micro-batch's inputs and
 registers a tensor hook on that output; the trainer's own backward then hands over `dL/d log_probs` exactly, for
-every loss variant, with gradient-accumulation scaling included. No loss is re-implemented here.
+every loss variant, with gradient-accumulation scaling included. No loss is re-implemented here. The trained token
+at a position is its label (a collator may set labels that differ from the inputs); the trainer's sequence layout
+is kept as it was passed (position ids, and no attention mask where the trainer passed none).
 
 Losses computed from the plain logits (SFT with label smoothing or a `compute_loss_func`) hand over
 `e_l = dL/dz_l [V]` instead. It is split exactly into the part along the token's own log-prob and the rest:
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trl_ntk.analysis.guard import RngState, replayed_randomness
 from trl_ntk.batches import CapturedMicroBatch, TokenBatch
 
 # Keyword inputs of the trainer's forward that are not model inputs of the token batch.
@@ -44,11 +47,15 @@ class GradientCapture:
     Args:
         model (`nn.Module`): the model the trainer calls (unwrapped; PEFT models are fine).
         temperature (`float`, *optional*, defaults to `1.0`): the temperature of the trainer's fused head.
+        record_randomness (`bool`, *optional*, defaults to `False`): keep the RNG state at the start of each
+            training forward (`CapturedMicroBatch.rng_state`), for models that draw random numbers in training mode.
     """
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0) -> None:
+    def __init__(self, model: nn.Module, temperature: float = 1.0, record_randomness: bool = False) -> None:
         self.model = model
         self.temperature = temperature
+        self.record_randomness = record_randomness
+        self._rng_state: RngState | None = None
         self.micro_batches: list[CapturedMicroBatch] = []
         self._armed = False
         self._paused = 0
@@ -56,11 +63,15 @@ class GradientCapture:
         self._loss_inputs: dict[str, Any] = {}
         self._row_offset = 0
         self.failures: list[str] = []
-        self._handle = model.register_forward_hook(self._on_forward, with_kwargs=True)
+        self._handles = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._on_forward, with_kwargs=True),
+        ]
 
     def remove(self) -> None:
-        """Remove the hook from the model."""
-        self._handle.remove()
+        """Remove the hooks from the model."""
+        for handle in self._handles:
+            handle.remove()
 
     def arm(self) -> None:
         """Start recording: forget previous micro-batches and failures."""
@@ -85,7 +96,8 @@ class GradientCapture:
         return self._armed
 
     def begin_loss_call(self, inputs: dict[str, Any]) -> None:
-        """Mark the start of one `compute_loss` call (a trainer micro-batch) and remember its inputs."""
+        """Mark the start of one `compute_loss` call (a trainer micro-batch) and remember its inputs (plain
+        bookkeeping: nothing here can raise)."""
         if not self._armed:
             return
         self._loss_call += 1
@@ -101,9 +113,27 @@ class GradientCapture:
         finally:
             self._paused -= 1
 
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Keep the RNG state at the start of the forward (dropout, NEFTune draw from it during the forward)."""
+        if not self._armed or self._paused or not self.record_randomness:
+            return
+        try:
+            self._rng_state = RngState.capture(module)
+        except Exception as error:  # noqa: BLE001 - never let the observer stop the trainer's forward
+            self._rng_state = None
+            self.failures.append(f"RNG-state capture failed: {type(error).__name__}: {error}")
+
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        """Record one training forward. It runs inside the trainer's forward, where an exception would stop
+        training: any failure is appended to `failures` instead, and the analysis of the step reports it."""
         if not self._armed or self._paused:
             return
+        try:
+            self._record_forward(args, kwargs, output)
+        except Exception as error:  # noqa: BLE001 - never let the observer stop the trainer's forward
+            self.failures.append(f"training-forward capture failed: {type(error).__name__}: {error}")
+
+    def _record_forward(self, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         log_probs = getattr(output, "log_probs", None)
         fused = bool(kwargs.get("fused_lm_head")) and log_probs is not None
         logits = None if fused else getattr(output, "logits", None)
@@ -115,23 +145,7 @@ class GradientCapture:
             raise RuntimeError("pre-shifted labels (context/sequence parallelism) are not supported by the capture")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         labels = kwargs.get("labels") if fused else self._labels_of_logits_forward(kwargs, input_ids)
-        attention_mask = kwargs.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        expected = (input_ids.shape[0], input_ids.shape[1] - 1)
-        if fused and tuple(log_probs.shape) != expected:
-            raise RuntimeError(
-                f"fused log-probs have shape {tuple(log_probs.shape)}, expected {expected} (prompt-learning PEFT "
-                "adapters that prepend virtual tokens are not supported)"
-            )
-        if not fused and tuple(logits.shape[:2]) != tuple(input_ids.shape):
-            raise RuntimeError(
-                f"logits have shape {tuple(logits.shape)} for input ids of shape {tuple(input_ids.shape)} (prompt-"
-                "learning PEFT adapters that prepend virtual tokens are not supported)"
-            )
-        scored = labels[:, 1:] != -100
-        if not torch.equal(labels[:, 1:][scored], input_ids[:, 1:][scored]):
-            raise RuntimeError("the trainer's labels differ from its input ids at scored positions")
+        _check_shapes(input_ids, log_probs if fused else logits, fused)
         extra = {
             k: v.detach()
             for k, v in kwargs.items()
@@ -139,6 +153,10 @@ class GradientCapture:
             and k not in ("input_ids", "attention_mask", "position_ids")
             and isinstance(v, Tensor)
         }
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:  # padding-free / packed: the model finds sequence boundaries from position_ids
+            attention_mask = torch.ones_like(input_ids)
+            extra["attention_mask"] = None
         position_ids = kwargs.get("position_ids")
         batch = TokenBatch.from_labels(
             input_ids.detach(),
@@ -148,6 +166,8 @@ class GradientCapture:
             temperature=self.temperature,
             model_kwargs=extra,
         )
+        if not torch.equal(labels[batch.target_mask], input_ids[batch.target_mask]):
+            batch.label_ids = labels.detach().clamp(min=0)  # the trained token is the label (label-noise collators)
         if self._loss_call < 0:
             self._loss_call = 0
         record = CapturedMicroBatch(
@@ -155,20 +175,19 @@ class GradientCapture:
             loss_call=self._loss_call,
             row_offset=self._row_offset,
             loss_inputs=self._loss_inputs,
+            rng_state=self._rng_state if self.record_randomness else None,
         )
-        self._row_offset += input_ids.shape[0]
-        self.micro_batches.append(record)
         target_positions = batch.target_mask[:, 1:]
         if not fused:
             hook = _logit_gradient_hook(record, logits.detach(), target_positions, self.temperature, self.failures)
-            logits.register_hook(hook)
-            return
-
-        def keep_grad(grad: Tensor) -> None:
-            coeffs = grad.detach()[target_positions].float()
-            record.grad_coeffs = coeffs if record.grad_coeffs is None else record.grad_coeffs + coeffs
-
-        log_probs.register_hook(keep_grad)
+        else:
+            hook = _log_prob_gradient_hook(record, target_positions, self.failures)
+            entropy = getattr(output, "entropy", None)
+            if entropy is not None and entropy.requires_grad:
+                entropy.register_hook(_entropy_gradient_hook(record, target_positions, self.failures))
+        (log_probs if fused else logits).register_hook(hook)
+        self._row_offset += input_ids.shape[0]
+        self.micro_batches.append(record)
 
     def _labels_of_logits_forward(self, kwargs: dict[str, Any], input_ids: Tensor) -> Tensor:
         """The labels of a forward that returns plain logits: its own, or those of the `compute_loss` inputs
@@ -184,6 +203,17 @@ class GradientCapture:
                 "inputs carry `labels` matching its input ids, so the trained tokens are unknown"
             )
         return labels
+
+
+def _check_shapes(input_ids: Tensor, output: Tensor, fused: bool) -> None:
+    """The fused log-probs must be `[B, T-1]` and plain logits `[B, T, V]` for input ids `[B, T]`."""
+    expected = (input_ids.shape[0], input_ids.shape[1] - 1) if fused else tuple(input_ids.shape)
+    found = tuple(output.shape) if fused else tuple(output.shape[:2])
+    if found != expected:
+        raise RuntimeError(
+            f"{'fused log-probs' if fused else 'logits'} have shape {tuple(output.shape)} for input ids of shape "
+            f"{tuple(input_ids.shape)} (prompt-learning PEFT adapters that prepend virtual tokens are not supported)"
+        )
 
 
 def residual_tolerance(dtype: torch.dtype) -> float:
@@ -214,6 +244,75 @@ def logit_gradient_split(
     return coeffs, gradient - coeffs[:, None] * direction
 
 
+def _log_prob_gradient_hook(record: CapturedMicroBatch, target_positions: Tensor, failures: list[str]):
+    """The tensor hook on the fused log-probs `[B, T-1]`: `c_l` at the targets into `record.grad_coeffs`. It runs
+    inside the trainer's backward: a failure is appended to `failures`, never raised."""
+
+    def keep_grad(grad: Tensor) -> None:
+        try:
+            _accumulate_coeffs(record, grad.detach()[target_positions])
+        except Exception as error:  # noqa: BLE001 - never let the observer stop the trainer's backward
+            failures.append(f"log-prob gradient capture failed: {type(error).__name__}: {error}")
+
+    return keep_grad
+
+
+def _entropy_gradient_hook(record: CapturedMicroBatch, target_positions: Tensor, failures: list[str]):
+    """The tensor hook on the fused per-token entropies `[B, T-1]`: `dL/dH_l` into `record.entropy_grads`."""
+
+    def keep_grad(grad: Tensor) -> None:
+        try:
+            values = grad.detach()[target_positions].float()
+            record.entropy_grads = values if record.entropy_grads is None else record.entropy_grads + values
+        except Exception as error:  # noqa: BLE001 - never let the observer stop the trainer's backward
+            failures.append(f"entropy gradient capture failed: {type(error).__name__}: {error}")
+
+    return keep_grad
+
+
+def entropy_logit_residual(logits: Tensor, entropy_grads: Tensor, temperature: float) -> Tensor:
+    """`[M, V]` the logit gradient of an entropy term, `r = e * dH/dz` with `H = -sum_v p_v log p_v`,
+    `p = softmax(z / T)`: `dH/dz = -p * (log p + H) / T`, in float32.
+
+    Args:
+        logits (`Tensor[M, V]`): `z` at the targets; `entropy_grads` (`Tensor[M]`): `e = dL/dH`.
+    """
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    probs = logprobs.exp()
+    entropy = -(probs * logprobs).sum(-1, keepdim=True)
+    return entropy_grads[:, None] * (-probs * (logprobs + entropy) / temperature)
+
+
+def add_entropy_residuals(model: nn.Module, micro_batches: list[CapturedMicroBatch]) -> None:
+    """Fold each micro-batch's captured entropy gradient into its logit residual (`entropy_logit_residual` at the
+    targets), so that the analysis' residual term carries the entropy bonus' gradient.
+
+    Cost: one no-grad forward with full logits per micro-batch with a non-zero entropy gradient, with the training
+    forward's randomness replayed; allocates `[B, T, V]` logits for it. Call with the capture paused.
+    """
+    for mb in micro_batches:
+        if mb.entropy_grads is None or not bool((mb.entropy_grads != 0).any()):
+            continue
+        batch = mb.batch
+        with torch.no_grad(), replayed_randomness(model, mb.rng_state):
+            logits = model(**batch.forward_kwargs(), use_cache=False).logits[:, :-1]
+        positions = batch.target_mask[:, 1:]
+        full = torch.zeros(*positions.shape, logits.shape[-1], dtype=torch.float32, device=logits.device)
+        full[positions] = entropy_logit_residual(
+            logits[positions], mb.entropy_grads.to(logits.device), batch.temperature
+        )
+        if mb.logit_residual is not None:
+            full[mb.residual_positions] += mb.logit_residual.float()
+            positions = positions | mb.residual_positions
+        mb.logit_residual, mb.residual_positions = full[positions], positions
+        mb.entropy_grads = None
+
+
+def _accumulate_coeffs(record: CapturedMicroBatch, coeffs: Tensor) -> None:
+    coeffs = coeffs.float()
+    record.grad_coeffs = coeffs if record.grad_coeffs is None else record.grad_coeffs + coeffs
+
+
 def _logit_gradient_hook(
     record: CapturedMicroBatch, logits: Tensor, target_positions: Tensor, temperature: float, failures: list[str]
 ):
@@ -223,7 +322,7 @@ def _logit_gradient_hook(
     It runs inside the trainer's backward, where an exception would stop training: a failure (e.g. out of memory for
     the `[M, V]` temporaries) is appended to `failures` instead, and the analysis of the step reports it.
     """
-    targets = record.batch.input_ids[:, 1:][target_positions]
+    targets = record.batch.targets
 
     def keep_logit_grad(grad: Tensor) -> None:
         try:

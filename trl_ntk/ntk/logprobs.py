@@ -52,7 +52,9 @@ def final_hidden(model: nn.Module, batch: TokenBatch) -> Tensor:
     Cost: one forward of the decoder body (no unembedding)."""
     decoder, _ = decoder_and_head(model)
     embeddings = decoder.get_input_embeddings()
-    inputs_embeds = embeddings.forward(batch.input_ids)  # .forward: hooks on the embedding module are not run
+    # .forward: hooks on the embedding module are not run, except in training mode (a replayed training forward,
+    # `analysis.guard.replayed_randomness`), where they add the trainer's embedding noise (NEFTune) as it did
+    inputs_embeds = embeddings(batch.input_ids) if embeddings.training else embeddings.forward(batch.input_ids)
     padding_idx = getattr(getattr(embeddings, "base_layer", embeddings), "padding_idx", None)
     if padding_idx is not None:
         # Backward gives the padding row no gradient through the lookup; forward mode would: match backward.

@@ -179,7 +179,9 @@ class SinkGroup:
             if isinstance(sink, JsonlSink):
                 self._call(sink, "truncate_after", step)
 
-    def write_status(self, step: int, analysis_failures: int, message: str = "") -> dict[str, Any]:
+    def write_status(
+        self, step: int, analysis_failures: int, message: str = "", untrusted_steps: int = 0
+    ) -> dict[str, Any]:
         """Write a `status` record now (call it at the first analysis failure and at the end of training).
 
         `sink_failures` are the counts so far; `message` defaults to the last sink failure.
@@ -187,7 +189,9 @@ class SinkGroup:
         Returns:
             `dict`: the record written.
         """
-        record = status_record(step, analysis_failures, self.failures, message or self.last_error or "")
+        record = status_record(
+            step, analysis_failures, self.failures, message or self.last_error or "", untrusted_steps
+        )
         self.write_event(step, [record])
         return record
 

@@ -187,11 +187,15 @@ def nthr_record(step: int, stats: Any, seconds: float, path: str, time_fraction:
     }
 
 
-def status_record(step: int, analysis_failures: int, sink_failures: Mapping[str, int], message: str) -> dict:
-    """The `status` record: failure counts so far and the last failure's text."""
+def status_record(
+    step: int, analysis_failures: int, sink_failures: Mapping[str, int], message: str, untrusted_steps: int = 0
+) -> dict:
+    """The `status` record: failure counts so far, the analysed steps whose gradient check failed (their records
+    carry `trusted: false`), and the last failure's text."""
     return {
         **header("status", step),
         "analysis_failures": int(analysis_failures),
+        "untrusted_steps": int(untrusted_steps),
         "sink_failures": dict(sink_failures),
         "message": message,
     }

@@ -1,0 +1,336 @@
+"""Exact or flagged, never silently wrong: tiny random-weight decoders of many architectures trained by SFT, DPO and
+GRPO with the callback (every step analysed, `attribution="sums"`, plain SGD at lr 1e-4).
+
+Per configuration, either
+- exact: every record `trusted`, gradient-check cosine >= 1 - 1e-6, and the first-order prediction within 5% of
+  the observed change of every probe response whose change is above the second-order level; or
+- flagged: every dynamics (and lld) record `trusted: false` with the documented reason, a warning at the first one
+  (and `strict=True` raises).
+The oracle of "observed" is the trainer's own update: the probes are scored again after `optimizer.step()`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from trl_ntk.demo import toy
+from trl_ntk.integration.callbacks import LearningDynamicsCallback
+
+_COMMON = {
+    "per_device_train_batch_size": 4,
+    "max_steps": 2,
+    "learning_rate": 1e-4,
+    "optim": "sgd",
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+    "seed": 0,
+    "use_cpu": True,
+    "dataloader_num_workers": 0,
+    "disable_tqdm": True,
+    "max_grad_norm": 0.0,
+    "bf16": False,
+}
+_SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+_DECODER = {**_SMALL, "num_key_value_heads": 2, "max_position_embeddings": toy.MAX_LENGTH}
+ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", _DECODER),
+    "mistral": ("MistralConfig", _DECODER),
+    "qwen3": ("Qwen3Config", {**_DECODER, "head_dim": 8}),
+    "granite": ("GraniteConfig", {**_DECODER, "logits_scaling": 2.0, "residual_multiplier": 0.5}),
+    "cohere": ("CohereConfig", {**_DECODER, "logit_scale": 0.5}),
+    "gemma2": ("Gemma2Config", {**_DECODER, "head_dim": 8, "final_logit_softcapping": 5.0, "sliding_window": 8}),
+    "phi3": ("Phi3Config", {**_SMALL, "num_key_value_heads": 2, "max_position_embeddings": toy.MAX_LENGTH}),
+    "gpt_neox": ("GPTNeoXConfig", {**_SMALL, "max_position_embeddings": toy.MAX_LENGTH}),
+    "gpt2": (
+        "GPT2Config",
+        {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": toy.MAX_LENGTH, "n_inner": 64},
+    ),
+    "opt": (
+        "OPTConfig",
+        {
+            "hidden_size": 32,
+            "ffn_dim": 64,
+            "word_embed_proj_dim": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": toy.MAX_LENGTH,
+        },
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {
+            **_DECODER,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 32,
+        },
+    ),
+}
+_NO_DROPOUT = {
+    "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    "opt": {"dropout": 0.0, "attention_dropout": 0.0},
+}
+
+
+def tiny_model(arch: str, *, dropout: bool = False, **overrides: Any) -> transformers.PreTrainedModel:
+    """A random-weight causal LM of `arch` on the toy tokenizer's vocabulary, float32, eager attention."""
+    config_name, options = ARCHITECTURES[arch]
+    config_class = getattr(transformers, config_name)
+    extra = {} if dropout else _NO_DROPOUT.get(arch, {})
+    config = config_class(
+        vocab_size=toy.VOCAB_SIZE, pad_token_id=0, bos_token_id=None, eos_token_id=2, **options, **extra, **overrides
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    if arch == "qwen2_moe" and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
+    return model
+
+
+def _tokenizer():
+    return toy.model_and_tokenizer(warmup="pretrain")[1]
+
+
+def sft(tmp: Path, model, peft_config=None, n: int = 16, **overrides: Any):
+    from trl import SFTConfig, SFTTrainer
+
+    data = (
+        toy.preference_dataset(n=n, seed=0).select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
+    )
+    config = SFTConfig(output_dir=str(tmp), **{**_COMMON, "max_length": 96, **overrides})
+    return SFTTrainer(
+        model=model, args=config, train_dataset=data, processing_class=_tokenizer(), peft_config=peft_config
+    )
+
+
+def dpo(tmp: Path, model, peft_config=None, **overrides: Any):
+    from trl import DPOConfig, DPOTrainer
+
+    config = DPOConfig(output_dir=str(tmp), **{**_COMMON, "max_length": 96, "beta": 0.1, **overrides})
+    ref_model = None if peft_config is not None else copy.deepcopy(model)
+    return DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=config,
+        train_dataset=toy.preference_dataset(n=16, seed=0),
+        processing_class=_tokenizer(),
+        peft_config=peft_config,
+    )
+
+
+def grpo(tmp: Path, model, **overrides: Any):
+    from trl import GRPOConfig, GRPOTrainer
+
+    options = {"num_generations": 4, "max_completion_length": 12, "temperature": 1.0, **overrides}
+    return GRPOTrainer(
+        model=model,
+        args=GRPOConfig(output_dir=str(tmp), **{**_COMMON, "per_device_train_batch_size": 8, **options}),
+        train_dataset=toy.math_dataset(n=16, seed=0),
+        processing_class=_tokenizer(),
+        reward_funcs=_distinct_characters,
+    )
+
+
+def _distinct_characters(completions: list, **kwargs: Any) -> list[float]:
+    """A reward that varies between the completions of a random-weight model (math rewards would all be 0)."""
+    return [float(len(set(toy._completion_text(c)))) for c in completions]
+
+
+def run(trainer, probes=None, strict: bool = True, **options: Any) -> tuple[list[dict], list[str]]:
+    """Train with the callback; the JSONL records and the warnings raised."""
+    callback = LearningDynamicsCallback(
+        trainer,
+        probes=probes,
+        every_n_steps=1,
+        attribution="sums",
+        num_prompts=2,
+        generate=False,
+        strict=strict,
+        **options,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.add_callback(callback)
+        trainer.train()
+    path = Path(trainer.args.output_dir) / "dynamics" / "dynamics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return records, [str(w.message) for w in caught]
+
+
+def prediction_errors(records: list[dict]) -> list[float]:
+    """`|observed - predicted| / |observed|` of every probe response whose change is above the second-order level:
+    `|observed| >= 2e-4`. At lr 1e-4 these random-weight models change a probe's log-prob by up to 1e-2 and the
+    second-order part reaches 3e-5 (measured as the gap of exact runs, which scales as lr^2), so that below 2e-4 a
+    correct first-order prediction may differ by more than 5%."""
+    dynamics = [r for r in records if r["type"] == "dynamics"]
+    return [abs(r["gap"]) / abs(r["observed"]) for r in dynamics if abs(r["observed"]) >= 2e-4]
+
+
+def assert_exact(records: list[dict], max_error: float = 0.05, routed: bool = False) -> None:
+    """Every record trusted with an exact gradient check, every prediction within `max_error`; `routed` (MoE):
+    the median only, since a token whose top-k expert choice flips within the update moves discontinuously."""
+    dynamics = [r for r in records if r["type"] in ("dynamics", "lld")]
+    assert [r for r in dynamics if r["type"] == "dynamics"], "no step was analysed"
+    for record in dynamics:
+        assert record["trusted"] is True, record["trust_reason"]
+        if record["type"] == "dynamics":
+            assert record["gradient_check"]["cosine"] >= 1 - 1e-6
+    errors = sorted(prediction_errors(records))
+    assert errors and (errors[len(errors) // 2] if routed else errors[-1]) <= max_error, errors[-5:]
+    status = records[-1]
+    assert status["type"] == "status" and status["analysis_failures"] == 0 and status["untrusted_steps"] == 0
+
+
+def assert_flagged(records: list[dict], caught: list[str], reason: str) -> None:
+    dynamics = [r for r in records if r["type"] in ("dynamics", "lld")]
+    assert dynamics, "no step was analysed"
+    for record in dynamics:
+        assert record["trusted"] is False and reason in record["trust_reason"], record["trust_reason"]
+    assert any("not trusted" in message and reason in message for message in caught), caught
+    status = records[-1]
+    assert status["untrusted_steps"] == len({r["step"] for r in dynamics})
+
+
+# ----------------------------------------------------------------------------------------------- exact set-ups
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma2", "qwen2_moe"])
+def test_sft_is_exact_on_each_architecture(tmp_path, arch):
+    options = {"router_aux_loss_coef": 0.0} if arch == "qwen2_moe" else {}
+    records, _ = run(sft(tmp_path, tiny_model(arch), **options))
+    assert_exact(records, routed=arch == "qwen2_moe")
+
+
+@pytest.mark.parametrize("arch", ["mistral", "phi3", "qwen3", "granite", "cohere", "gpt_neox"])
+def test_dpo_is_exact_on_each_architecture(tmp_path, arch):
+    records, _ = run(dpo(tmp_path, tiny_model(arch)))
+    assert_exact(records)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_grpo_is_exact_with_its_lld_records(tmp_path, arch):
+    records, _ = run(grpo(tmp_path, tiny_model(arch), beta=0.0))
+    assert_exact(records)
+
+
+# ------------------------------------------------------------------------- set-ups that used to be silently wrong
+def _probes(n: int = 2):
+    from trl_ntk.probes.probe_set import ProbeResponse, ProbeSet
+
+    rows = toy.preference_dataset(n=n, seed=1)
+    return ProbeSet.from_responses(
+        ProbeResponse(f"p{i}-{kind}", f"p{i}", kind, row["prompt"], row[kind])
+        for i, row in enumerate(rows)
+        for kind in ("chosen", "rejected")
+    )
+
+
+@pytest.mark.parametrize("layout", [{"packing": True}, {"padding_free": True, "max_length": None}])
+def test_sft_packed_and_padding_free_keep_the_trainers_sequence_boundaries(tmp_path, layout):
+    records, _ = run(sft(tmp_path, tiny_model("llama"), **layout), probes=_probes())
+    assert_exact(records)
+
+
+def test_sft_neftune_noise_is_replayed(tmp_path):
+    records, _ = run(sft(tmp_path, tiny_model("llama"), neftune_noise_alpha=5.0))
+    assert_exact(records)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_sft_dropout_masks_are_replayed(tmp_path, arch):
+    records, _ = run(sft(tmp_path, tiny_model(arch, dropout=True)))
+    assert_exact(records)
+
+
+def test_dpo_opt_functional_dropout_is_replayed(tmp_path):
+    records, _ = run(dpo(tmp_path, tiny_model("opt", dropout=True)))
+    assert_exact(records)
+
+
+def test_sft_lora_dropout_is_replayed(tmp_path):
+    """At lr 1e-2: the adapter starts at B = 0, so that lr 1e-4 moves the probes by float32 round-off only."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    records, _ = run(sft(tmp_path, tiny_model("llama"), peft_config=lora, learning_rate=1e-2))
+    assert_exact(records)
+
+
+def test_sft_labels_that_differ_from_the_inputs_are_the_trained_tokens(tmp_path):
+    trainer = sft(tmp_path, tiny_model("llama"))
+    collate = trainer.data_collator
+    generator = torch.Generator().manual_seed(0)
+
+    def noisy_labels(examples):  # replaces a fifth of the scored labels by random tokens
+        batch = collate(examples)
+        labels = batch["labels"]
+        flip = (torch.rand(labels.shape, generator=generator) < 0.2) & (labels != -100)
+        batch["labels"] = torch.where(flip, torch.randint(3, toy.VOCAB_SIZE, labels.shape, generator=generator), labels)
+        return batch
+
+    trainer.data_collator = noisy_labels
+    records, _ = run(trainer)
+    assert_exact(records)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_grpo_entropy_bonus_is_captured_as_a_logit_residual(tmp_path, arch):
+    records, _ = run(grpo(tmp_path, tiny_model(arch), beta=0.0, entropy_coef=0.5))
+    assert_exact(records)
+    assert any(r.get("logit_residual") for r in records if r["type"] == "dynamics")
+
+
+def test_sft_moe_load_balancing_loss_is_flagged(tmp_path):
+    records, caught = run(sft(tmp_path, tiny_model("qwen2_moe")), strict=False)
+    assert_flagged(records, caught, "MoE load-balancing loss")
+
+
+def test_sft_bf16_weights_are_flagged(tmp_path):
+    records, caught = run(sft(tmp_path, tiny_model("llama").to(torch.bfloat16)), strict=False)
+    assert_flagged(records, caught, "half-precision trainable weights")
+
+
+def test_flagged_set_up_raises_under_strict(tmp_path):
+    with pytest.raises(RuntimeError, match="not trusted.*MoE load-balancing loss"):
+        run(sft(tmp_path, tiny_model("qwen2_moe")), strict=True)
+
+
+def test_sft_bf16_autocast_is_within_the_bf16_thresholds(tmp_path):
+    records, _ = run(sft(tmp_path, tiny_model("llama"), bf16=True), strict=False)
+    dynamics = [r for r in records if r["type"] == "dynamics"]
+    assert dynamics and all(r["trusted"] for r in dynamics), dynamics[0]["trust_reason"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the observed change of the lld batch is scored with positions from the attention mask, while TRL trains "
+    "(and the prediction runs) with positions counted from 0 including the left padding; one position convention "
+    "for scoring, prediction and LLD makes this pass",
+)
+def test_grpo_lld_with_learned_positions_and_unequal_prompts_is_exact(tmp_path):
+    records, _ = run(grpo(tmp_path, tiny_model("gpt2"), beta=0.0, max_steps=3))
+    lld = [r for r in records if r["type"] == "lld" and abs(r["delta_observed"]) >= 2e-4]
+    assert lld
+    for record in lld:
+        assert abs(record["delta_observed"] - record["delta_predicted"]) <= 0.05 * abs(record["delta_observed"])
+
+
+# --------------------------------------------------------------------------------------- refused at construction
+def test_prompt_learning_adapter_is_refused_before_training_with_the_remedy(tmp_path):
+    from peft import PromptTuningConfig
+
+    trainer = sft(
+        tmp_path, tiny_model("llama"), peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    )
+    with pytest.raises(ValueError, match="prompt-learning PEFT adapter.*use a LoRA-type adapter"):
+        LearningDynamicsCallback(trainer, every_n_steps=1, generate=False)

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from trl_ntk import __version__
 from trl_ntk.analysis import dynamics, sharded
 from trl_ntk.batches import TokenLabels, concat_token_batches
+from trl_ntk.config import DynamicsConfig, check_writable_dir
 from trl_ntk.integration.adapters import adapter_for, label_step
 from trl_ntk.integration.capture import GradientCapture
 from trl_ntk.output import records
@@ -31,68 +32,6 @@ from trl_ntk.probes.probe_set import ProbeSet, sample_responses
 from trl_ntk.probes.scoring import score_responses
 
 logger = logging.getLogger(__name__)
-
-ATTRIBUTION_LEVELS = ("none", "sums", "tokens")
-
-
-@dataclass
-class DynamicsConfig:
-    """Options of `LearningDynamicsCallback`, logged as run config.
-
-    Args:
-        every_n_steps (`int`, *optional*, defaults to `50`): score the probes (and analyse the update) at every
-            optimizer step whose `global_step` is a multiple of this, and at the end of training.
-        attribution (`str`, *optional*, defaults to `"sums"`): `"none"` (track probe log-probs only, a few no-grad
-            forwards), `"sums"` (predicted vs observed change, sign / group splits: a few backwards and JVPs) or
-            `"tokens"` (adds, for every probe response, each training token's total push and the top-k pushing
-            tokens: one probe backward + one batch JVP per response; and the full probe-token x training-token
-            matrix for the responses of the first `matrix_prompts` probe prompts: about one batch JVP per token).
-        tokens_every_n_steps (`int`, *optional*): with `attribution="sums"`, run the `"tokens"` level on the
-            analysis steps that are multiples of this.
-        matrix_prompts (`int`, *optional*, defaults to `1`): at the tokens level, keep the full token x token
-            matrix (`.npz`) for the responses of this many probe prompts; `None`: for every response (the cost
-            then grows with the probe tokens, e.g. about 100 s of CPU per step for the demo's 1,400 probe tokens).
-        num_prompts (`int`, *optional*, defaults to `4`): prompts taken from the train dataset for default probes.
-        generate (`bool`, *optional*, defaults to `True`): track the model's own greedy response per probe prompt,
-            regenerated at every scoring step (kind `greedy`).
-        num_samples (`int`, *optional*, defaults to `0`): also track this many sampled responses per prompt.
-        sample_temperature (`float`, *optional*, defaults to `1.0`): temperature of those samples.
-        max_new_tokens (`int`, *optional*, defaults to `48`): generation length for sampled probes.
-        top_k (`int`, *optional*, defaults to `5`): training tokens listed per probe response ("tokens" level).
-        chunk_size (`int`, *optional*): parameter-sized tangents held at once by the kernels.
-        score_batch_size (`int`, *optional*, defaults to `32`): probe responses per scoring forward.
-        kernel_summaries (`bool`, *optional*, defaults to `False`): log-prob kernel and pNTK norms between probes
-            and the batch at "tokens" steps (two more `min(Mp, L)`-JVP passes).
-        strict (`bool`, *optional*, defaults to `False`): raise analysis failures instead of warning and counting.
-        seed (`int`, *optional*, defaults to `0`): probe selection and sampling seed.
-        output_dir (`str`, *optional*): where `dynamics.jsonl` goes; defaults to `<args.output_dir>/dynamics`.
-        report_to (`str` or `list[str]`, *optional*): trackers besides the JSONL; defaults to the trainer's
-            `args.report_to`.
-    """
-
-    every_n_steps: int = 50
-    attribution: str = "sums"
-    tokens_every_n_steps: int | None = None
-    matrix_prompts: int | None = 1
-    num_prompts: int = 4
-    generate: bool = True
-    num_samples: int = 0
-    sample_temperature: float = 1.0
-    max_new_tokens: int = 48
-    top_k: int = 5
-    chunk_size: int | None = None
-    score_batch_size: int = 32
-    kernel_summaries: bool = False
-    strict: bool = False
-    seed: int = 0
-    output_dir: str | None = None
-    report_to: str | list[str] | None = None
-
-    def __post_init__(self) -> None:
-        if self.attribution not in ATTRIBUTION_LEVELS:
-            raise ValueError(f"attribution must be one of {ATTRIBUTION_LEVELS}, got {self.attribution!r}")
-        if self.every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {self.every_n_steps}")
 
 
 @dataclass
@@ -146,6 +85,8 @@ class LearningDynamicsCallback(TrainerCallback):
         self.capture = GradientCapture(model, temperature=self.adapter.temperature(trainer))
         self._wrap_compute_loss(trainer)
         self.output_dir = Path(self.config.output_dir or Path(trainer.args.output_dir) / "dynamics")
+        if self._is_main():
+            check_writable_dir(self.output_dir, "output_dir" if self.config.output_dir else "args.output_dir")
         self.sinks = None
         self.sampled: list = []
         self.sampled_step: int | None = None

@@ -23,10 +23,11 @@ from torch import Tensor
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
+from trl_ntk.config import HiddenSource, NTHRConfig, Vocab
+from trl_ntk.config import check_weight_options as _check_weight_options
+
 logger = logging.getLogger(__name__)
 
-Vocab = Literal["full", "group"]
-HiddenSource = Literal["auto", "old_logps", "generation", "forward"]
 LogitsLike = Tensor | Callable[[Tensor], Tensor]
 
 SUPPORTED_TRL = (Version("1.10"), Version("2.0"))
@@ -262,13 +263,6 @@ class NTHRStats:
         }
 
 
-def _check_weight_options(beta: float, eta: float | str) -> None:
-    if isinstance(beta, bool) or not (isinstance(beta, int | float) and math.isfinite(beta) and beta >= 0):
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-    if eta != "auto" and (isinstance(eta, bool) or not (isinstance(eta, int | float) and 0.0 <= eta <= 1.0)):
-        raise ValueError(f"eta must be 'auto' or a number in [0, 1], got {eta!r}")
-
-
 @dataclass
 class _GroupResult:
     """One group's outcome: `weights [G, T]`; for a mixed group also `scores [G, T]`, `selected [G, T]`, `tau`,
@@ -498,55 +492,6 @@ def _gather_rows(accelerator: Any, index: Tensor, hidden: Tensor, ids: Tensor, m
 # ------------------------------------------------------------------------------------------------------------------
 # The callback.
 # ------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class NTHRConfig:
-    """Options of `NTHRCallback`, printable and loggable as run config.
-
-    Args:
-        beta (`float`, *optional*, defaults to `1.0`): threshold multiplier, `tau = beta * min s+bar`.
-        eta (`float` or `"auto"`, *optional*, defaults to `"auto"`): weight of the selected negative tokens; `"auto"`
-            is `2 |0.5 - p|` per group (see `token_weights`).
-        vocab (`str`, *optional*, defaults to `"group"`): `"group"` (the paper's restricted `alpha`) or `"full"`.
-        every_generation (`bool` or `int`, *optional*, defaults to `True`): `True` reweights every training
-            generation batch (as the paper); an integer `n` reweights every n-th one only (the others train on plain
-            advantages), trading the fix for less cost.
-        hidden_source (`str`, *optional*, defaults to `"auto"`): where the generating policy's final hidden states
-            come from: `"old_logps"` (captured during the no-grad forward TRL already runs for the old-policy
-            log-probs: `num_iterations > 1`, `steps_per_generation > gradient_accumulation_steps`, or vLLM importance
-            sampling), `"generation"` (captured during `generate`, from the decoding forwards; transformers
-            generation, single turn, text only), `"forward"` (one extra no-grad forward). `"auto"` takes the first
-            available in that order.
-        apply (`bool`, *optional*, defaults to `True`): `False` computes and logs everything but leaves the
-            advantages unchanged (measure-only).
-        chunk_size (`int`, *optional*, defaults to `512`): tokens per chunk in the hidden-reward computation.
-    """
-
-    beta: float = 1.0
-    eta: float | Literal["auto"] = "auto"
-    vocab: Vocab = "group"
-    every_generation: bool | int = True
-    hidden_source: HiddenSource = "auto"
-    apply: bool = True
-    chunk_size: int = 512
-
-    def __post_init__(self) -> None:
-        _check_weight_options(self.beta, self.eta)
-        if self.vocab not in ("full", "group"):
-            raise ValueError(f"vocab must be 'full' or 'group', got {self.vocab!r}")
-        if self.hidden_source not in ("auto", "old_logps", "generation", "forward"):
-            raise ValueError(
-                f"hidden_source must be 'auto', 'old_logps', 'generation' or 'forward', got {self.hidden_source!r}"
-            )
-        if self.every_generation is not True and (
-            isinstance(self.every_generation, bool)
-            or not isinstance(self.every_generation, int)
-            or self.every_generation < 1
-        ):
-            raise ValueError(f"every_generation must be True or a positive integer, got {self.every_generation!r}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
 
 
 def nthr_record(step: int, stats: NTHRStats, seconds: float, path: str, time_fraction: float | None) -> dict[str, Any]:

@@ -28,6 +28,8 @@ from trl_ntk.integration.adapters import adapter_for, label_step
 from trl_ntk.integration.capture import GradientCapture
 from trl_ntk.output import records
 from trl_ntk.output.sinks import make_sinks
+from trl_ntk.probes.datasets import default_probes
+from trl_ntk.probes.encoding import encode_tracked
 from trl_ntk.probes.probe_set import ProbeSet, sample_responses
 from trl_ntk.probes.scoring import score_responses
 
@@ -80,8 +82,9 @@ class LearningDynamicsCallback(TrainerCallback):
             probes = self._default_probes(trainer)
         self.probes = probes
         self.max_length = _model_max_length(model)
-        self.encoded = probes.encode(tokenizer, max_length=self.max_length)
-        self.encoded.validate(model, tokenizer)
+        self.encoded = encode_tracked(
+            probes, tokenizer, model, max_length=self.max_length, generate=self.config.generate
+        )
         self.capture = GradientCapture(model, temperature=self.adapter.temperature(trainer))
         self._wrap_compute_loss(trainer)
         self.output_dir = Path(self.config.output_dir or Path(trainer.args.output_dir) / "dynamics")
@@ -101,19 +104,14 @@ class LearningDynamicsCallback(TrainerCallback):
         return self.trainer.accelerator.unwrap_model(self.trainer.model)
 
     def _default_probes(self, trainer: Any) -> ProbeSet:
-        dataset = trainer.train_dataset
-        if dataset is None:
-            raise ValueError("the trainer has no train_dataset to build default probes from; pass probes=ProbeSet(...)")
-        if self.adapter.kind == "dpo":
-            return ProbeSet.from_preference_dataset(
-                dataset,
-                self.tokenizer,
-                num_prompts=self.config.num_prompts,
-                seed=self.config.seed,
-                test_dataset=getattr(trainer, "eval_dataset", None) or None,
-            )
-        return ProbeSet.from_prompts(
-            dataset, self.tokenizer, num_prompts=self.config.num_prompts, seed=self.config.seed
+        return default_probes(
+            trainer.train_dataset,
+            self.tokenizer,
+            preference=self.adapter.kind == "dpo",
+            num_prompts=self.config.num_prompts,
+            seed=self.config.seed,
+            generate=self.config.generate,
+            test_dataset=(getattr(trainer, "eval_dataset", None) or None) if self.adapter.kind == "dpo" else None,
         )
 
     def _wrap_compute_loss(self, trainer: Any) -> None:
@@ -158,7 +156,8 @@ class LearningDynamicsCallback(TrainerCallback):
                 state.global_step,
                 [records.run_record(state.global_step, self.adapter.kind, asdict(self.config), _versions(), resumed)],
             )
-            self._emit(state.global_step, [records.probes_record(state.global_step, self.encoded, self.tokenizer)])
+            if self.encoded is not None:  # None: prompts only, the responses are generated at each scoring step
+                self._emit(state.global_step, [records.probes_record(state.global_step, self.encoded, self.tokenizer)])
         self._adopt_nthr_records()
 
     def _adopt_nthr_records(self) -> None:
@@ -224,7 +223,7 @@ class LearningDynamicsCallback(TrainerCallback):
     def _probe_batch(self, step: int):
         """The fixed probes plus the sampled ones of this scoring step (regenerated when due)."""
         if self.config.generate and self.sampled_step != step:
-            self.sampled = self._sample_on_main(step)
+            self.sampled = self._sample_or_keep_fixed(step)
             self.sampled_step = step
             if self.sampled:
                 encoded = ProbeSet.from_responses(self.probes.responses() + self.sampled).encode(
@@ -236,7 +235,26 @@ class LearningDynamicsCallback(TrainerCallback):
             return ProbeSet.from_responses(self.probes.responses() + self.sampled).encode(
                 self.tokenizer, max_length=self.max_length
             )
+        if self.encoded is None:
+            raise RuntimeError("no probe responses to score: the model generated none for the probe prompts")
         return self.encoded
+
+    def _sample_or_keep_fixed(self, step: int) -> list:
+        """`_sample_on_main`; when generation fails (non-strict, with fixed probes to score) the failure is counted
+        and warned about, and the step goes on with the fixed probes alone. Every rank sees the same failure."""
+        try:
+            return self._sample_on_main(step)
+        except Exception as error:
+            if self.config.strict or self.encoded is None:
+                raise
+            self.analysis_failures += 1
+            self.last_failure = f"step {step}: probe generation: {type(error).__name__}: {error}"
+            warnings.warn(
+                f"learning-dynamics probe generation failed at {self.last_failure} (failure #"
+                f"{self.analysis_failures}); this step scores the fixed probes only",
+                stacklevel=2,
+            )
+            return []
 
     def _sample_on_main(self, step: int) -> list:
         """The model's own responses, generated on the main process and shared with the other ranks (DDP), so that

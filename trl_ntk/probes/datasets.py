@@ -265,3 +265,37 @@ def _add_shuffled(probe_set: ProbeSet, prompt_id: str, kind: str, response: Prom
         logger.info("no %s probe for prompt %s: its words cannot be reordered", kind, prompt_id)
         return
     probe_set.add(prompt_id, kind, shuffled)
+
+
+def default_probes(
+    dataset: Any,
+    tokenizer: Any,
+    *,
+    preference: bool,
+    num_prompts: int,
+    seed: int,
+    generate: bool,
+    test_dataset: Any = None,
+) -> ProbeSet:
+    """The probes `LearningDynamicsCallback` tracks when it is given none, drawn from the trainer's train dataset.
+
+    Preference data (DPO): `preference_probes`. Anything else (SFT, GRPO): `prompt_probes`, whose prompts carry the
+    reference answer of a `completion` / `solution` column when the dataset has one. A GRPO prompt-only dataset (no
+    such column) gives prompts without fixed responses: the callback then tracks the model's own greedy (and
+    `num_samples` sampled) responses to them, regenerated at every scoring step, which needs `generate=True`.
+
+    Raises:
+        `ValueError`: no dataset, or prompts without any response while `generate=False` (nothing to track).
+    """
+    if dataset is None:
+        raise ValueError("the trainer has no train_dataset to build default probes from; pass probes=ProbeSet(...)")
+    if preference:
+        return preference_probes(dataset, tokenizer, num_prompts=num_prompts, seed=seed, test_dataset=test_dataset)
+    probes = prompt_probes(dataset, tokenizer, num_prompts=num_prompts, seed=seed, test_dataset=test_dataset)
+    if len(probes) == 0 and not generate:
+        raise ValueError(
+            "the train dataset has prompts but no reference responses (no 'completion' or 'solution' column), and "
+            "generate=False leaves nothing to track: keep generate=True (the model's own greedy responses to the "
+            "prompts are tracked), or pass probes=ProbeSet.from_prompts(dataset, tokenizer, response_column=...)"
+        )
+    return probes

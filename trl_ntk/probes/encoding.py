@@ -242,3 +242,24 @@ def _response_text(response: Any) -> str:
     if isinstance(response, str):
         return response
     return "".join(str(message.get("content", "")) for message in response)
+
+
+def encode_tracked(
+    probes: Any, tokenizer: Any, model: nn.Module, *, max_length: int | None, generate: bool
+) -> EncodedProbes | None:
+    """The fixed responses of a `ProbeSet`, encoded and validated against `model`.
+
+    Returns `None` when the set holds prompts only and `generate` is on: the responses tracked are then the
+    model's own, generated at each scoring step. Raises `ValueError` when there is nothing to track.
+    """
+    if len(probes) == 0:
+        if generate and probes.prompts():
+            return None
+        raise ValueError(
+            "the probe set has no responses to track"
+            + (" and no prompts to generate responses for" if generate else " and generate=False")
+            + ": add responses (ProbeSet.add), or prompts with generate=True"
+        )
+    encoded = probes.encode(tokenizer, max_length=max_length)
+    encoded.validate(model, tokenizer)
+    return encoded

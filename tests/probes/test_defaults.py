@@ -112,3 +112,17 @@ def test_generation_failure_raises_in_strict_mode(tmp_path, monkeypatch):
     trainer.add_callback(LearningDynamicsCallback(trainer, every_n_steps=1, num_prompts=1, strict=True))
     with pytest.raises(RuntimeError, match="injected generation failure"):
         trainer.train()
+
+
+@pytest.mark.parametrize("name", ["probes.json", "probes.jsonl"])
+def test_probe_file_round_trip_and_hand_written_rows(tmp_path, name):
+    probes = ProbeSet()
+    probes.add("q0", "mine", "Five.", prompt="Add 2 and 3.")
+    probes.add("q1", "chat", [{"role": "assistant", "content": "Six."}], prompt=[{"role": "user", "content": "3+3?"}])
+    probes.save(tmp_path / name)
+    loaded = ProbeSet.from_file(tmp_path / name)
+    assert loaded.to_dicts() == probes.to_dicts()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"probe_id": "a", "prompt": "x", "response": "y"}]))
+    with pytest.raises(ValueError, match="lacks the fields"):
+        ProbeSet.from_file(bad)

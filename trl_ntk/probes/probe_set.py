@@ -7,7 +7,10 @@ tokenization in `probes/encoding.py` (`encode`), fresh responses from the model 
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from trl_ntk.probes.encoding import EncodedProbes, tokenizer_fingerprint
@@ -39,6 +42,9 @@ __all__ = [
     "sample_responses",
     "tokenizer_fingerprint",
 ]
+
+REQUIRED_FIELDS = frozenset({"probe_id", "prompt_id", "kind", "prompt", "response"})
+"""The fields of one probe in a file (`ProbeSet.from_file`)."""
 
 
 class ProbeSet:
@@ -189,6 +195,33 @@ class ProbeSet:
     def from_dicts(cls, rows: Iterable[Mapping[str, Any]]) -> ProbeSet:
         """Inverse of `to_dicts`; also the way to load user-written probes from JSON."""
         return cls.from_responses(ProbeResponse(**dict(row)) for row in rows)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `to_dicts()` to `path`: one JSON object per line for a `.jsonl` name, else one JSON list."""
+        path = Path(path)
+        rows = self.to_dicts()
+        if path.suffix == ".jsonl":
+            text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        else:
+            text = json.dumps(rows, ensure_ascii=False, indent=1)
+        path.write_text(text, encoding="utf-8")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> ProbeSet:
+        """Load probes written by `save` or by hand: a JSON list, or JSON Lines (`.jsonl`), of objects with
+        `probe_id`, `prompt_id`, `kind`, `prompt` and `response` (text, or chat messages)."""
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text)
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise ValueError(f"{path}: expected a list of probe objects (see ProbeSet.to_dicts)")
+        missing = [sorted(REQUIRED_FIELDS - set(row)) for row in rows if REQUIRED_FIELDS - set(row)]
+        if missing:
+            raise ValueError(f"{path}: a probe lacks the fields {missing[0]}; each needs {sorted(REQUIRED_FIELDS)}")
+        return cls.from_dicts(rows)
 
     def encode(
         self,

@@ -190,3 +190,70 @@ def test_nthr_config_is_importable_from_its_old_place():
     from trl_ntk.integration.nthr import NTHRConfig as moved
 
     assert moved is NTHRConfig
+
+
+def test_missing_optional_dependencies_are_named_with_their_pip_line(monkeypatch):
+    from trl_ntk import config as config_module
+
+    monkeypatch.setattr(config_module, "_installed", lambda module: module not in {"wandb", "plotly", "matplotlib"})
+    with pytest.raises(ImportError, match=r"wandb \(for wandb\): pip install 'trl-ntk\[wandb\]'") as error:
+        config_module.check_optional_dependencies(["wandb", "tensorboard"], report=True, heatmaps=True)
+    assert "plotly (for report): pip install 'trl-ntk[report]'" in str(error.value)
+    assert "matplotlib (for heatmaps)" in str(error.value) and "tensorboard" not in str(error.value)
+    config_module.check_optional_dependencies("all", report=False, heatmaps=True)  # "all": the installed ones
+    config_module.check_optional_dependencies(["none", "mlflow"])
+
+
+def test_callback_checks_the_dashboards_it_will_write_at_construction(tmp_path, monkeypatch):
+    from tests import trainer_factory
+    from trl_ntk import config as config_module
+    from trl_ntk.integration.callbacks import LearningDynamicsCallback
+
+    monkeypatch.setattr(config_module, "_installed", lambda module: module != "tensorboard")
+    trainer = trainer_factory.sft_trainer(tmp_path)
+    with pytest.raises(ImportError, match=r"pip install 'trl-ntk\[tensorboard\]'"):
+        LearningDynamicsCallback(trainer, report_to="tensorboard", num_prompts=1, generate=False)
+    assert (
+        not hasattr(trainer.compute_loss, "__wrapped__")
+        and trainer.compute_loss.__name__ != "compute_loss_with_capture"
+    )
+
+
+@pytest.mark.parametrize(("log_level", "expected"), [("passive", 20), ("warning", 30), ("debug", 10)])
+def test_package_log_level_follows_the_trainer(tmp_path, log_level, expected):
+    import logging
+
+    from transformers import TrainingArguments
+
+    from trl_ntk.config import follow_trainer_log_level
+
+    args = TrainingArguments(output_dir=str(tmp_path), log_level=log_level, use_cpu=True, report_to="none")
+    assert follow_trainer_log_level(args) == expected
+    assert logging.getLogger("trl_ntk").getEffectiveLevel() == expected
+
+
+def test_stderr_handler_when_the_application_configured_no_logging():
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, types\n"
+        "from trl_ntk.config import follow_trainer_log_level\n"
+        "args = types.SimpleNamespace(log_level='passive', should_log=True, get_process_log_level=lambda: 30)\n"
+        "follow_trainer_log_level(args); follow_trainer_log_level(args)\n"
+        "logging.getLogger('trl_ntk.integration.callbacks').info('step 0: summary')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stderr.splitlines() == ["[trl_ntk] step 0: summary"]
+
+
+def test_analysis_progress_and_summary_lines_show_at_the_default_log_level(tmp_path, caplog):
+    from tests import trainer_factory
+    from trl_ntk.integration.callbacks import LearningDynamicsCallback
+
+    trainer = trainer_factory.sft_trainer(tmp_path, max_steps=1)
+    trainer.add_callback(LearningDynamicsCallback(trainer, every_n_steps=1, num_prompts=1, generate=False))
+    trainer.train()  # no caplog.set_level: what shows is what the package's level lets through
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("trl_ntk")]
+    assert any(m.startswith("step 0: scoring the probes and explaining the update") for m in messages)
+    assert any(m.startswith("step 0") and "scoring" not in m for m in messages), messages

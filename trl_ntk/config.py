@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 import numbers
 import os
@@ -101,6 +103,86 @@ def _check_report_to(value: Any) -> None:
         f"report_to must be a str, a list of str or None, got {value!r}; e.g. report_to='wandb' or "
         "report_to=['wandb', 'tensorboard']"
     )
+
+
+# ---- optional dependencies ----------------------------------------------------------------------------------------
+
+OPTIONAL_DEPENDENCIES: dict[str, tuple[str, str]] = {
+    "wandb": ("wandb", "pip install 'trl-ntk[wandb]'"),
+    "tensorboard": ("tensorboard", "pip install 'trl-ntk[tensorboard]'"),
+    "trackio": ("trackio", "pip install trackio"),
+    "report": ("plotly", "pip install 'trl-ntk[report]'"),
+    "heatmaps": ("matplotlib", "pip install 'trl-ntk[report]'"),
+}
+"""What each feature imports, and the one-line fix when it is missing."""
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def dashboard_names(report_to: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """The dashboards among transformers' `report_to` values that the sinks write to (`"all"`: none is required,
+    the installed ones are used)."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if "all" in names:
+        return []
+    return [name for name in ("wandb", "tensorboard", "trackio") if name in names]
+
+
+def check_optional_dependencies(
+    report_to: str | list[str] | tuple[str, ...] | None = None, *, report: bool = False, heatmaps: bool = False
+) -> None:
+    """Raise `ImportError` naming every missing package the chosen options need, each with its `pip install` line.
+
+    Args:
+        report_to: transformers' `report_to` (`"wandb"`, `"tensorboard"`, `"trackio"`, a list, `"all"`, `"none"`).
+        report: whether the HTML report will be built (`plotly`).
+        heatmaps: whether attribution heat maps go to a dashboard (`matplotlib`).
+    """
+    needed = dashboard_names(report_to)
+    if report:
+        needed.append("report")
+    if heatmaps and dashboard_names(report_to):
+        needed.append("heatmaps")
+    missing = [name for name in needed if not _installed(OPTIONAL_DEPENDENCIES[name][0])]
+    if missing:
+        lines = [f"  {OPTIONAL_DEPENDENCIES[n][0]} (for {n}): {OPTIONAL_DEPENDENCIES[n][1]}" for n in missing]
+        raise ImportError(
+            "missing optional dependencies for the chosen options:\n"
+            + "\n".join(lines)
+            + "\nInstall them, or drop the option (report_to=...)."
+        )
+
+
+# ---- log visibility ---------------------------------------------------------------------------------------------
+
+_HANDLER_FLAG = "_trl_ntk_handler"
+
+
+def follow_trainer_log_level(args: Any) -> int:
+    """Make the package's INFO lines (analysis progress, the per-analysis summary) show at the trainer's log level.
+
+    The `trl_ntk` logger takes the level the trainer gives this process (`args.get_process_log_level()`), except that
+    the default `log_level="passive"` shows INFO on the main process; `log_level="warning"` (or higher) hides the
+    lines, `log_level_replica` rules the other processes. When the application has configured no logging (no root
+    handler), one stderr handler prefixed `[trl_ntk]` is added (once). Returns the level set.
+    """
+    level = args.get_process_log_level() if hasattr(args, "get_process_log_level") else logging.INFO
+    if getattr(args, "log_level", "passive") == "passive" and getattr(args, "should_log", True):
+        level = min(level, logging.INFO)
+    package_logger = logging.getLogger("trl_ntk")
+    package_logger.setLevel(level)
+    has_handler = any(getattr(h, _HANDLER_FLAG, False) for h in package_logger.handlers)
+    if not has_handler and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[trl_ntk] %(message)s"))
+        setattr(handler, _HANDLER_FLAG, True)
+        package_logger.addHandler(handler)
+    return level
 
 
 # ---- LearningDynamicsCallback ------------------------------------------------------------------------------------
@@ -208,6 +290,11 @@ class DynamicsConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-able dict (the `config` of the `run` record)."""
         return asdict(self)
+
+    @property
+    def tokens_level(self) -> bool:
+        """Whether some analysed step runs the `"tokens"` level (attribution matrices, heat maps)."""
+        return self.attribution == "tokens" or self.tokens_every_n_steps is not None
 
 
 def _help(text: str) -> dict[str, str]:

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from trl_ntk import __version__
 from trl_ntk.analysis import dynamics, sharded
 from trl_ntk.batches import TokenLabels, concat_token_batches
-from trl_ntk.config import DynamicsConfig, check_writable_dir
+from trl_ntk.config import DynamicsConfig, check_optional_dependencies, check_writable_dir, follow_trainer_log_level
 from trl_ntk.integration.adapters import adapter_for, label_step
 from trl_ntk.integration.capture import GradientCapture
 from trl_ntk.output import records
@@ -74,6 +74,12 @@ class LearningDynamicsCallback(TrainerCallback):
         self.adapter = adapter_for(trainer)
         self.adapter.validate(trainer)
         _validate_parallelism(trainer, self.config)
+        self.output_dir = Path(self.config.output_dir or Path(trainer.args.output_dir) / "dynamics")
+        if self._is_main():
+            check_writable_dir(self.output_dir, "output_dir" if self.config.output_dir else "args.output_dir")
+        report_to = self.config.report_to if self.config.report_to is not None else trainer.args.report_to
+        check_optional_dependencies(report_to, heatmaps=self.config.tokens_level)
+        follow_trainer_log_level(trainer.args)
         self.tokenizer = trainer.processing_class
         tokenizer = getattr(self.tokenizer, "tokenizer", self.tokenizer)
         self.tokenizer = tokenizer
@@ -87,9 +93,6 @@ class LearningDynamicsCallback(TrainerCallback):
         )
         self.capture = GradientCapture(model, temperature=self.adapter.temperature(trainer))
         self._wrap_compute_loss(trainer)
-        self.output_dir = Path(self.config.output_dir or Path(trainer.args.output_dir) / "dynamics")
-        if self._is_main():
-            check_writable_dir(self.output_dir, "output_dir" if self.config.output_dir else "args.output_dir")
         self.sinks = None
         self.sampled: list = []
         self.sampled_step: int | None = None
@@ -312,6 +315,7 @@ class LearningDynamicsCallback(TrainerCallback):
         self._emit(step, records.probe_records(step, encoded, scores))
 
     def _before_update(self, step: int, micro_batches: list, armed: bool) -> None:
+        logger.info("step %d: scoring the probes%s ...", step, " and explaining the update" if armed else "")
         encoded = self._probe_batch(step)
         before = self._score(encoded)
         self.last_scored_step = step

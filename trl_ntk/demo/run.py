@@ -23,6 +23,14 @@ from typing import Any, Literal
 import torch
 from transformers import PrinterCallback, ProgressCallback
 
+from trl_ntk.config import (
+    ATTRIBUTION_LEVELS,
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_dependencies,
+    check_writable_dir,
+)
 from trl_ntk.demo import toy
 from trl_ntk.report.render import build_report, kind_means, load_run
 
@@ -97,6 +105,20 @@ class DemoConfig:
             raise ValueError(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}")
         if self.nthr and self.trainer != "grpo":
             raise ValueError("--nthr applies to --trainer grpo only (NTHR reweights GRPO advantages)")
+        check_choice("attribution", self.attribution, ATTRIBUTION_LEVELS)
+        check_int("seed", self.seed)
+        check_int("threads", self.threads, minimum=1)
+        for name in ("max_steps", "num_rows", "batch_size", "num_probe_prompts", "every_n_steps", "num_generations"):
+            check_int(name, getattr(self, name), minimum=1, optional=True)
+        for name in ("tokens_every_n_steps", "max_completion_length"):
+            check_int(name, getattr(self, name), minimum=0 if name.startswith("tokens") else 1, optional=True)
+        for name, positive in (("epochs", True), ("learning_rate", True), ("beta", False), ("max_grad_norm", False)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            check_float(name, value, positive=positive)
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
 
     def resolved(self) -> DemoConfig:
         """This config with every unset option taken from the trainer's recipe (`RECIPES`)."""
@@ -275,6 +297,8 @@ def train_one(config: DemoConfig, out: Path, nthr: bool = False) -> dict[str, An
     from trl_ntk.integration.callbacks import LearningDynamicsCallback
 
     set_seed(config.seed)
+    if config.progress:
+        _announce_toy_build("pretrain" if config.trainer == "sft" else True, sys.stderr)
     build = {"dpo": _dpo_trainer, "sft": _sft_trainer, "grpo": _grpo_trainer}[config.trainer]
     run_name = f"trl-ntk-demo-{config.trainer}{'-nthr' if nthr else ''}-seed{config.seed}"
     trainer, data = build(config, out, run_name)
@@ -516,13 +540,39 @@ def format_checks(checks_: Mapping[str, bool]) -> str:
 # --------------------------------------------------------------------------------------------------------- run
 
 
+def check_demo_requirements(config: DemoConfig) -> None:
+    """Everything `run_demo` needs, checked before any training: the packages (plotly for the report, the chosen
+    dashboard's), a writable output folder and a known optimizer name. Raises `ImportError` / `ValueError` with the fix.
+    """
+    from transformers.training_args import OptimizerNames
+
+    resolved = config.resolved()
+    tokens = resolved.attribution == "tokens" or bool(resolved.tokens_every_n_steps)
+    check_optional_dependencies(resolved.report_to, report=True, heatmaps=tokens)
+    known = [name.value for name in OptimizerNames]
+    if resolved.optimizer not in known:
+        raise ValueError(f"--optim {resolved.optimizer!r} is not a transformers optimizer; e.g. sgd, adamw_torch")
+    check_writable_dir(resolved.out, "--output-dir")
+
+
+def _announce_toy_build(warmup: bool | str, stream: Any) -> None:
+    """One line before the toy model's first build (about 30 s of CPU), so that the wait is explained."""
+    stage = toy._stage_of(warmup)
+    if not toy._is_built(toy.toy_cache_path(), stage):
+        print(
+            f"building the toy model (first use only, about 30-60 s of CPU; cached in {toy.toy_cache_path()}) ...",
+            file=stream,
+            flush=True,
+        )
+
+
 def run_demo(config: DemoConfig, stream: Any = None) -> dict[str, Any]:
     """Train, write `report.html` and `summary.json` under `config.out`, print the table to `stream`; returns the
     summary (with `--nthr`, the baseline's, and the NTHR run's under `"nthr_run"`)."""
     stream = stream if stream is not None else sys.stdout
     config = config.resolved()
+    check_demo_requirements(config)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     if config.report_to == "wandb":  # the demo is offline: W&B too, unless WANDB_MODE says otherwise
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_PROJECT", "trl_ntk_demo")

@@ -140,6 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `trl-ntk`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
+        if not {"-h", "--help"} & set(argv):
+            from trl_ntk.config import check_optional_dependencies
+
+            try:
+                check_optional_dependencies(report=True)
+            except ImportError as error:
+                print(f"trl-ntk report: error: {error}", file=sys.stderr)
+                return 2
         from trl_ntk.report.render import main as report_main
 
         return report_main(argv[1:])

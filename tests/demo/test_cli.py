@@ -115,3 +115,11 @@ def test_first_toy_build_is_announced(monkeypatch):
     quiet = io.StringIO()
     run._announce_toy_build(True, quiet)
     assert quiet.getvalue() == ""
+
+
+def test_report_without_plotly_stops_with_the_fix(tmp_path, capsys, monkeypatch):
+    from trl_ntk import config as config_module
+
+    monkeypatch.setattr(config_module, "_installed", lambda module: module != "plotly")
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "pip install 'trl-ntk[report]'" in capsys.readouterr().err

@@ -217,6 +217,7 @@ def _training_args(config: DemoConfig, out: Path, run_name: str) -> dict[str, An
         "bf16": False,
         "dataloader_num_workers": 0,
         "disable_tqdm": not config.progress,
+        "log_level": "passive" if config.progress else "warning",  # -q: no per-analysis lines either
     }
     args[_checkpointing_field()] = False  # TRL's configs default to True; a toy model has no memory to save
     if config.max_steps is not None:

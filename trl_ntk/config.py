@@ -154,7 +154,7 @@ def check_optional_dependencies(
         raise ImportError(
             "missing optional dependencies for the chosen options:\n"
             + "\n".join(lines)
-            + "\nInstall them, or drop the option (report_to=...)."
+            + "\nInstall them (or drop the dashboard from report_to)."
         )
 
 

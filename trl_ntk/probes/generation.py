@@ -63,8 +63,6 @@ def sample_responses(
     Returns:
         `list[ProbeResponse]`: per prompt, the greedy response then the samples (non-empty ones only).
     """
-    from transformers import GenerationConfig
-
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     kwargs = dict(chat_template_kwargs or {})
@@ -79,30 +77,8 @@ def sample_responses(
     device = model.get_input_embeddings().weight.device
     eos_ids = _eos_token_ids(model, tokenizer)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    # Every field that could inherit a non-neutral value from `model.generation_config` is set: the responses come
-    # from the policy itself (argmax, or sampling at `temperature` only). `top_k=50` is the neutral default for greedy.
-    common = {
-        "max_new_tokens": max_new_tokens,
-        "pad_token_id": pad_token_id,
-        "eos_token_id": eos_ids,
-        "num_beams": 1,
-        "top_p": 1.0,
-        "typical_p": 1.0,
-        "repetition_penalty": 1.0,
-        "disable_compile": True,
-    }
-    overrides = dict(generation_kwargs or {})
-    greedy_config = GenerationConfig(**{**common, "do_sample": False, "temperature": 1.0, "top_k": 50, **overrides})
-    sample_config = GenerationConfig(
-        **{
-            **common,
-            "do_sample": True,
-            "temperature": temperature,
-            "top_k": 0,
-            "min_p": 0.0,
-            "num_return_sequences": num_samples,
-            **overrides,
-        }
+    greedy_config, sample_config = _generation_configs(
+        eos_ids, pad_token_id, num_samples, temperature, max_new_tokens, generation_kwargs
     )
     generated: dict[str, list[ProbeResponse]] = {probe.prompt_id: [] for probe in probes}
     skipped = 0
@@ -137,6 +113,47 @@ def sample_responses(
     if skipped:
         logger.warning("skipped %d empty generated responses (of %d)", skipped, len(probes) * (1 + num_samples))
     return [r for probe in probes for r in generated[probe.prompt_id]]
+
+
+def _generation_configs(
+    eos_ids: list[int],
+    pad_token_id: int,
+    num_samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    generation_kwargs: Mapping[str, Any] | None,
+) -> tuple[Any, Any]:
+    """`(greedy, sample)` `GenerationConfig`s that draw from the policy itself.
+
+    Every field that could inherit a non-neutral value from `model.generation_config` is set: the responses come
+    from the policy itself (argmax, or sampling at `temperature` only). `top_k=50` is the neutral default for greedy.
+    """
+    from transformers import GenerationConfig
+
+    common = {
+        "max_new_tokens": max_new_tokens,
+        "pad_token_id": pad_token_id,
+        "eos_token_id": eos_ids,
+        "num_beams": 1,
+        "top_p": 1.0,
+        "typical_p": 1.0,
+        "repetition_penalty": 1.0,
+        "disable_compile": True,
+    }
+    overrides = dict(generation_kwargs or {})
+    greedy_config = GenerationConfig(**{**common, "do_sample": False, "temperature": 1.0, "top_k": 50, **overrides})
+    sample_config = GenerationConfig(
+        **{
+            **common,
+            "do_sample": True,
+            "temperature": temperature,
+            "top_k": 0,
+            "min_p": 0.0,
+            "num_return_sequences": num_samples,
+            **overrides,
+        }
+    )
+    return greedy_config, sample_config
 
 
 def _eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:

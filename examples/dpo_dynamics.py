@@ -1,93 +1,115 @@
 """DPO with learning-dynamics tracking: why do chosen *and* rejected log-probs go down?
 
-Offline, on the embedded toy model and preference data (CPU, about a minute):
+A TRL-style script: every `DPOConfig`, `ModelConfig` and `DynamicsArguments` (`--ntk_*`) option comes from the
+command line or a YAML `--config`. Offline, on the embedded toy model and preference data (CPU, about a minute):
 
     python examples/dpo_dynamics.py
+    python examples/dpo_dynamics.py --use_peft --lora_r 8          # LoRA
+    python examples/dpo_dynamics.py --config dpo.yaml              # e.g. `ntk_every_n_steps: 10` in it
+    accelerate launch --num_processes 2 --cpu examples/dpo_dynamics.py
 
-On a hub model (network; a GPU helps):
+The defaults are the toy's recipe; on a hub model (network; a GPU helps) pass the model's own:
 
-    python examples/dpo_dynamics.py --model Qwen/Qwen2.5-0.5B-Instruct \
-        --dataset trl-lib/ultrafeedback_binarized --report-to wandb
+    python examples/dpo_dynamics.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
+        --dataset_name trl-lib/ultrafeedback_binarized --num_rows 2000 --num_train_epochs 1 --optim adamw_torch \
+        --learning_rate 5e-7 --beta 0.1 --per_device_train_batch_size 4 --gradient_accumulation_steps 4 \
+        --max_length 1024 --activation_checkpointing --bf16 --use_cpu false --report_to wandb
 
-Then open `<output-dir>/dynamics/report.html` (or run `trl-ntk report <output-dir>/dynamics`).
+Then open `<output_dir>/dynamics/report.html` (or run `trl-ntk report <output_dir>/dynamics`).
 """
 
-from __future__ import annotations
-
-import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig, DPOTrainer, ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-from trl_ntk.integration.callbacks import LearningDynamicsCallback
-from trl_ntk.report.render import build_report
+from trl_ntk import DynamicsArguments, LearningDynamicsCallback
+
+TOY_DEFAULTS = {
+    "output_dir": "runs/dpo_dynamics",
+    "num_train_epochs": 12,
+    "per_device_train_batch_size": 16,
+    "learning_rate": 5e-3,
+    "optim": "sgd",
+    "lr_scheduler_type": "constant",
+    "beta": 0.5,
+    "max_length": 128,
+    "logging_steps": 10,
+    "save_strategy": "no",
+    "report_to": "none",
+    "activation_checkpointing": False,
+    "use_cpu": not torch.cuda.is_available(),
+    "bf16": False,
+    "ntk_every_n_steps": 20,
+}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="hub model id (default: the offline toy model)")
-    parser.add_argument("--dataset", default=None, help="hub preference dataset (default: the toy preference data)")
-    parser.add_argument("--num-rows", type=int, default=None, help="training rows (default: toy 288, hub 2000)")
-    parser.add_argument("--output-dir", default="runs/dpo_dynamics")
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: all epochs)")
-    parser.add_argument("--epochs", type=float, default=None, help="default: toy 12, hub 1")
-    parser.add_argument("--learning-rate", type=float, default=None, help="default: toy 5e-3 (SGD), hub 5e-7")
-    parser.add_argument("--beta", type=float, default=None, help="default: toy 0.5, hub 0.1")
-    parser.add_argument("--every-n-steps", type=int, default=20, help="probe scoring / analysis period")
-    parser.add_argument("--attribution", choices=("none", "sums", "tokens"), default="sums")
-    parser.add_argument("--report-to", default="none", help="none, wandb, tensorboard or trackio")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+@dataclass
+class ExampleArguments(ScriptArguments):
+    num_rows: int | None = field(default=None, metadata={"help": "training rows (default: toy 288, hub all)"})
 
 
-def main(argv=None) -> Path:
-    args = parse_args(argv)
-    toy_run = args.model is None
-    if toy_run and args.dataset is not None:
-        raise SystemExit("--dataset needs --model (the toy tokenizer only knows the toy data)")
-    if toy_run:
+def parse(argv: list[str] | None = None) -> tuple:
+    parser = TrlParser((ExampleArguments, DPOConfig, ModelConfig, DynamicsArguments))
+    parser.set_defaults(**{k: v for k, v in TOY_DEFAULTS.items() if any(k == a.dest for a in parser._actions)})
+    return tuple(parser.parse_args_and_config(argv))
+
+
+def model_and_data(script_args: ExampleArguments, model_args: ModelConfig, seed: int):
+    """The toy model and preference data (offline), or the hub model and dataset the arguments name."""
+    if model_args.model_name_or_path is None:
+        if script_args.dataset_name is not None:
+            raise SystemExit("--dataset_name needs --model_name_or_path (the toy tokenizer only knows the toy data)")
         from trl_ntk.demo import toy
 
         model, tokenizer = toy.model_and_tokenizer()  # the warm (SFT'd) toy model, cached on first use
-        train = toy.preference_dataset(n=args.num_rows or 288, seed=args.seed)
-    else:
-        from datasets import load_dataset
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        return model, tokenizer, toy.preference_dataset(n=script_args.num_rows or 288, seed=seed)
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import get_quantization_config
 
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        train = load_dataset(args.dataset or "trl-lib/ultrafeedback_binarized", split="train")
-        train = train.shuffle(seed=args.seed).select(range(min(args.num_rows or 2000, len(train))))
-    on_gpu = torch.cuda.is_available()
-    config = DPOConfig(
-        output_dir=args.output_dir,
-        num_train_epochs=args.epochs or (12 if toy_run else 1),
-        max_steps=args.max_steps,
-        per_device_train_batch_size=16 if toy_run else 4,
-        gradient_accumulation_steps=1 if toy_run else 4,
-        learning_rate=args.learning_rate or (5e-3 if toy_run else 5e-7),
-        optim="sgd" if toy_run else "adamw_torch",
-        lr_scheduler_type="constant",
-        gradient_checkpointing=not toy_run,
-        beta=args.beta or (0.5 if toy_run else 0.1),
-        max_length=128 if toy_run else 1024,
-        logging_steps=10,
-        save_strategy="no",
-        report_to=args.report_to,
-        seed=args.seed,
-        use_cpu=not on_gpu,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation,
+        quantization_config=get_quantization_config(model_args),
     )
-    trainer = DPOTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
-    # Every `every_n_steps` steps: score the probe responses (chosen, rejected, rephrases, other prompts' answers,
-    # shuffled text, the model's greedy answer) and split each step's predicted change into the part pulled up by
-    # the chosen tokens and the part pushed down by the rejected ones.
-    trainer.add_callback(
-        LearningDynamicsCallback(trainer, every_n_steps=args.every_n_steps, attribution=args.attribution)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    name = script_args.dataset_name or "trl-lib/ultrafeedback_binarized"
+    train = load_dataset(name, name=script_args.dataset_config, split=script_args.dataset_train_split)
+    if script_args.num_rows:
+        train = train.shuffle(seed=seed).select(range(min(script_args.num_rows, len(train))))
+    return model, tokenizer, train
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    script_args, training_args, model_args, ntk_args = parse(argv)
+    model, tokenizer, train = model_and_data(script_args, model_args, training_args.seed)
+    trainer = DPOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
     )
+    # The one line: probe chosen, rejected, rephrased, other prompts' and shuffled answers and the model's greedy one,
+    # and split each analysed step's change into the pull of the chosen tokens and the push of the rejected ones.
+    trainer.add_callback(LearningDynamicsCallback(trainer, config=ntk_args.to_config()))
     trainer.train()
-    report = build_report(Path(args.output_dir) / "dynamics")
+    return build_report_on_main(trainer, ntk_args)
+
+
+def build_report_on_main(trainer, ntk_args: DynamicsArguments) -> Path | None:
+    """The HTML report, built once, by the main process, after every rank has finished writing."""
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:
+        return None
+    from trl_ntk.report.render import build_report
+
+    run_dir = ntk_args.ntk_output_dir or Path(trainer.args.output_dir) / "dynamics"
+    report = build_report(run_dir, progress=not trainer.args.disable_tqdm)
     print(f"report: {report}")
     return report
 

@@ -1,95 +1,121 @@
 """SFT with learning-dynamics tracking: what else rises when you train on the chosen answers?
 
-Offline, on the embedded toy model (pre-trained base, before its own SFT) and toy data (CPU, under a minute):
+A TRL-style script: every `SFTConfig`, `ModelConfig` and `DynamicsArguments` (`--ntk_*`) option comes from the
+command line or a YAML `--config`. Offline, on the embedded toy model (the pre-trained base, before its own SFT)
+and the toy's chosen answers (CPU, under a minute); the probes come from the toy preference data, so the report
+shows rejected answers, rephrases and swapped facts as well:
 
     python examples/sft_dynamics.py
+    python examples/sft_dynamics.py --use_peft --lora_r 8          # LoRA
+    python examples/sft_dynamics.py --config sft.yaml              # e.g. `ntk_every_n_steps: 5` in it
+    accelerate launch --num_processes 2 --cpu examples/sft_dynamics.py
 
-On a hub model (network; a GPU helps):
+The defaults are the toy's recipe; on a hub model (network; a GPU helps) pass the model's own:
 
-    python examples/sft_dynamics.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/Capybara --report-to wandb
+    python examples/sft_dynamics.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
+        --dataset_name trl-lib/Capybara --num_rows 2000 --num_train_epochs 1 --optim adamw_torch \
+        --learning_rate 2e-5 --per_device_train_batch_size 4 --gradient_accumulation_steps 4 \
+        --max_length 1024 --activation_checkpointing --bf16 --use_cpu false --report_to wandb
 
-Then open `<output-dir>/dynamics/report.html` (or run `trl-ntk report <output-dir>/dynamics`).
+Then open `<output_dir>/dynamics/report.html` (or run `trl-ntk report <output_dir>/dynamics`).
 """
 
-from __future__ import annotations
-
-import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from trl import SFTConfig, SFTTrainer
+from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
-from trl_ntk.integration.callbacks import LearningDynamicsCallback
-from trl_ntk.probes.probe_set import ProbeSet
-from trl_ntk.report.render import build_report
+from trl_ntk import DynamicsArguments, LearningDynamicsCallback
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="hub model id (default: the offline toy model)")
-    parser.add_argument("--dataset", default=None, help="hub SFT dataset (default: the toy chosen answers)")
-    parser.add_argument("--num-rows", type=int, default=None, help="training rows (default: toy 216, hub 2000)")
-    parser.add_argument("--output-dir", default="runs/sft_dynamics")
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: all epochs)")
-    parser.add_argument("--epochs", type=float, default=None, help="default: toy 4, hub 1")
-    parser.add_argument("--learning-rate", type=float, default=None, help="default: toy 1e-3, hub 2e-5")
-    parser.add_argument("--every-n-steps", type=int, default=10, help="probe scoring / analysis period")
-    parser.add_argument("--attribution", choices=("none", "sums", "tokens"), default="sums")
-    parser.add_argument("--report-to", default="none", help="none, wandb, tensorboard or trackio")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+TOY_DEFAULTS = {
+    "output_dir": "runs/sft_dynamics",
+    "num_train_epochs": 4,
+    "per_device_train_batch_size": 16,
+    "learning_rate": 1e-3,
+    "lr_scheduler_type": "constant",
+    "max_length": 128,
+    "logging_steps": 10,
+    "save_strategy": "no",
+    "report_to": "none",
+    "activation_checkpointing": False,
+    "use_cpu": not torch.cuda.is_available(),
+    "bf16": False,
+    "ntk_every_n_steps": 10,
+}
 
 
-def main(argv=None) -> Path:
-    args = parse_args(argv)
-    toy_run = args.model is None
-    if toy_run and args.dataset is not None:
-        raise SystemExit("--dataset needs --model (the toy tokenizer only knows the toy data)")
-    probes = None
-    if toy_run:
+@dataclass
+class ExampleArguments(ScriptArguments):
+    num_rows: int | None = field(default=None, metadata={"help": "training rows (default: toy 216, hub all)"})
+
+
+def parse(argv: list[str] | None = None) -> tuple:
+    parser = TrlParser((ExampleArguments, SFTConfig, ModelConfig, DynamicsArguments))
+    parser.set_defaults(**{k: v for k, v in TOY_DEFAULTS.items() if any(k == a.dest for a in parser._actions)})
+    return tuple(parser.parse_args_and_config(argv))
+
+
+def model_and_data(script_args: ExampleArguments, model_args: ModelConfig, seed: int):
+    """`(model, tokenizer, train, probes)`: the toy base, its chosen answers and probes from the toy preference data
+    (offline), or the hub model and dataset the arguments name (default probes)."""
+    if model_args.model_name_or_path is None:
+        if script_args.dataset_name is not None:
+            raise SystemExit("--dataset_name needs --model_name_or_path (the toy tokenizer only knows the toy data)")
+        from trl_ntk import ProbeSet
         from trl_ntk.demo import toy
 
         model, tokenizer = toy.model_and_tokenizer(warmup="pretrain")  # the base, before the toy's own SFT
-        preference = toy.preference_dataset(n=args.num_rows or 216, seed=args.seed)
+        preference = toy.preference_dataset(n=script_args.num_rows or 216, seed=seed)
         train = preference.select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
-        # Probe the preference data, so the report shows rejected answers, rephrases and swapped facts as well.
-        probes = ProbeSet.from_preference_dataset(
-            preference, tokenizer, num_prompts=8, seed=args.seed, test_dataset=toy.preference_dataset(split="test")
-        )
-    else:
-        from datasets import load_dataset
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        test = toy.preference_dataset(split="test")
+        probes = ProbeSet.from_preference_dataset(preference, tokenizer, num_prompts=8, seed=seed, test_dataset=test)
+        return model, tokenizer, train, probes
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import get_quantization_config
 
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        train = load_dataset(args.dataset or "trl-lib/Capybara", split="train")
-        train = train.shuffle(seed=args.seed).select(range(min(args.num_rows or 2000, len(train))))
-    on_gpu = torch.cuda.is_available()
-    config = SFTConfig(
-        output_dir=args.output_dir,
-        num_train_epochs=args.epochs or (4 if toy_run else 1),
-        max_steps=args.max_steps,
-        per_device_train_batch_size=16 if toy_run else 4,
-        gradient_accumulation_steps=1 if toy_run else 4,
-        learning_rate=args.learning_rate or (1e-3 if toy_run else 2e-5),
-        lr_scheduler_type="constant",
-        gradient_checkpointing=not toy_run,
-        max_length=128 if toy_run else 1024,
-        logging_steps=10,
-        save_strategy="no",
-        report_to=args.report_to,
-        seed=args.seed,
-        use_cpu=not on_gpu,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation,
+        quantization_config=get_quantization_config(model_args),
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
-    # Without `probes`, the callback probes prompts of the training data (reference answer, other prompts' answers,
-    # shuffled text) and the model's own greedy answer.
-    trainer.add_callback(
-        LearningDynamicsCallback(trainer, probes=probes, every_n_steps=args.every_n_steps, attribution=args.attribution)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    name = script_args.dataset_name or "trl-lib/Capybara"
+    train = load_dataset(name, name=script_args.dataset_config, split=script_args.dataset_train_split)
+    if script_args.num_rows:
+        train = train.shuffle(seed=seed).select(range(min(script_args.num_rows, len(train))))
+    return model, tokenizer, train, None
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    script_args, training_args, model_args, ntk_args = parse(argv)
+    model, tokenizer, train, probes = model_and_data(script_args, model_args, training_args.seed)
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
     )
+    # The one line (without `probes`, the callback probes prompts of the training data: reference answer, other
+    # prompts' answers, shuffled text, and the model's own greedy answer).
+    trainer.add_callback(LearningDynamicsCallback(trainer, probes=probes, config=ntk_args.to_config()))
     trainer.train()
-    report = build_report(Path(args.output_dir) / "dynamics")
+    return build_report_on_main(trainer, ntk_args)
+
+
+def build_report_on_main(trainer, ntk_args: DynamicsArguments) -> Path | None:
+    """The HTML report, built once, by the main process, after every rank has finished writing."""
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:
+        return None
+    from trl_ntk.report.render import build_report
+
+    run_dir = ntk_args.ntk_output_dir or Path(trainer.args.output_dir) / "dynamics"
+    report = build_report(run_dir, progress=not trainer.args.disable_tqdm)
     print(f"report: {report}")
     return report
 

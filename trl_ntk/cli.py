@@ -3,7 +3,7 @@
 Usage:
 
     trl-ntk demo                                   # DPO's squeezing effect, ~2-5 minutes on a laptop CPU
-    trl-ntk demo --trainer sft --out sft_demo
+    trl-ntk demo --trainer sft --output-dir sft_demo
     trl-ntk demo --trainer grpo --nthr --report-to wandb
     trl-ntk report trl_ntk_demo/dynamics           # -> trl_ntk_demo/dynamics/report.html
 """
@@ -11,38 +11,68 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
 from trl_ntk import __version__
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+def _integer(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
     return value
 
 
+def _positive_int(text: str) -> int:
+    return _integer(text, 1)
+
+
 def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return _integer(text, 0)
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _finite_float(text)
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+class _DeprecatedAlias(argparse.Action):
+    """Stores like its destination's main flag, and warns that this spelling is deprecated."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"trl-ntk: {option_string} is deprecated; use --output-dir (or -o)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trl-ntk", description="Learning dynamics of TRL fine-tuning, token by token (eNTK x gradient)."
     )
-    parser.add_argument("--version", action="version", version=f"trl-ntk {__version__}")
+    parser.add_argument("-v", "--version", action="version", version=f"trl-ntk {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{demo,report}")
     commands.required = True
 
@@ -56,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--trainer", choices=("dpo", "sft", "grpo"), default="dpo", help="which TRL trainer to run")
-    demo.add_argument("--out", default="trl_ntk_demo", help="output folder (default: ./trl_ntk_demo)")
+    demo.add_argument(
+        "-o", "--output-dir", dest="output_dir", default="trl_ntk_demo", help="output folder (default: ./trl_ntk_demo)"
+    )
+    demo.add_argument("--out", dest="output_dir", action=_DeprecatedAlias, help=argparse.SUPPRESS)
     length = demo.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (overrides the recipe)")
     length.add_argument("--epochs", type=_positive_float, default=None, help="epochs over the training rows")
@@ -79,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tuning = demo.add_argument_group("recipe overrides (defaults: the tuned recipe of each trainer)")
     tuning.add_argument("--lr", type=_positive_float, default=None, help="learning rate (constant)")
-    tuning.add_argument("--beta", type=float, default=None, help="DPO / GRPO beta")
+    tuning.add_argument("--beta", type=_non_negative_float, default=None, help="DPO / GRPO beta (finite, >= 0)")
     tuning.add_argument("--optim", default=None, help="transformers optimizer name, e.g. sgd or adamw_torch")
     tuning.add_argument("--batch-size", type=_positive_int, default=None, help="rows per optimizer step")
     tuning.add_argument("--rows", type=_positive_int, default=None, help="training rows (prompts are cycled)")
@@ -107,6 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `trl-ntk`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
+        if not {"-h", "--help"} & set(argv):
+            from trl_ntk.config import check_optional_dependencies
+
+            try:
+                check_optional_dependencies(report=True)
+            except ImportError as error:
+                print(f"trl-ntk report: error: {error}", file=sys.stderr)
+                return 2
         from trl_ntk.report.render import main as report_main
 
         return report_main(argv[1:])
@@ -114,28 +155,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.nthr and args.trainer != "grpo":
         parser.error("--nthr applies to --trainer grpo only")
-    from trl_ntk.demo.run import DemoConfig, run_demo
+    from trl_ntk.demo.run import DemoConfig, check_demo_requirements, run_demo
 
-    config = DemoConfig(
-        trainer=args.trainer,
-        out=args.out,
-        seed=args.seed,
-        epochs=args.epochs,
-        max_steps=args.steps,
-        num_rows=args.rows,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        optimizer=args.optim,
-        beta=args.beta,
-        num_probe_prompts=args.probe_prompts,
-        every_n_steps=args.every_n_steps,
-        attribution=args.attribution,
-        tokens_every_n_steps=args.tokens_every_n_steps,
-        report_to=args.report_to,
-        nthr=args.nthr,
-        threads=args.threads,
-        progress=not args.quiet,
-    )
+    try:
+        config = DemoConfig(
+            trainer=args.trainer,
+            out=args.output_dir,
+            seed=args.seed,
+            epochs=args.epochs,
+            max_steps=args.steps,
+            num_rows=args.rows,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            optimizer=args.optim,
+            beta=args.beta,
+            num_probe_prompts=args.probe_prompts,
+            every_n_steps=args.every_n_steps,
+            attribution=args.attribution,
+            tokens_every_n_steps=args.tokens_every_n_steps,
+            report_to=args.report_to,
+            nthr=args.nthr,
+            threads=args.threads,
+            progress=not args.quiet,
+        )
+        check_demo_requirements(config)
+    except (ImportError, TypeError, ValueError) as error:
+        parser.error(str(error))
     run_demo(config)
     return 0
 

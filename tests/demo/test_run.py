@@ -22,7 +22,7 @@ def dpo_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo_demo")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        status = cli.main(["demo", "--out", str(out), "-q", *SHORT_DPO])
+        status = cli.main(["demo", "--output-dir", str(out), "-q", *SHORT_DPO])
     return out, status, stdout.getvalue()
 
 
@@ -84,7 +84,7 @@ def test_demo_is_deterministic_for_a_seed(tmp_path):
     args = ["--steps", "4", "--every-n-steps", "2", "--attribution", "none", "--probe-prompts", "2", "-q"]
     summaries = []
     for name in ("a", "b"):
-        assert cli.main(["demo", "--out", str(tmp_path / name), "--seed", "3", *args]) == 0
+        assert cli.main(["demo", "--output-dir", str(tmp_path / name), "--seed", "3", *args]) == 0
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         summaries.append({k: summary[k] for k in ("kinds", "argmax_logp_start", "argmax_logp_end", "checks")})
     assert summaries[0] == summaries[1]
@@ -176,7 +176,7 @@ def test_demo_config_rejects_unknown_options():
 @pytest.mark.slow
 def test_sft_demo_runs_from_the_pretrained_base(tmp_path, capsys):
     args = ["--steps", "4", "--every-n-steps", "2", "--tokens-every-n-steps", "0", "--probe-prompts", "2", "-q"]
-    assert cli.main(["demo", "--trainer", "sft", "--out", str(tmp_path), *args]) == 0
+    assert cli.main(["demo", "--trainer", "sft", "-o", str(tmp_path), *args]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["trainer"] == "sft" and summary["steps"] == 4
     assert {"chosen", "rejected", "chosen_swapped", "shuffled_chosen"} <= set(summary["kinds"])
@@ -188,7 +188,7 @@ def test_sft_demo_runs_from_the_pretrained_base(tmp_path, capsys):
 @pytest.mark.slow
 def test_grpo_demo_with_nthr_compares_two_runs(tmp_path, capsys):
     args = ["--steps", "2", "--every-n-steps", "1", "--batch-size", "16", "--probe-prompts", "2", "-q"]
-    assert cli.main(["demo", "--trainer", "grpo", "--nthr", "--out", str(tmp_path), *args]) == 0
+    assert cli.main(["demo", "--trainer", "grpo", "--nthr", "--output-dir", str(tmp_path), *args]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     nthr = summary["nthr_run"]
     assert summary["nthr"] is False and nthr["nthr"] is True

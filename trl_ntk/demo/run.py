@@ -11,11 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -23,10 +22,39 @@ from typing import Any, Literal
 import torch
 from transformers import PrinterCallback, ProgressCallback
 
+from trl_ntk.config import (
+    ATTRIBUTION_LEVELS,
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_dependencies,
+    check_writable_dir,
+)
 from trl_ntk.demo import toy
-from trl_ntk.report.render import build_report, kind_means, load_run
+from trl_ntk.demo.summary import (
+    checks,
+    format_checks,
+    format_table,
+    nthr_checks,
+    print_summary,
+    reward_summary,
+    summarize,
+)
+from trl_ntk.report.render import build_report
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RECIPES",
+    "DemoConfig",
+    "check_demo_requirements",
+    "checks",
+    "format_checks",
+    "format_table",
+    "run_demo",
+    "summarize",
+    "train_one",
+]
 
 TrainerName = Literal["dpo", "sft", "grpo"]
 TRAINERS: tuple[TrainerName, ...] = ("dpo", "sft", "grpo")
@@ -97,6 +125,20 @@ class DemoConfig:
             raise ValueError(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}")
         if self.nthr and self.trainer != "grpo":
             raise ValueError("--nthr applies to --trainer grpo only (NTHR reweights GRPO advantages)")
+        check_choice("attribution", self.attribution, ATTRIBUTION_LEVELS)
+        check_int("seed", self.seed)
+        check_int("threads", self.threads, minimum=1)
+        for name in ("max_steps", "num_rows", "batch_size", "num_probe_prompts", "every_n_steps", "num_generations"):
+            check_int(name, getattr(self, name), minimum=1, optional=True)
+        for name in ("tokens_every_n_steps", "max_completion_length"):
+            check_int(name, getattr(self, name), minimum=0 if name.startswith("tokens") else 1, optional=True)
+        for name, positive in (("epochs", True), ("learning_rate", True), ("beta", False), ("max_grad_norm", False)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            check_float(name, value, positive=positive)
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
 
     def resolved(self) -> DemoConfig:
         """This config with every unset option taken from the trainer's recipe (`RECIPES`)."""
@@ -195,6 +237,7 @@ def _training_args(config: DemoConfig, out: Path, run_name: str) -> dict[str, An
         "bf16": False,
         "dataloader_num_workers": 0,
         "disable_tqdm": not config.progress,
+        "log_level": "passive" if config.progress else "warning",  # -q: no per-analysis lines either
     }
     args[_checkpointing_field()] = False  # TRL's configs default to True; a toy model has no memory to save
     if config.max_steps is not None:
@@ -275,6 +318,8 @@ def train_one(config: DemoConfig, out: Path, nthr: bool = False) -> dict[str, An
     from trl_ntk.integration.callbacks import LearningDynamicsCallback
 
     set_seed(config.seed)
+    if config.progress:
+        _announce_toy_build("pretrain" if config.trainer == "sft" else True, sys.stderr)
     build = {"dpo": _dpo_trainer, "sft": _sft_trainer, "grpo": _grpo_trainer}[config.trainer]
     run_name = f"trl-ntk-demo-{config.trainer}{'-nthr' if nthr else ''}-seed{config.seed}"
     trainer, data = build(config, out, run_name)
@@ -327,193 +372,30 @@ def _add_nthr(trainer: Any, dynamics: Any) -> None:
     trainer.add_callback(NTHRCallback(trainer, beta=1.0, eta="auto", vocab="group", record_fn=record))
 
 
-# ----------------------------------------------------------------------------------------------------- summary
-
-
-def _series_summary(series: tuple[list[int], list[float]]) -> dict[str, Any]:
-    steps, values = series
-    peak = max(range(len(values)), key=values.__getitem__)
-    return {
-        "logp_start": values[0],
-        "logp_end": values[-1],
-        "logp_peak": values[peak],
-        "peak_step": steps[peak],
-        "start_step": steps[0],
-        "end_step": steps[-1],
-    }
-
-
-def _summed_over_steps(records: Sequence[Mapping[str, Any]], path: str) -> dict[str, float]:
-    """kind -> sum over analysed steps of the mean of `path` over the kind's probes."""
-    return {kind: float(sum(values)) for kind, (_, values) in kind_means(records, path).items()}
-
-
-def summarize(run_dir: str | Path) -> dict[str, Any]:
-    """Start / end / peak of every probe kind's mean log-prob and argmax log-prob, and the predicted change split
-    into its positive- and negative-gradient parts (summed over the analysed steps), from a run's `dynamics.jsonl`.
+def check_demo_requirements(config: DemoConfig) -> None:
+    """Everything `run_demo` needs, checked before any training: the packages (plotly for the report, the chosen
+    dashboard's), a writable output folder and a known optimizer name. Raises `ImportError` / `ValueError` with the fix.
     """
-    data = load_run(run_dir, progress=False)
-    probes = data.of("probe")
-    dynamics = data.of("dynamics")
-    logp = kind_means(probes, "logp_sum")
-    argmax = kind_means(probes, "argmax_logp")
-    split_positive = _summed_over_steps(dynamics, "split.positive")
-    split_negative = _summed_over_steps(dynamics, "split.negative")
-    predicted = _summed_over_steps(dynamics, "predicted")
-    observed = _summed_over_steps(dynamics, "observed")
-    kinds: dict[str, Any] = {}
-    for kind in data.kinds:
-        if kind not in logp:
-            continue
-        entry = _series_summary(logp[kind])
-        entry.update({f"argmax_{k}": v for k, v in _series_summary(argmax[kind]).items() if k.startswith("logp_")})
-        if kind in split_positive:
-            entry.update(
-                split_positive=split_positive[kind],
-                split_negative=split_negative[kind],
-                predicted=predicted[kind],
-                observed=observed[kind],
-            )
-        kinds[kind] = entry
-    summary: dict[str, Any] = {
-        "kinds": kinds,
-        "analysed_steps": len({int(r["step"]) for r in dynamics}),
-        "scored_steps": len({int(r["step"]) for r in probes}),
-    }
-    reference = "chosen" if "chosen" in argmax else "completion" if "completion" in argmax else None
-    if reference is not None:
-        top = _series_summary(argmax[reference])
-        summary.update(
-            argmax_kind=reference,
-            argmax_logp_start=top["logp_start"],
-            argmax_logp_end=top["logp_end"],
-            argmax_logp_peak=top["logp_peak"],
-            argmax_peak_step=top["peak_step"],
+    from transformers.training_args import OptimizerNames
+
+    resolved = config.resolved()
+    tokens = resolved.attribution == "tokens" or bool(resolved.tokens_every_n_steps)
+    check_optional_dependencies(resolved.report_to, report=True, heatmaps=tokens)
+    known = [name.value for name in OptimizerNames]
+    if resolved.optimizer not in known:
+        raise ValueError(f"--optim {resolved.optimizer!r} is not a transformers optimizer; e.g. sgd, adamw_torch")
+    check_writable_dir(resolved.out, "--output-dir")
+
+
+def _announce_toy_build(warmup: bool | str, stream: Any) -> None:
+    """One line before the toy model's first build (about 30 s of CPU), so that the wait is explained."""
+    stage = toy._stage_of(warmup)
+    if not toy._is_built(toy.toy_cache_path(), stage):
+        print(
+            f"building the toy model (first use only, about 30-60 s of CPU; cached in {toy.toy_cache_path()}) ...",
+            file=stream,
+            flush=True,
         )
-    lld = data.of("lld")
-    if lld:
-        observed_deltas = [r["delta_observed"] for r in lld if r.get("delta_observed") is not None]
-        summary["lld"] = {
-            "groups": len(lld),
-            "delta_observed_mean": _mean(observed_deltas),
-            "frac_groups_negative": _mean([float(d < 0) for d in observed_deltas]),
-            "delta_predicted_mean": _mean([r["delta_predicted"] for r in lld if r.get("delta_predicted") is not None]),
-            "delta_from_negative_mean": _mean(
-                [r["delta_from_negative"] for r in lld if r.get("delta_from_negative") is not None]
-            ),
-        }
-    nthr = data.of("nthr")
-    if nthr:
-        summary["nthr_stats"] = {
-            "batches": len(nthr),
-            "frac_downweighted_mean": _mean([r["frac_downweighted"] for r in nthr]),
-            "seconds": float(sum(r.get("seconds") or 0.0 for r in nthr)),
-        }
-    summary["checks"] = checks(summary, data.of("run")[-1].get("trainer") if data.of("run") else None)
-    return summary
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return float(sum(values) / len(values)) if values else None
-
-
-def _change(kinds: Mapping[str, Any], kind: str) -> float | None:
-    entry = kinds.get(kind)
-    return None if entry is None else entry["logp_end"] - entry["logp_start"]
-
-
-def checks(summary: Mapping[str, Any], trainer: str | None) -> dict[str, bool]:
-    """The signature of each demo as named booleans (kinds that did not run are left out)."""
-    kinds = summary["kinds"]
-    change = {kind: _change(kinds, kind) for kind in kinds}
-    out: dict[str, bool] = {}
-    if trainer == "dpo" and "chosen" in kinds and "rejected" in kinds:
-        chosen = kinds["chosen"]
-        out["rejected_falls_more_than_chosen"] = change["rejected"] < change["chosen"]
-        out["chosen_end_below_start"] = change["chosen"] < 0
-        for kind in ("chosen_rephrase", "rejected_rephrase", "chosen_swapped", "irrelevant_train", "irrelevant_test"):
-            if kind in change:
-                out[f"{kind}_falls"] = change[kind] < 0
-        if "argmax_logp_peak" in summary:
-            out["argmax_peak_above_start"] = summary["argmax_logp_peak"] > summary["argmax_logp_start"]
-        if "greedy" in change:
-            out["greedy_end_above_start"] = change["greedy"] > 0
-        if "split_negative" in chosen:
-            out["negative_gradient_dominates_chosen_fall"] = chosen["split_negative"] < 0 and -chosen[
-                "split_negative"
-            ] > max(chosen["split_positive"], 0.0)
-    elif trainer == "sft" and "chosen" in kinds:
-        # Similar responses (same wording: the swapped fact, other training prompts' answers) rise less than chosen;
-        # text in wording SFT does not train (the toy's rephrases) and shuffled text fall. (`irrelevant_test`, a
-        # held-out prompt's answer, goes either way with the seed.)
-        out["chosen_rises"] = change["chosen"] > 0
-        for kind in ("chosen_swapped", "irrelevant_train"):
-            if kind in change:
-                out[f"{kind}_rises_less_than_chosen"] = 0 < change[kind] < change["chosen"]
-        for kind in ("chosen_rephrase", "shuffled_chosen", "shuffled_irrelevant"):
-            if kind in change:
-                out[f"{kind}_falls"] = change[kind] < 0
-    elif trainer == "grpo" and "lld" in summary:
-        out["some_groups_displaced"] = (summary["lld"]["frac_groups_negative"] or 0.0) > 0
-    return out
-
-
-def nthr_checks(plain: Mapping[str, Any], nthr: Mapping[str, Any]) -> dict[str, bool]:
-    """GRPO + NTHR against plain GRPO (same seed): less lazy likelihood displacement of the correct completions."""
-    plain_lld, nthr_lld = plain.get("lld") or {}, nthr.get("lld") or {}
-    if plain_lld.get("delta_observed_mean") is None or nthr_lld.get("delta_observed_mean") is None:
-        return {}
-    return {
-        "nthr_raises_mean_delta": nthr_lld["delta_observed_mean"] > plain_lld["delta_observed_mean"],
-        "nthr_fewer_displaced_groups": nthr_lld["frac_groups_negative"] < plain_lld["frac_groups_negative"],
-    }
-
-
-# ------------------------------------------------------------------------------------------------------- table
-
-_TABLE_KINDS_FIRST = ("chosen", "rejected", "completion", "greedy")
-
-
-def format_table(summary: Mapping[str, Any]) -> str:
-    """The start -> end (peak) table of a summary, one row per probe kind, as plain text."""
-    header = f"{'kind':<20} {'start':>9} {'end':>9} {'change':>9} {'peak':>9} {'pred +':>9} {'pred -':>9}"
-    lines = [header, "-" * len(header)]
-    kinds = summary["kinds"]
-    order = [k for k in _TABLE_KINDS_FIRST if k in kinds] + [k for k in kinds if k not in _TABLE_KINDS_FIRST]
-    for kind in order:
-        entry = kinds[kind]
-        positive = entry.get("split_positive")
-        negative = entry.get("split_negative")
-        lines.append(
-            f"{kind:<20} {entry['logp_start']:>9.2f} {entry['logp_end']:>9.2f} "
-            f"{entry['logp_end'] - entry['logp_start']:>+9.2f} {entry['logp_peak']:>9.2f} "
-            f"{_optional(positive):>9} {_optional(negative):>9}"
-        )
-    if "argmax_logp_start" in summary:
-        lines.append(
-            f"{'argmax (' + summary['argmax_kind'] + ')':<20} {summary['argmax_logp_start']:>9.2f} "
-            f"{summary['argmax_logp_end']:>9.2f} {summary['argmax_logp_end'] - summary['argmax_logp_start']:>+9.2f} "
-            f"{summary['argmax_logp_peak']:>9.2f}"
-        )
-    every = (summary.get("config") or {}).get("every_n_steps")
-    lines.append(
-        "log-probs: summed over the response, mean over the kind's probes (nats); peak: the highest value over the "
-        "run.\npred +/-: predicted change due to the positive-gradient (pulled-up) / negative-gradient (pushed-down) "
-        f"training tokens, summed over the {summary['analysed_steps']} analysed steps"
-        + (f" (one in {every})" if every else "")
-    )
-    return "\n".join(lines)
-
-
-def _optional(value: float | None) -> str:
-    return "" if value is None or not math.isfinite(value) else f"{value:+.2f}"
-
-
-def format_checks(checks_: Mapping[str, bool]) -> str:
-    return "\n".join(f"  [{'x' if ok else ' '}] {name.replace('_', ' ')}" for name, ok in checks_.items())
-
-
-# --------------------------------------------------------------------------------------------------------- run
 
 
 def run_demo(config: DemoConfig, stream: Any = None) -> dict[str, Any]:
@@ -521,8 +403,8 @@ def run_demo(config: DemoConfig, stream: Any = None) -> dict[str, Any]:
     summary (with `--nthr`, the baseline's, and the NTHR run's under `"nthr_run"`)."""
     stream = stream if stream is not None else sys.stdout
     config = config.resolved()
+    check_demo_requirements(config)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     if config.report_to == "wandb":  # the demo is offline: W&B too, unless WANDB_MODE says otherwise
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_PROJECT", "trl_ntk_demo")
@@ -546,51 +428,12 @@ def run_demo(config: DemoConfig, stream: Any = None) -> dict[str, Any]:
                 report_seconds=round(time.perf_counter() - start, 1),
             )
             if config.trainer == "grpo":
-                summary["reward"] = _reward_summary(timing["log_history"])
+                summary["reward"] = reward_summary(timing["log_history"])
             summaries[name] = summary
     summary = summaries[""]
     if config.nthr:
         summary["nthr_run"] = summaries["nthr"]
         summary["checks"].update(nthr_checks(summary, summaries["nthr"]))
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
-    _print_summary(summary, stream)
+    print_summary(summary, stream)
     return summary
-
-
-def _reward_summary(log_history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    rewards = [entry["reward"] for entry in log_history if "reward" in entry]
-    if not rewards:
-        return {}
-    return {"first": rewards[0], "last": rewards[-1], "mean": _mean(rewards)}
-
-
-def _print_summary(summary: Mapping[str, Any], stream: Any) -> None:
-    title = f"trl-ntk demo: {summary['trainer'].upper()} on the toy default, {summary['steps']} steps"
-    stream.write(f"\n{title} ({summary['train_seconds']:.0f} s training)\n\n{format_table(summary)}\n")
-    chosen = summary["kinds"].get("chosen", {})
-    if summary["trainer"] == "dpo" and "split_negative" in chosen:
-        stream.write(
-            f"\nwhy chosen moved (predicted, {summary['analysed_steps']} analysed steps): pulled up by the "
-            f"positive-gradient (chosen) tokens {chosen['split_positive']:+.2f}, pushed down by the "
-            f"negative-gradient (rejected) tokens {chosen['split_negative']:+.2f}\n"
-        )
-    if summary.get("checks"):
-        stream.write("\n" + format_checks(summary["checks"]) + "\n")
-    if "lld" in summary:
-        stream.write(_lld_line("GRPO", summary) + "\n")
-    if "nthr_run" in summary:
-        nthr = summary["nthr_run"]
-        stream.write(_lld_line("GRPO + NTHR", nthr) + "\n")
-        stream.write(f"\nNTHR report: {nthr['report']}\n")
-    stream.write(f"\nreport: {summary['report']}\n")
-    stream.flush()
-
-
-def _lld_line(name: str, summary: Mapping[str, Any]) -> str:
-    lld = summary.get("lld") or {}
-    reward = summary.get("reward") or {}
-    return (
-        f"{name:<12} LLD: mean delta {lld.get('delta_observed_mean', float('nan')):+.3f} over "
-        f"{lld.get('groups', 0)} groups, {100 * (lld.get('frac_groups_negative') or 0):.0f}% negative; "
-        f"reward {reward.get('first', float('nan')):.2f} -> {reward.get('last', float('nan')):.2f}"
-    )

@@ -24,76 +24,17 @@ from trl_ntk import __version__, _dist
 from trl_ntk._model import input_device, is_sharded
 from trl_ntk.analysis import dynamics, guard, sharded
 from trl_ntk.batches import TokenLabels, concat_token_batches
+from trl_ntk.config import DynamicsConfig, check_optional_dependencies, check_writable_dir, follow_trainer_log_level
 from trl_ntk.integration.adapters import adapter_for, label_step
 from trl_ntk.integration.capture import GradientCapture, add_entropy_residuals
 from trl_ntk.output import records
 from trl_ntk.output.sinks import make_sinks
+from trl_ntk.probes.datasets import default_probes
+from trl_ntk.probes.encoding import encode_tracked
 from trl_ntk.probes.probe_set import ProbeSet, sample_responses
 from trl_ntk.probes.scoring import score_responses
 
 logger = logging.getLogger(__name__)
-
-ATTRIBUTION_LEVELS = ("none", "sums", "tokens")
-
-
-@dataclass
-class DynamicsConfig:
-    """Options of `LearningDynamicsCallback`, logged as run config.
-
-    Args:
-        every_n_steps (`int`, *optional*, defaults to `50`): score the probes (and analyse the update) at every
-            optimizer step whose `global_step` is a multiple of this, and at the end of training.
-        attribution (`str`, *optional*, defaults to `"sums"`): `"none"` (track probe log-probs only, a few no-grad
-            forwards), `"sums"` (predicted vs observed change, sign / group splits: a few backwards and JVPs) or
-            `"tokens"` (adds, for every probe response, each training token's total push and the top-k pushing
-            tokens: one probe backward + one batch JVP per response; and the full probe-token x training-token
-            matrix for the responses of the first `matrix_prompts` probe prompts: about one batch JVP per token).
-        tokens_every_n_steps (`int`, *optional*): with `attribution="sums"`, run the `"tokens"` level on the
-            analysis steps that are multiples of this.
-        matrix_prompts (`int`, *optional*, defaults to `1`): at the tokens level, keep the full token x token
-            matrix (`.npz`) for the responses of this many probe prompts; `None`: for every response (the cost
-            then grows with the probe tokens, e.g. about 100 s of CPU per step for the demo's 1,400 probe tokens).
-        num_prompts (`int`, *optional*, defaults to `4`): prompts taken from the train dataset for default probes.
-        generate (`bool`, *optional*, defaults to `True`): track the model's own greedy response per probe prompt,
-            regenerated at every scoring step (kind `greedy`).
-        num_samples (`int`, *optional*, defaults to `0`): also track this many sampled responses per prompt.
-        sample_temperature (`float`, *optional*, defaults to `1.0`): temperature of those samples.
-        max_new_tokens (`int`, *optional*, defaults to `48`): generation length for sampled probes.
-        top_k (`int`, *optional*, defaults to `5`): training tokens listed per probe response ("tokens" level).
-        chunk_size (`int`, *optional*): parameter-sized tangents held at once by the kernels.
-        score_batch_size (`int`, *optional*, defaults to `32`): probe responses per scoring forward.
-        kernel_summaries (`bool`, *optional*, defaults to `False`): log-prob kernel and pNTK norms between probes
-            and the batch at "tokens" steps (two more `min(Mp, L)`-JVP passes).
-        strict (`bool`, *optional*, defaults to `False`): raise analysis failures instead of warning and counting.
-        seed (`int`, *optional*, defaults to `0`): probe selection and sampling seed.
-        output_dir (`str`, *optional*): where `dynamics.jsonl` goes; defaults to `<args.output_dir>/dynamics`.
-        report_to (`str` or `list[str]`, *optional*): trackers besides the JSONL; defaults to the trainer's
-            `args.report_to`.
-    """
-
-    every_n_steps: int = 50
-    attribution: str = "sums"
-    tokens_every_n_steps: int | None = None
-    matrix_prompts: int | None = 1
-    num_prompts: int = 4
-    generate: bool = True
-    num_samples: int = 0
-    sample_temperature: float = 1.0
-    max_new_tokens: int = 48
-    top_k: int = 5
-    chunk_size: int | None = None
-    score_batch_size: int = 32
-    kernel_summaries: bool = False
-    strict: bool = False
-    seed: int = 0
-    output_dir: str | None = None
-    report_to: str | list[str] | None = None
-
-    def __post_init__(self) -> None:
-        if self.attribution not in ATTRIBUTION_LEVELS:
-            raise ValueError(f"attribution must be one of {ATTRIBUTION_LEVELS}, got {self.attribution!r}")
-        if self.every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {self.every_n_steps}")
 
 
 @dataclass
@@ -134,6 +75,12 @@ class LearningDynamicsCallback(TrainerCallback):
         self.adapter = adapter_for(trainer)
         self.adapter.validate(trainer)
         _validate_parallelism(trainer, self.config)
+        self.output_dir = Path(self.config.output_dir or Path(trainer.args.output_dir) / "dynamics")
+        if self._is_main():
+            check_writable_dir(self.output_dir, "output_dir" if self.config.output_dir else "args.output_dir")
+        report_to = self.config.report_to if self.config.report_to is not None else trainer.args.report_to
+        check_optional_dependencies(report_to, heatmaps=self.config.tokens_level)
+        follow_trainer_log_level(trainer.args)
         model = self._model()
         _validate_adapter(model)
         self.setup_issues = guard.diagnose(trainer, model, replays_randomness=True)
@@ -146,14 +93,14 @@ class LearningDynamicsCallback(TrainerCallback):
             probes = self._default_probes(trainer)
         self.probes = probes
         self.max_length = _model_max_length(model)
-        self.encoded = probes.encode(tokenizer, max_length=self.max_length)
-        self.encoded.validate(model, tokenizer)
+        self.encoded = encode_tracked(
+            probes, tokenizer, model, max_length=self.max_length, generate=self.config.generate
+        )
         random_forward = any(issue.name in ("dropout", "neftune") for issue in self.setup_issues)
         self.capture = GradientCapture(
             model, temperature=self.adapter.temperature(trainer), record_randomness=random_forward
         )
         self._wrap_compute_loss(trainer)
-        self.output_dir = Path(self.config.output_dir or Path(trainer.args.output_dir) / "dynamics")
         self.sinks = None
         self.sampled: list = []
         self.sampled_step: int | None = None
@@ -169,19 +116,14 @@ class LearningDynamicsCallback(TrainerCallback):
         return self.trainer.accelerator.unwrap_model(self.trainer.model)
 
     def _default_probes(self, trainer: Any) -> ProbeSet:
-        dataset = trainer.train_dataset
-        if dataset is None:
-            raise ValueError("the trainer has no train_dataset to build default probes from; pass probes=ProbeSet(...)")
-        if self.adapter.kind == "dpo":
-            return ProbeSet.from_preference_dataset(
-                dataset,
-                self.tokenizer,
-                num_prompts=self.config.num_prompts,
-                seed=self.config.seed,
-                test_dataset=getattr(trainer, "eval_dataset", None) or None,
-            )
-        return ProbeSet.from_prompts(
-            dataset, self.tokenizer, num_prompts=self.config.num_prompts, seed=self.config.seed
+        return default_probes(
+            trainer.train_dataset,
+            self.tokenizer,
+            preference=self.adapter.kind == "dpo",
+            num_prompts=self.config.num_prompts,
+            seed=self.config.seed,
+            generate=self.config.generate,
+            test_dataset=(getattr(trainer, "eval_dataset", None) or None) if self.adapter.kind == "dpo" else None,
         )
 
     def _wrap_compute_loss(self, trainer: Any) -> None:
@@ -228,7 +170,8 @@ class LearningDynamicsCallback(TrainerCallback):
                 state.global_step,
                 [records.run_record(state.global_step, self.adapter.kind, asdict(self.config), _versions(), resumed)],
             )
-            self._emit(state.global_step, [records.probes_record(state.global_step, self.encoded, self.tokenizer)])
+            if self.encoded is not None:  # None: prompts only, the responses are generated at each scoring step
+                self._emit(state.global_step, [records.probes_record(state.global_step, self.encoded, self.tokenizer)])
         self._adopt_nthr_records()
 
     def _adopt_nthr_records(self) -> None:
@@ -297,7 +240,7 @@ class LearningDynamicsCallback(TrainerCallback):
     def _probe_batch(self, step: int):
         """The fixed probes plus the sampled ones of this scoring step (regenerated when due)."""
         if self.config.generate and self.sampled_step != step:
-            self.sampled = self._sample_on_main(step)
+            self.sampled = self._sample_or_keep_fixed(step)
             self.sampled_step = step
             if self.sampled:
                 encoded = ProbeSet.from_responses(self.probes.responses() + self.sampled).encode(
@@ -309,7 +252,26 @@ class LearningDynamicsCallback(TrainerCallback):
             return ProbeSet.from_responses(self.probes.responses() + self.sampled).encode(
                 self.tokenizer, max_length=self.max_length
             )
+        if self.encoded is None:
+            raise RuntimeError("no probe responses to score: the model generated none for the probe prompts")
         return self.encoded
+
+    def _sample_or_keep_fixed(self, step: int) -> list:
+        """`_sample_on_main`; when generation fails (non-strict, with fixed probes to score) the failure is counted
+        and warned about, and the step goes on with the fixed probes alone. Every rank sees the same failure."""
+        try:
+            return self._sample_on_main(step)
+        except Exception as error:
+            if self.config.strict or self.encoded is None:
+                raise
+            self.analysis_failures += 1
+            self.last_failure = f"step {step}: probe generation: {type(error).__name__}: {error}"
+            warnings.warn(
+                f"learning-dynamics probe generation failed at {self.last_failure} (failure #"
+                f"{self.analysis_failures}); this step scores the fixed probes only",
+                stacklevel=2,
+            )
+            return []
 
     def _sample_on_main(self, step: int) -> list:
         """The model's own responses, generated on the main process and shared with the other ranks (DDP), so that
@@ -367,6 +329,7 @@ class LearningDynamicsCallback(TrainerCallback):
         self._emit(step, records.probe_records(step, encoded, scores))
 
     def _before_update(self, step: int, micro_batches: list, armed: bool) -> None:
+        logger.info("step %d: scoring the probes%s ...", step, " and explaining the update" if armed else "")
         encoded = self._probe_batch(step)
         before = self._score(encoded)
         self.last_scored_step = step

@@ -11,7 +11,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
@@ -24,12 +24,12 @@ from trl import GRPOTrainer
 
 from trl_ntk import _dist
 from trl_ntk._model import LogitTransform, unwrap_model
-from trl_ntk.ntk.nthr import NTHRStats, Vocab, check_weight_options, group_weights
+from trl_ntk.config import HiddenSource, NTHRConfig, Vocab
+from trl_ntk.ntk.nthr import NTHRStats, group_weights
 from trl_ntk.output import schema
 
 logger = logging.getLogger(__name__)
 
-HiddenSource = Literal["auto", "old_logps", "generation", "forward"]
 
 SUPPORTED_TRL = (Version("1.10"), Version("2.0"))
 """`NTHRCallback` wraps `GRPOTrainer` internals that are stable in this range (tested with trl 1.16): lower bound
@@ -127,55 +127,6 @@ def _gather_rows(accelerator: Any, index: Tensor, hidden: Tensor, ids: Tensor, m
 # ------------------------------------------------------------------------------------------------------------------
 # The callback.
 # ------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class NTHRConfig:
-    """Options of `NTHRCallback`, printable and loggable as run config.
-
-    Args:
-        beta (`float`, *optional*, defaults to `1.0`): threshold multiplier, `tau = beta * min s+bar`.
-        eta (`float` or `"auto"`, *optional*, defaults to `"auto"`): weight of the selected negative tokens; `"auto"`
-            is `2 |0.5 - p|` per group (see `token_weights`).
-        vocab (`str`, *optional*, defaults to `"group"`): `"group"` (the paper's restricted `alpha`) or `"full"`.
-        every_generation (`bool` or `int`, *optional*, defaults to `True`): `True` reweights every training
-            generation batch (as the paper); an integer `n` reweights every n-th one only (the others train on plain
-            advantages), trading the fix for less cost.
-        hidden_source (`str`, *optional*, defaults to `"auto"`): where the generating policy's final hidden states
-            come from: `"old_logps"` (captured during the no-grad forward TRL already runs for the old-policy
-            log-probs: `num_iterations > 1`, `steps_per_generation > gradient_accumulation_steps`, or vLLM importance
-            sampling), `"generation"` (captured during `generate`, from the decoding forwards; transformers
-            generation, single turn, text only), `"forward"` (one extra no-grad forward). `"auto"` takes the first
-            available in that order.
-        apply (`bool`, *optional*, defaults to `True`): `False` computes and logs everything but leaves the
-            advantages unchanged (measure-only).
-        chunk_size (`int`, *optional*, defaults to `512`): tokens per chunk in the hidden-reward computation.
-    """
-
-    beta: float = 1.0
-    eta: float | Literal["auto"] = "auto"
-    vocab: Vocab = "group"
-    every_generation: bool | int = True
-    hidden_source: HiddenSource = "auto"
-    apply: bool = True
-    chunk_size: int = 512
-
-    def __post_init__(self) -> None:
-        check_weight_options(self.beta, self.eta)
-        if self.vocab not in ("full", "group"):
-            raise ValueError(f"vocab must be 'full' or 'group', got {self.vocab!r}")
-        if self.hidden_source not in ("auto", "old_logps", "generation", "forward"):
-            raise ValueError(
-                f"hidden_source must be 'auto', 'old_logps', 'generation' or 'forward', got {self.hidden_source!r}"
-            )
-        if self.every_generation is not True and (
-            isinstance(self.every_generation, bool)
-            or not isinstance(self.every_generation, int)
-            or self.every_generation < 1
-        ):
-            raise ValueError(f"every_generation must be True or a positive integer, got {self.every_generation!r}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
 
 
 def nthr_record(step: int, stats: NTHRStats, seconds: float, path: str, time_fraction: float | None) -> dict[str, Any]:

@@ -304,3 +304,54 @@ def summary_lines(result: LookaheadResult, objective: str, top: int = 5) -> list
     if finite.numel():
         lines.append(f"median {finite.median():+.3e}, negative for {int((finite < 0).sum())} of {finite.numel()}")
     return lines if math.isfinite(float(values.sum())) else lines + ["warning: non-finite effects"]
+
+
+def toy_trainer(kind: str, output_dir: str | Path, *, num_rows: int = 64, model_path: str | None = None, **args: Any):
+    """A `DPOTrainer` or `SFTTrainer` on the offline toy preference data (its model, or the one at `model_path`),
+    with a plain-SGD-friendly configuration for scoring (no training is run here)."""
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from trl_ntk.demo import toy
+
+    if model_path is None:
+        model, tokenizer = toy.model_and_tokenizer(warmup=True if kind == "dpo" else "pretrain")
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path)
+    data = toy.preference_dataset(n=num_rows, seed=0)
+    common = {
+        "output_dir": str(output_dir),
+        "report_to": "none",
+        "use_cpu": not torch.cuda.is_available(),
+        "bf16": False,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "per_device_train_batch_size": 1,
+        "learning_rate": 1e-5,
+        **args,
+    }
+    if kind == "dpo":
+        return DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=data, processing_class=tokenizer)
+    data = data.select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
+    return SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer)
+
+
+def run_cli(args: Any) -> int:
+    """`trl-ntk lookahead`: score the toy (or `--model-path`) training rows and write `lookahead.jsonl`."""
+    output_dir = Path(args.output_dir)
+    trainer = toy_trainer(args.trainer, output_dir, num_rows=args.rows, model_path=args.model_path)
+    if args.checkpoint:
+        trainer.optimizer = load_optimizer_state(trainer, args.checkpoint)
+    result = score_trainer(
+        trainer,
+        view=args.view,
+        lr=args.lr,
+        by_probe=args.by_probe,
+        batch_size=args.batch_size,
+        max_examples=args.max_examples,
+    )
+    path = result.write_jsonl(output_dir / "lookahead.jsonl")
+    objective = "chosen" if "chosen" in result.effects.names else result.effects.names[0]
+    print("\n".join([*summary_lines(result, objective), f"wrote {path}"]))
+    return 0

@@ -6,6 +6,7 @@ Usage:
     trl-ntk demo --trainer sft --output-dir sft_demo
     trl-ntk demo --trainer grpo --nthr --report-to wandb
     trl-ntk report trl_ntk_demo/dynamics           # -> trl_ntk_demo/dynamics/report.html
+    trl-ntk lookahead --trainer dpo                # score every toy training pair before training
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trl-ntk", description="Learning dynamics of TRL fine-tuning, token by token (eNTK x gradient)."
     )
     parser.add_argument("-v", "--version", action="version", version=f"trl-ntk {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{demo,report}")
+    commands = parser.add_subparsers(dest="command", metavar="{demo,report,lookahead}")
     commands.required = True
 
     demo = commands.add_parser(
@@ -133,7 +134,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the self-contained HTML report of a run folder (see `trl-ntk report -h`)",
         add_help=False,
     )
+    _add_lookahead_parser(commands)
     return parser
+
+
+def _add_lookahead_parser(commands: argparse._SubParsersAction) -> None:
+    lookahead = commands.add_parser(
+        "lookahead",
+        help="predict, before training, what one step on each training example does to the probe responses",
+        description=(
+            "Score every training example by the predicted first-order change of each probe kind's log-prob after "
+            "one step on it (the trainer's own loss, one JVP per probe direction). Writes lookahead.jsonl."
+        ),
+    )
+    lookahead.add_argument("--trainer", choices=("dpo", "sft"), default="dpo", help="which TRL trainer's loss")
+    lookahead.add_argument("--output-dir", default="trl_ntk_lookahead", help="output folder")
+    lookahead.add_argument("--max-examples", type=_positive_int, default=None, help="score the first N rows only")
+    lookahead.add_argument("--rows", type=_positive_int, default=64, help="toy training rows to build")
+    lookahead.add_argument("--model-path", default=None, help="a local model folder instead of the toy model")
+    lookahead.add_argument("--view", choices=("sgd", "adam"), default="sgd", help="optimizer view of the step")
+    lookahead.add_argument("--checkpoint", default=None, help="Trainer checkpoint folder with optimizer.pt (adam)")
+    lookahead.add_argument("--lr", type=_positive_float, default=None, help="SGD view learning rate")
+    lookahead.add_argument("--batch-size", type=_positive_int, default=1, help="examples per scored step")
+    lookahead.add_argument("--by-probe", action="store_true", help="also score every probe response")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "lookahead":
+        from trl_ntk.analysis.lookahead_trainer import run_cli
+
+        return run_cli(args)
     if args.nthr and args.trainer != "grpo":
         parser.error("--nthr applies to --trainer grpo only")
     from trl_ntk.demo.run import DemoConfig, check_demo_requirements, run_demo

@@ -1,0 +1,357 @@
+"""Score every example of a TRL trainer's train dataset by the predicted effect of one step on it (look-ahead).
+
+The gradient signal `c_l` of each batch comes from the trainer's own `compute_loss` (every DPO `loss_type`, SFT as
+configured), read by `GradientCapture` during a backward that stops at the unembedding; no loss is re-implemented.
+The probe directions and the per-example sums are in `trl_ntk.analysis.lookahead`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from trl_ntk.analysis import lookahead
+from trl_ntk.batches import TokenBatch, concat_token_batches
+from trl_ntk.integration.adapters import adapter_for, label_step
+from trl_ntk.integration.capture import GradientCapture
+from trl_ntk.probes.probe_set import ProbeSet
+
+logger = logging.getLogger(__name__)
+
+_TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "messages", "text")
+
+
+@dataclass
+class LookaheadConfig:
+    """Options of `score_trainer`.
+
+    Args:
+        view (`str`, *optional*, defaults to `"sgd"`): `"sgd"` (`P = lr`) or `"adam"` (the preconditioner of the
+            trainer's optimizer state; see `lookahead.adam_view`).
+        lr (`float`, *optional*): the SGD view's learning rate; defaults to `trainer.args.learning_rate`.
+        by_probe (`bool`, *optional*, defaults to `False`): also score every probe response on its own.
+        batch_size (`int`, *optional*, defaults to `1`): examples per scored step. `1`: the effect of a step on the
+            example alone; `B`: its share of a step on its batch of `B` consecutive examples (no accumulation).
+        max_examples (`int`, *optional*): score the first `max_examples` rows only.
+        jvp_rows (`int`, *optional*, defaults to `32`): training sequences per JVP (several batches are joined).
+        text_chars (`int`, *optional*, defaults to `200`): length of the text excerpt of each example.
+    """
+
+    view: str = "sgd"
+    lr: float | None = None
+    by_probe: bool = False
+    batch_size: int = 1
+    max_examples: int | None = None
+    jvp_rows: int = 32
+    text_chars: int = 200
+
+    def __post_init__(self) -> None:
+        if self.view not in ("sgd", "adam"):
+            raise ValueError(f"view must be 'sgd' or 'adam', got {self.view!r}")
+        if self.batch_size < 1 or self.jvp_rows < 1:
+            raise ValueError("batch_size and jvp_rows must be >= 1")
+
+
+@dataclass
+class LookaheadResult:
+    """What `score_trainer` computed.
+
+    Args:
+        effects (`ExampleEffects`): `[N, R]` predicted change of every probe objective per example.
+        indices (`list[int]`): the train-dataset row of each example.
+        texts (`list[dict]`): a text excerpt per example (its prompt / chosen / rejected / completion columns).
+        meta (`dict`): the optimizer view and its parameters, the trainer kind, and the `history` effect (the
+            change the optimizer's step would make regardless of the example; Adam view only).
+    """
+
+    effects: lookahead.ExampleEffects
+    indices: list[int]
+    texts: list[dict[str, str]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One header record (`type: "lookahead_run"`) and one `type: "lookahead"` record per example."""
+        ranks = self.effects.ranks()
+        names = self.effects.names
+        out: list[dict[str, Any]] = [{"type": "lookahead_run", **self.meta, "objectives": names}]
+        for row, index in enumerate(self.indices):
+
+            def values(tensor: Tensor, row: int = row) -> dict[str, float]:
+                return {name: float(tensor[row, col]) for col, name in enumerate(names)}
+
+            out.append(
+                {
+                    "type": "lookahead",
+                    "index": index,
+                    "text": self.texts[row],
+                    "effect": values(self.effects.total),
+                    "positive_gradient": values(self.effects.positive),
+                    "negative_gradient": values(self.effects.negative),
+                    "rank": {name: int(ranks[row, col]) for col, name in enumerate(names)},
+                }
+            )
+        return out
+
+    def write_jsonl(self, path: str | Path) -> Path:
+        """Write `records()` to `path` (one JSON object a line)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as handle:
+            for record in self.records():
+                handle.write(json.dumps(record) + "\n")
+        return path
+
+
+def load_optimizer_state(trainer: Any, checkpoint: str | Path) -> Any:
+    """Create the trainer's optimizer and load `checkpoint/optimizer.pt` into it (a `Trainer` checkpoint folder);
+    returns the optimizer. Learning rates are the checkpoint's (the scheduler is not stepped)."""
+    path = Path(checkpoint) / "optimizer.pt"
+    if not path.is_file():
+        raise ValueError(f"no optimizer state at {path}; pass a Trainer checkpoint folder (checkpoint-<step>)")
+    optimizer = trainer.create_optimizer()
+    optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return optimizer
+
+
+def _default_probes(trainer: Any, kind: str) -> ProbeSet:
+    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    if kind == "dpo":
+        return ProbeSet.from_preference_dataset(trainer.train_dataset, tokenizer, num_prompts=8, seed=0)
+    return ProbeSet.from_prompts(trainer.train_dataset, tokenizer, num_prompts=8, seed=0)
+
+
+def _excerpt(row: Mapping[str, Any], chars: int) -> dict[str, str]:
+    out = {}
+    for column in _TEXT_COLUMNS:
+        if column in row and row[column] is not None:
+            value = row[column]
+            text = value if isinstance(value, str) else " | ".join(str(m.get("content", m)) for m in value)
+            out[column] = text if len(text) <= chars else text[: chars - 3] + "..."
+    return out
+
+
+def _preconditioner(trainer: Any, model: nn.Module, config: LookaheadConfig) -> tuple[dict, Any, dict[str, Any]]:
+    """`(P, history or None, meta)` for the configured view."""
+    if config.view == "sgd":
+        lr = float(config.lr if config.lr is not None else trainer.args.learning_rate)
+        names = list(lookahead.trainable_named_params(model))
+        return lookahead.sgd_view(model, lr, params=names), None, {"view": "sgd", "lr": lr}
+    optimizer = trainer.optimizer
+    if optimizer is None:
+        raise ValueError("the Adam view needs the trainer's optimizer state: train first or load_optimizer_state()")
+    inner = getattr(optimizer, "optimizer", optimizer)
+    split = lookahead.adam_view(optimizer, model)
+    steps = [float(s["step"]) for s in inner.state.values() if "step" in s]
+    meta = {
+        "view": "adam",
+        "optimizer": type(inner).__name__,
+        "optimizer_step": int(max(steps)) if steps else 0,
+        "lr": [float(g["lr"]) for g in inner.param_groups],
+    }
+    return split.preconditioner, split.history, meta
+
+
+def _capture_batch(trainer: Any, model: nn.Module, capture: GradientCapture, inputs: dict) -> list:
+    """Run the trainer's loss on `inputs` and a backward to the unembedding only; return the captured micro-batches."""
+    capture.arm()
+    capture.begin_loss_call(inputs)
+    with torch.enable_grad():
+        loss = trainer.compute_loss(model, inputs)
+        head = model.get_output_embeddings().weight
+        torch.autograd.grad(loss, [head], allow_unused=True)
+    return capture.disarm()
+
+
+def _inputs(trainer: Any, rows: list[int], device: torch.device) -> dict:
+    features = [trainer.train_dataset[i] for i in rows]
+    batch = trainer.data_collator(features)
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def score_trainer(
+    trainer: Any, probes: ProbeSet | None = None, config: LookaheadConfig | None = None, **options: Any
+) -> LookaheadResult:
+    """Predicted first-order effect of one step on each train-dataset example on every probe kind.
+
+    Usage:
+    ```python
+    >>> trainer = DPOTrainer(...)
+    >>> result = score_trainer(trainer, view="sgd", max_examples=200)
+    >>> result.write_jsonl("lookahead.jsonl")
+    >>> kept = lookahead.curate(raw_dataset, result.effects, "chosen", fraction=0.1, indices=result.indices)
+    ```
+
+    Args:
+        trainer (`SFTTrainer` or `DPOTrainer`): built by the user (its dataset, collator, loss type, optimizer).
+        probes (`ProbeSet`, *optional*): defaults to 8 prompts of the train dataset (as the callback builds them).
+        config (`LookaheadConfig`, *optional*): options; keyword arguments override its fields.
+
+    Cost: `R` probe backwards, then per batch of `jvp_rows` sequences one trainer loss forward (+ a backward to the
+    unembedding) per scored step and one JVP per probe direction. The model's train/eval mode is restored.
+    """
+    config = LookaheadConfig(**{**(asdict(config) if config else {}), **options})
+    adapter = adapter_for(trainer)
+    adapter.validate(trainer)
+    if adapter.kind not in ("sft", "dpo"):
+        raise ValueError(f"look-ahead scores SFT and DPO datasets; got a {adapter.kind} trainer")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    device = next(model.parameters()).device
+    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    encoded = (probes or _default_probes(trainer, adapter.kind)).encode(tokenizer)
+    probe_batch = encoded.batch.to(device)
+    names, weights = lookahead.probe_weights(encoded, by="kind")
+    if config.by_probe:
+        probe_names, probe_rows = lookahead.probe_weights(encoded, by="probe")
+        names, weights = names + probe_names, torch.cat([weights, probe_rows])
+    count = len(trainer.train_dataset)
+    count = count if config.max_examples is None else min(count, config.max_examples)
+    was_training = model.training
+    model.eval()
+    capture = GradientCapture(model, temperature=adapter.temperature(trainer))
+    try:
+        preconditioner, history, meta = _preconditioner(trainer, model, config)
+        directions = lookahead.probe_directions(
+            model, probe_batch, weights, names, preconditioner, view=config.view, params=list(preconditioner)
+        )
+        if history is not None:
+            change = lookahead.direction_effect(model, probe_batch, weights.to(device), history)
+            meta["history_effect"] = {name: float(v) for name, v in zip(names, change)}
+        effects = _score_rows(trainer, model, capture, adapter, directions, count, config, device)
+    finally:
+        capture.remove()
+        model.train(was_training)
+    meta.update(trainer=adapter.kind, batch_size=config.batch_size, num_examples=count, first_order=True)
+    texts = [_excerpt(trainer.train_dataset[i], config.text_chars) for i in range(count)]
+    return LookaheadResult(effects=effects, indices=list(range(count)), texts=texts, meta=meta)
+
+
+def _score_rows(
+    trainer: Any,
+    model: nn.Module,
+    capture: GradientCapture,
+    adapter: Any,
+    directions: lookahead.ProbeDirections,
+    count: int,
+    config: LookaheadConfig,
+    device: torch.device,
+) -> lookahead.ExampleEffects:
+    """Capture `c_l` batch by batch, join captured sequences up to `jvp_rows`, and JVP each joined batch."""
+    pending: list[tuple[TokenBatch, Tensor, Tensor]] = []
+    parts: list[lookahead.ExampleEffects] = []
+    first_pending = 0
+
+    def flush(upto: int) -> None:
+        nonlocal pending, first_pending
+        if not pending:
+            return
+        joinable = all(not batch.model_kwargs for batch, _, _ in pending)
+        groups = [pending] if joinable else [[item] for item in pending]
+        total = None
+        for group in groups:
+            batch = concat_token_batches([b for b, _, _ in group]) if len(group) > 1 else group[0][0]
+            coeffs = torch.cat([c for _, c, _ in group])
+            example = torch.cat([e for _, _, e in group]) - first_pending
+            part = lookahead.batch_effects(model, batch, coeffs, example, upto - first_pending, directions)
+            total = part if total is None else _add(total, part)
+        parts.append(total)
+        pending, first_pending = [], upto
+
+    rows_pending = 0
+    for start in range(0, count, config.batch_size):
+        rows = list(range(start, min(start + config.batch_size, count)))
+        micro_batches = _capture_batch(trainer, model, capture, _inputs(trainer, rows, device))
+        if capture.failures or not micro_batches:
+            raise RuntimeError(capture.failures[0] if capture.failures else "no training forward was captured")
+        for micro_batch, labels in zip(micro_batches, label_step(adapter, micro_batches)):
+            pending.append((micro_batch.batch, micro_batch.grad_coeffs, labels.example + start))
+            rows_pending += micro_batch.batch.input_ids.shape[0]
+        if rows_pending >= config.jvp_rows:
+            flush(rows[-1] + 1)
+            rows_pending = 0
+    flush(count)
+    return lookahead.concat_effects(parts)
+
+
+def _add(left: lookahead.ExampleEffects, right: lookahead.ExampleEffects) -> lookahead.ExampleEffects:
+    return lookahead.ExampleEffects(
+        names=left.names,
+        total=left.total + right.total,
+        positive=left.positive + right.positive,
+        negative=left.negative + right.negative,
+    )
+
+
+def summary_lines(result: LookaheadResult, objective: str, top: int = 5) -> list[str]:
+    """A few lines for the console: the view, then the most harmful and most helpful examples for `objective`."""
+    column = result.effects.column(objective)
+    values = result.effects.total[:, column]
+    order = values.argsort(stable=True).tolist()
+    lines = [f"view: {result.meta.get('view')}  examples: {len(result.indices)}  objective: {objective}"]
+    for label, picks in (("most harmful", order[:top]), ("most helpful", order[::-1][:top])):
+        lines.append(f"{label}:")
+        for row in picks:
+            text = next(iter(result.texts[row].values()), "") if result.texts[row] else ""
+            lines.append(f"  #{result.indices[row]:<5d} {values[row]:+.3e}  {text[:70]!r}")
+    finite = values[torch.isfinite(values)]
+    if finite.numel():
+        lines.append(f"median {finite.median():+.3e}, negative for {int((finite < 0).sum())} of {finite.numel()}")
+    return lines if math.isfinite(float(values.sum())) else lines + ["warning: non-finite effects"]
+
+
+def toy_trainer(kind: str, output_dir: str | Path, *, num_rows: int = 64, model_path: str | None = None, **args: Any):
+    """A `DPOTrainer` or `SFTTrainer` on the offline toy preference data (its model, or the one at `model_path`),
+    with a plain-SGD-friendly configuration for scoring (no training is run here)."""
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from trl_ntk.demo import toy
+
+    if model_path is None:
+        model, tokenizer = toy.model_and_tokenizer(warmup=True if kind == "dpo" else "pretrain")
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path)
+    data = toy.preference_dataset(n=num_rows, seed=0)
+    common = {
+        "output_dir": str(output_dir),
+        "report_to": "none",
+        "use_cpu": not torch.cuda.is_available(),
+        "bf16": False,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "per_device_train_batch_size": 1,
+        "learning_rate": 1e-5,
+        **args,
+    }
+    if kind == "dpo":
+        return DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=data, processing_class=tokenizer)
+    data = data.select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
+    return SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer)
+
+
+def run_cli(args: Any) -> int:
+    """`trl-ntk lookahead`: score the toy (or `--model-path`) training rows and write `lookahead.jsonl`."""
+    output_dir = Path(args.output_dir)
+    trainer = toy_trainer(args.trainer, output_dir, num_rows=args.rows, model_path=args.model_path)
+    if args.checkpoint:
+        trainer.optimizer = load_optimizer_state(trainer, args.checkpoint)
+    result = score_trainer(
+        trainer,
+        view=args.view,
+        lr=args.lr,
+        by_probe=args.by_probe,
+        batch_size=args.batch_size,
+        max_examples=args.max_examples,
+    )
+    path = result.write_jsonl(output_dir / "lookahead.jsonl")
+    objective = "chosen" if "chosen" in result.effects.names else result.effects.names[0]
+    print("\n".join([*summary_lines(result, objective), f"wrote {path}"]))
+    return 0

@@ -2,12 +2,13 @@
 
     python benchmarks/grpo_lld_task.py [--seeds 5] [--checkpoints 0,4,8] [--batches 2] [--json out.json]
 
-Per seed, a plain GRPO run (TRL `GRPOTrainer`, `loss_type="grpo"`, beta 0, AdamW, 8 prompts x 8 generations, sampling
-seed = the seed) on `trl_ntk.demo.reasoning` keeps the model and optimizer state at the `--checkpoints` steps. At each,
-`--batches` batches are generated once and three arms take one optimizer step from that same state on the same
-completions: plain (TRL's advantages); NTHR (advantages x `NTHRCallback`'s token weights, beta 1, eta "auto"); and
-positive-only (negative advantages set to 0). Per mixed group, `Delta = mean_{i in P} [ln pi'(y_i|x) - ln pi(y_i|x)]`
-over its correct completions (summed completion log-probs). Reported, with 95% t-intervals over seeds (per-seed means):
+Per seed, a plain GRPO run (TRL `GRPOTrainer`, `loss_type="grpo"`, beta 0, AdamW or `--optim`, 8 prompts x 8
+generations, sampling seed = the seed) on `trl_ntk.demo.reasoning` keeps the model and optimizer state at the
+`--checkpoints` steps. At each, `--batches` batches are generated once and three arms take one optimizer step from that
+same state on the same completions: plain (TRL's advantages); NTHR (advantages x `NTHRCallback`'s token weights, beta 1,
+eta "auto"); and positive-only (negative advantages set to 0). Per mixed group, `Delta = mean_{i in P} [ln pi'(y_i|x) -
+ln pi(y_i|x)]` over its correct completions (summed completion log-probs). Reported, with 95% t-intervals over seeds
+(per-seed means):
 
 - the fraction of mixed groups with Delta <= 0 and the mean / median Delta of the positives, per arm;
 - the displacement `Delta(positive-only) - Delta(plain)`: how much of the correct completions' change the wrong ones
@@ -48,7 +49,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def make_trainer(seed: int, steps: int, output_dir: str, lr: float):
+def make_trainer(seed: int, steps: int, output_dir: str, lr: float, optim: str = "adamw_torch"):
     """A plain GRPO trainer on the worked-arithmetic task (warm reasoning model)."""
     from trl import GRPOConfig, GRPOTrainer
 
@@ -62,6 +63,7 @@ def make_trainer(seed: int, steps: int, output_dir: str, lr: float):
         max_completion_length=32,
         temperature=1.0,
         learning_rate=lr,
+        optim=optim,
         lr_scheduler_type="constant",
         max_steps=steps,
         logging_steps=1,
@@ -133,10 +135,12 @@ def measure_checkpoint(trainer, measure, state, step: int, index: int, seed: int
     return rows
 
 
-def run_seed(seed: int, checkpoints: list[int], batches: int, lr: float, workdir: str) -> list[dict[str, Any]]:
+def run_seed(
+    seed: int, checkpoints: list[int], batches: int, lr: float, optim: str, workdir: str
+) -> list[dict[str, Any]]:
     from trl_ntk.integration.nthr import NTHRCallback
 
-    trainer = make_trainer(seed, max(checkpoints) + 1, f"{workdir}/seed-{seed}", lr)
+    trainer = make_trainer(seed, max(checkpoints) + 1, f"{workdir}/seed-{seed}", lr, optim)
     keeper = Snapshots(trainer, set(checkpoints))
     trainer.add_callback(keeper)
     trainer.train()
@@ -227,6 +231,7 @@ def main() -> None:
     parser.add_argument("--checkpoints", default="0,4,8", help="GRPO steps of the plain run to measure from")
     parser.add_argument("--batches", type=int, default=2, help="generated batches per checkpoint")
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--optim", default="adamw_torch", help="TRL/transformers optimizer name, e.g. sgd")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the per-group rows and per-seed statistics to this file")
     args = parser.parse_args()
@@ -237,12 +242,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         for seed in range(args.seeds):
             started = time.perf_counter()
-            seed_rows = run_seed(seed, checkpoints, args.batches, args.lr, workdir)
+            seed_rows = run_seed(seed, checkpoints, args.batches, args.lr, args.optim, workdir)
             rows += seed_rows
             per_seed.append(per_seed_stats(seed_rows))
             print(f"seed {seed}: {len(seed_rows)} mixed groups, {time.perf_counter() - started:.0f} s", flush=True)
     print(
-        f"\n== one-step LLD on the worked-arithmetic task: AdamW lr {args.lr}, checkpoints {checkpoints}, "
+        f"\n== one-step LLD on the worked-arithmetic task: {args.optim} lr {args.lr}, checkpoints {checkpoints}, "
         f"{args.batches} batches x {PROMPTS_PER_STEP} groups of {GROUP_SIZE}; NTHR beta 1, eta auto =="
     )
     print_tables(per_seed)

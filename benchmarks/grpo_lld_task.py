@@ -18,7 +18,7 @@ ln pi(y_i|x)]` over its correct completions (summed completion log-probs). Repor
   with Delta(plain) and with the displacement.
 
 NTHR's hyperparameters are the paper's defaults (Deng et al., "On the Effect of Negative Gradient in Group Relative
-Deep Reinforcement Optimization", NeurIPS 2025, Section 5, the NTHR method: threshold `tau = beta * min_i mean_k
+Deep Reinforcement Optimization", NeurIPS 2025, the section defining NTHR: threshold `tau = beta * min_i mean_k
 s(y_i,k)` over the positives with beta = 1, and the scale `eta = 2 |0.5 - p|` with p the group's success rate), as
 `NTHRCallback` implements them.
 """

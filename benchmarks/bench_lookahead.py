@@ -13,7 +13,7 @@ import time
 import torch
 
 from trl_ntk.analysis import lookahead
-from trl_ntk.analysis.lookahead_trainer import _default_probes, _inputs, score_trainer, toy_trainer
+from trl_ntk.integration.lookahead import _default_probes, _inputs, score_trainer, toy_trainer
 
 
 def naive_scores(trainer, directions: lookahead.ProbeDirections, count: int) -> torch.Tensor:

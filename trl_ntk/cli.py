@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "lookahead":
-        from trl_ntk.analysis.lookahead_trainer import run_cli
+        from trl_ntk.integration.lookahead import run_cli
 
         return run_cli(args)
     if args.nthr and args.trainer != "grpo":

@@ -11,7 +11,7 @@ import torch
 
 from tests.trainer_factory import dpo_trainer, sft_trainer
 from trl_ntk.analysis import lookahead
-from trl_ntk.analysis.lookahead_trainer import _default_probes, _inputs, score_trainer
+from trl_ntk.integration.lookahead import _default_probes, _inputs, score_trainer
 
 FACTORIES = {"dpo": dpo_trainer, "sft": sft_trainer}
 

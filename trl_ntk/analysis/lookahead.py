@@ -19,17 +19,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from trl_ntk._model import ParamSelection, TensorDict, select_params, trainable_parameters
 from trl_ntk.batches import TokenBatch
-from trl_ntk.ntk.kernels import (
-    ParamSelection,
-    StepSplit,
-    TensorDict,
-    logprob_grad,
-    logprob_jvp,
-    optimizer_step_split,
-    select_params,
-    sgd_preconditioner,
-)
+from trl_ntk.ntk.kernels import logprob_grad, logprob_jvp
+from trl_ntk.ntk.optim import StepSplit, optimizer_step_split, sgd_preconditioner, unwrap_optimizer
 from trl_ntk.probes.probe_set import EncodedProbes
 
 View = Literal["sgd", "adam"]
@@ -119,11 +112,6 @@ def probe_weights(encoded: EncodedProbes, *, by: Literal["kind", "probe"] = "kin
     return names, weights / counts[:, None]
 
 
-def trainable_named_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """`name -> parameter` for every parameter with `requires_grad=True` (the ones an optimizer updates)."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
 def sgd_view(model: nn.Module, lr: float, params: ParamSelection = None) -> TensorDict:
     """`P = lr` per selected parameter: the plain-SGD step `dw = -lr g`."""
     return sgd_preconditioner(select_params(model, params), lr)
@@ -141,10 +129,8 @@ def adam_view(optimizer: Any, model: nn.Module) -> StepSplit:
         ValueError: when an Adam optimizer has no second-moment state yet (before its first step `P` would be
             `lr / eps`): load a checkpoint's optimizer state or use the SGD view.
     """
-    named = trainable_named_params(model)
-    inner = optimizer
-    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
-        inner = inner.optimizer
+    named = trainable_parameters(model)
+    inner = unwrap_optimizer(optimizer)
     if isinstance(inner, torch.optim.Adam):
         missing = [name for name, p in named.items() if "exp_avg_sq" not in inner.state.get(p, {})]
         if missing:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trl_ntk._model import trainable_parameters
 from trl_ntk.analysis import lookahead
 from trl_ntk.batches import TokenBatch, concat_token_batches
 from trl_ntk.integration.adapters import adapter_for, label_step
@@ -142,7 +143,7 @@ def _preconditioner(trainer: Any, model: nn.Module, config: LookaheadConfig) -> 
     """`(P, history or None, meta)` for the configured view."""
     if config.view == "sgd":
         lr = float(config.lr if config.lr is not None else trainer.args.learning_rate)
-        names = list(lookahead.trainable_named_params(model))
+        names = list(trainable_parameters(model))
         return lookahead.sgd_view(model, lr, params=names), None, {"view": "sgd", "lr": lr}
     optimizer = trainer.optimizer
     if optimizer is None:

@@ -293,7 +293,7 @@ def test_a_forward_without_attention_mask_keeps_the_trainers_layout():
     from dataclasses import replace
 
     from trl_ntk.demo import toy
-    from trl_ntk.ntk import kernels
+    from trl_ntk.ntk import logprobs
 
     model, _ = toy.model_and_tokenizer(warmup="pretrain")
     model.eval()
@@ -307,6 +307,6 @@ def test_a_forward_without_attention_mask_keeps_the_trainers_layout():
     assert record.batch.model_kwargs == {"attention_mask": None}
     expected = torch.log_softmax(logits[0, :-1].detach(), -1).gather(-1, input_ids[0, 1:, None])[:, 0]
     expected = expected[record.batch.target_mask[0, 1:]]
-    assert torch.allclose(kernels.target_logprobs(model, record.batch), expected, atol=1e-5)
-    unbroken = kernels.target_logprobs(model, replace(record.batch, model_kwargs={}))
+    assert torch.allclose(logprobs.target_logprobs(model, record.batch), expected, atol=1e-5)
+    unbroken = logprobs.target_logprobs(model, replace(record.batch, model_kwargs={}))
     assert (unbroken - expected).abs().max() > 1e-2

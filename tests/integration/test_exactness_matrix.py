@@ -311,12 +311,6 @@ def test_sft_bf16_autocast_is_within_the_bf16_thresholds(tmp_path):
     assert dynamics and all(r["trusted"] for r in dynamics), dynamics[0]["trust_reason"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the observed change of the lld batch is scored with positions from the attention mask, while TRL trains "
-    "(and the prediction runs) with positions counted from 0 including the left padding; one position convention "
-    "for scoring, prediction and LLD makes this pass",
-)
 def test_grpo_lld_with_learned_positions_and_unequal_prompts_is_exact(tmp_path):
     records, _ = run(grpo(tmp_path, tiny_model("gpt2"), beta=0.0, max_steps=3))
     lld = [r for r in records if r["type"] == "lld" and abs(r["delta_observed"]) >= 2e-4]

@@ -320,3 +320,70 @@ def test_nthr_records_reach_the_dynamics_jsonl(tmp_path):
     nthr = [r for r in _records(tmp_path) if r["type"] == "nthr"]
     assert len(nthr) >= 1
     assert all(0.0 <= r["frac_downweighted"] <= 1.0 for r in nthr)
+
+
+def _package_hooks(model: torch.nn.Module) -> list[tuple[str, str, object]]:
+    """Every forward (pre-)hook on every module of `model` whose function comes from this package."""
+    found = []
+    for name, module in model.named_modules():
+        for kind in ("_forward_hooks", "_forward_pre_hooks"):
+            for hook in getattr(module, kind).values():
+                if getattr(hook, "__module__", "").startswith("trl_ntk"):
+                    found.append((name, kind, hook))
+    return found
+
+
+def test_training_end_removes_the_hooks_and_restores_compute_loss(tmp_path):
+    trainer = _make("sft", tmp_path, max_steps=2)
+    original = trainer.compute_loss
+    callback = LearningDynamicsCallback(trainer, every_n_steps=1, num_prompts=1, generate=False, strict=True)
+    assert _package_hooks(trainer.model) and trainer.compute_loss != original  # installed while training
+    trainer.add_callback(callback)
+    trainer.train()
+    assert _package_hooks(trainer.model) == []
+    assert "compute_loss" not in vars(trainer) and trainer.compute_loss == original
+    assert trainer.compute_loss.__func__ is type(trainer).compute_loss
+
+    # a second `train()` with the callback still attached installs it again and analyses again
+    trainer.train()
+    records = _records(tmp_path)
+    assert sum(r["type"] == "run" for r in records) >= 1
+    assert [r["step"] for r in records if r["type"] == "dynamics"][-1:] == [1]
+    assert _package_hooks(trainer.model) == [] and trainer.compute_loss == original
+
+
+def test_remove_is_idempotent_and_a_later_train_runs_as_without_the_callback(tmp_path):
+    plain = _make("sft", tmp_path / "plain", max_steps=2)
+    plain.train()
+    plain_first = _losses(plain)
+    plain.train()
+    plain_second = _losses(plain)[len(plain_first) :]
+
+    observed = _make("sft", tmp_path / "observed", max_steps=2)
+    original = observed.compute_loss
+    callback = LearningDynamicsCallback(observed, every_n_steps=1, num_prompts=1, generate=False, strict=True)
+    observed.add_callback(callback)
+    observed.train()
+    assert _losses(observed) == plain_first
+    callback.remove()
+    callback.remove()
+    assert _package_hooks(observed.model) == [] and observed.compute_loss == original
+    jsonl = tmp_path / "observed" / "dynamics" / "dynamics.jsonl"
+    written = jsonl.read_bytes()
+    observed.train()
+    assert _losses(observed)[len(plain_first) :] == plain_second
+    assert jsonl.read_bytes() == written  # the removed callback wrote nothing
+    for a, b in zip(plain.model.parameters(), observed.model.parameters()):
+        assert torch.equal(a, b)
+    assert _package_hooks(observed.model) == [] and observed.compute_loss == original
+
+
+def test_remove_before_training_leaves_the_trainer_untouched(tmp_path):
+    trainer = _make("sft", tmp_path, max_steps=1)
+    original = trainer.compute_loss
+    callback = LearningDynamicsCallback(trainer, every_n_steps=1, num_prompts=1, generate=False)
+    callback.remove()
+    trainer.add_callback(callback)
+    trainer.train()
+    assert _package_hooks(trainer.model) == [] and trainer.compute_loss == original
+    assert not (tmp_path / "dynamics" / "dynamics.jsonl").exists()

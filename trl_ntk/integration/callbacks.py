@@ -100,7 +100,10 @@ class LearningDynamicsCallback(TrainerCallback):
         self.capture = GradientCapture(
             model, temperature=self.adapter.temperature(trainer), record_randomness=random_forward
         )
-        self._wrap_compute_loss(trainer)
+        self._installed = False
+        self._capture_removed = False
+        self._removed = False
+        self._install()
         self.sinks = None
         self.sampled: list = []
         self.sampled_step: int | None = None
@@ -126,8 +129,19 @@ class LearningDynamicsCallback(TrainerCallback):
             test_dataset=(getattr(trainer, "eval_dataset", None) or None) if self.adapter.kind == "dpo" else None,
         )
 
-    def _wrap_compute_loss(self, trainer: Any) -> None:
-        """Tell the capture where each trainer micro-batch starts (its inputs name the tokens for the adapter)."""
+    def _install(self) -> None:
+        """Hook the model (`GradientCapture`) and wrap `trainer.compute_loss` so that the capture knows where each
+        trainer micro-batch starts (its inputs name the tokens for the adapter). A no-op when installed."""
+        if self._installed:
+            return
+        if self._capture_removed:  # uninstalled at the end of a previous `train()`: hook the model again
+            previous = self.capture
+            self.capture = GradientCapture(
+                self._model(), temperature=previous.temperature, record_randomness=previous.record_randomness
+            )
+            self._capture_removed = False
+        trainer = self.trainer
+        self._previous_compute_loss = vars(trainer).get("compute_loss")
         compute_loss = trainer.compute_loss
         capture = self.capture
 
@@ -135,7 +149,34 @@ class LearningDynamicsCallback(TrainerCallback):
             capture.begin_loss_call(inputs)
             return compute_loss(model, inputs, *args, **kwargs)
 
+        self._compute_loss_wrapper = compute_loss_with_capture
         trainer.compute_loss = compute_loss_with_capture
+        self._installed = True
+
+    def _uninstall(self) -> None:
+        """Remove the model hooks and restore `trainer.compute_loss` (unless something wrapped it again since, in
+        which case the wrapper stays and only passes through: the capture is never armed again)."""
+        if not self._installed:
+            return
+        self.capture.remove()
+        self._capture_removed = True
+        trainer = self.trainer
+        if vars(trainer).get("compute_loss") is self._compute_loss_wrapper:
+            if self._previous_compute_loss is None:
+                del trainer.compute_loss
+            else:
+                trainer.compute_loss = self._previous_compute_loss
+        self._installed = False
+
+    def remove(self) -> None:
+        """Remove the model hooks, restore `trainer.compute_loss` and close the sinks; the callback does nothing
+        afterwards (a later `train()` runs as without it). Idempotent; `on_train_end` uninstalls the same way but
+        installs again at the next `train()`."""
+        self._uninstall()
+        self._removed = True
+        if self.sinks is not None:
+            self.sinks.close()
+            self.sinks = None
 
     # -------------------------------------------------------------------------------------------- schedule
     def _due(self, step: int) -> bool:
@@ -149,6 +190,9 @@ class LearningDynamicsCallback(TrainerCallback):
 
     # -------------------------------------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, **kwargs):
+        if self._removed:
+            return
+        self._install()
         self.sharded = is_sharded(self._model())  # FSDP wraps the model when training starts
         if self.sharded and not getattr(self.trainer, "is_fsdp_enabled", False):
             raise ValueError(
@@ -186,31 +230,38 @@ class LearningDynamicsCallback(TrainerCallback):
         self._emit(int(record.get("step", self.trainer.state.global_step)), [record])
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if self._removed:
+            return
         if self.config.attribution != "none" and self._due(state.global_step):
             self.capture.arm()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         step = state.global_step
-        if not self._due(step):
+        if self._removed or not self._due(step):
             return
         armed = self.capture.armed
         micro_batches = self.capture.disarm() if armed else []
         self._guarded(step, self._before_update, step, micro_batches, armed)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.pending is None:
+        if self._removed or self.pending is None:
             return
         pending, self.pending = self.pending, None
         self._guarded(pending.step, self._after_update, pending)
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self._removed:
+            return
         step = state.global_step
-        if self.last_scored_step != step:
-            self._guarded(step, self._score_only, step)
-        if self.sinks is not None:
-            self._write_status(step)
-            self.sinks.close()
-            self.sinks = None
+        try:
+            if self.last_scored_step != step:
+                self._guarded(step, self._score_only, step)
+            if self.sinks is not None:
+                self._write_status(step)
+                self.sinks.close()
+                self.sinks = None
+        finally:
+            self._uninstall()  # the model and the trainer are left as they were found
 
     # ------------------------------------------------------------------------------------------ analysis
     def _guarded(self, step: int, fn, *args) -> None:

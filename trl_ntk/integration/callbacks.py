@@ -273,15 +273,20 @@ class LearningDynamicsCallback(TrainerCallback):
         except Exception as error:  # noqa: BLE001 - non-strict mode must never stop training
             self.pending = None
             self.capture.disarm()
-            self.analysis_failures += 1
-            self.last_failure = f"step {step}: {type(error).__name__}: {error}"
-            warnings.warn(
-                f"learning-dynamics analysis failed at {self.last_failure} (failure #{self.analysis_failures}); "
-                "training goes on, the count is in the status record",
-                stacklevel=2,
-            )
-            if self.analysis_failures == 1:
-                self._write_status(step)
+            self._count_failure(step, f"{type(error).__name__}: {error}", "training goes on")
+
+    def _count_failure(self, step: int, message: str, consequence: str, what: str = "analysis") -> None:
+        """Count one analysis failure, warn about it, and write a `status` record at the first one (so that the
+        count survives a crash of the training later on)."""
+        self.analysis_failures += 1
+        self.last_failure = f"step {step}: {message}"
+        warnings.warn(
+            f"learning-dynamics {what} failed at {self.last_failure} (failure #{self.analysis_failures}); "
+            f"{consequence}, the count is in the status record",
+            stacklevel=3,
+        )
+        if self.analysis_failures == 1:
+            self._write_status(step)
 
     def _write_status(self, step: int) -> None:
         """A `status` record with the counts so far (at the first failure, the first untrusted step, and the end)."""
@@ -315,13 +320,8 @@ class LearningDynamicsCallback(TrainerCallback):
         except Exception as error:
             if self.config.strict or self.encoded is None:
                 raise
-            self.analysis_failures += 1
-            self.last_failure = f"step {step}: probe generation: {type(error).__name__}: {error}"
-            warnings.warn(
-                f"learning-dynamics probe generation failed at {self.last_failure} (failure #"
-                f"{self.analysis_failures}); this step scores the fixed probes only",
-                stacklevel=2,
-            )
+            message = f"probe generation: {type(error).__name__}: {error}"
+            self._count_failure(step, message, "this step scores the fixed probes only", what="probe generation")
             return []
 
     def _sample_on_main(self, step: int) -> list:
@@ -524,8 +524,13 @@ class LearningDynamicsCallback(TrainerCallback):
         return self.trainer.accelerator.is_main_process
 
     def _emit(self, step: int, batch: list[dict]) -> None:
-        if self.sinks is not None and self._is_main():
-            self.sinks.write_event(step, batch)
+        if self.sinks is None or not self._is_main():
+            return
+        sinks = self.sinks
+        had_failed = any(sinks.failures.values())
+        sinks.write_event(step, batch)
+        if not had_failed and any(sinks.failures.values()):  # a sink's first failure: its count on record now
+            self._write_status(step)
 
 
 def _validate_parallelism(trainer: Any, config: DynamicsConfig) -> None:

@@ -105,13 +105,13 @@ def test_unwritable_output_folder_stops_the_demo_before_training(tmp_path, capsy
 
 
 def test_first_toy_build_is_announced(monkeypatch):
-    from trl_ntk.demo import toy
+    from trl_ntk.demo import toy_model
 
     stream = io.StringIO()
-    monkeypatch.setattr(toy, "_is_built", lambda folder, stage: False)
+    monkeypatch.setattr(toy_model, "_is_built", lambda folder, stage: False)
     run._announce_toy_build(True, stream)
     assert stream.getvalue().startswith("building the toy model (first use only")
-    monkeypatch.setattr(toy, "_is_built", lambda folder, stage: True)
+    monkeypatch.setattr(toy_model, "_is_built", lambda folder, stage: True)
     quiet = io.StringIO()
     run._announce_toy_build(True, quiet)
     assert quiet.getvalue() == ""

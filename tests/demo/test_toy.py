@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trl_ntk.demo import toy
+from trl_ntk.demo import toy, toy_data, toy_model
 
 RESPONSE_COLUMNS = ("chosen", "rejected", "chosen_rephrase", "rejected_rephrase", "chosen_swapped")
 
@@ -182,8 +182,8 @@ def test_random_stage_builds_into_a_fresh_cache_and_then_loads_without_rebuildin
 def _build_in_child(cache_dir: str, queue) -> None:
     """Child process body: load the random stage, report where from, its weights' sum and whether it built."""
     builds = []
-    build = toy._build
-    toy._build = lambda *args: (builds.append(args), build(*args))
+    build = toy_model._build
+    toy_model._build = lambda *args: (builds.append(args), build(*args))
     model, _ = toy.model_and_tokenizer(cache_dir, warmup=False)
     queue.put((model.name_or_path, model.get_input_embeddings().weight.double().sum().item(), len(builds)))
 
@@ -210,7 +210,9 @@ def test_cache_folder_name_follows_the_recipe(monkeypatch, tmp_path):
 
     before = toy.toy_cache_path(tmp_path)
     assert before.parent == tmp_path and before.name.startswith(f"toy-v{toy.RECIPE_VERSION}-")
-    monkeypatch.setattr(toy, "_RECIPE", dataclasses.replace(toy._RECIPE, sft_epochs=toy._RECIPE.sft_epochs + 1))
+    monkeypatch.setattr(
+        toy_model, "_RECIPE", dataclasses.replace(toy_model._RECIPE, sft_epochs=toy_model._RECIPE.sft_epochs + 1)
+    )
     assert toy.toy_cache_path(tmp_path) != before
     monkeypatch.setenv("TRL_NTK_CACHE", str(tmp_path / "elsewhere"))
     assert toy.toy_cache_path().parent == tmp_path / "elsewhere"
@@ -395,7 +397,7 @@ def test_sft_trainer_trains_on_assistant_tokens_only(tmp_path):
     )
     batch = next(iter(trainer.get_train_dataloader()))
     trained = tokenizer.decode(batch["input_ids"][0][batch["labels"][0] != -100])
-    assert trained.startswith(tuple(toy._OPENERS)) and trained.endswith("<|im_end|>\n")
+    assert trained.startswith(tuple(toy_data._OPENERS)) and trained.endswith("<|im_end|>\n")
     trainer.train()
 
 

@@ -22,6 +22,7 @@ import torch
 import transformers
 
 from trl_ntk.demo import toy
+from trl_ntk.demo.toy_data import _completion_text
 from trl_ntk.integration.callbacks import LearningDynamicsCallback
 
 _COMMON = {
@@ -145,7 +146,7 @@ def grpo(tmp: Path, model, **overrides: Any):
 
 def _distinct_characters(completions: list, **kwargs: Any) -> list[float]:
     """A reward that varies between the completions of a random-weight model (math rewards would all be 0)."""
-    return [float(len(set(toy._completion_text(c)))) for c in completions]
+    return [float(len(set(_completion_text(c)))) for c in completions]
 
 
 def run(trainer, probes=None, strict: bool = True, **options: Any) -> tuple[list[dict], list[str]]:

@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trl_ntk.demo import toy
+from trl_ntk.demo import toy, toy_model
+from trl_ntk.demo.toy_data import _Document
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -169,13 +170,7 @@ def reasoning_reward(prompts: list[Any], completions: list[Any], answer: list[An
         completions (`list[str]`): the completions (plain text; message lists are joined).
         answer (`list[int]`): the `answer` column, one per completion.
     """
-    if len(completions) != len(answer):
-        raise ValueError(f"got {len(completions)} completions but {len(answer)} answers")
-    rewards = []
-    for completion, expected in zip(completions, answer, strict=True):
-        stated = final_answer(toy._completion_text(completion))
-        rewards.append(1.0 if stated is not None and stated == int(expected) else 0.0)
-    return rewards
+    return toy.rewards_by_final_answer(completions, answer, final_answer)
 
 
 def steps_of(text: str) -> list[tuple[int, int, int]]:
@@ -196,14 +191,14 @@ def shared_token_fraction(wrong: Sequence[int], right: Sequence[Sequence[int]]) 
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _sft_documents(recipe: ReasoningRecipe, epoch: int) -> list[toy._Document]:
+def _sft_documents(recipe: ReasoningRecipe, epoch: int) -> list[_Document]:
     """One epoch: `sft_examples` fresh prompts, each with a solution whose steps slip with `slip_prob`."""
     rng = random.Random(f"reasoning-sft-{recipe.seed}-{epoch}")
     documents = []
     for _ in range(recipe.sft_examples):
         operands = _operands(rng)
         solution = solve(operands, rng, recipe.slip_prob)
-        documents.append(toy._Document(prompt_text(operands), solution.text + toy.IM_END))
+        documents.append(_Document(prompt_text(operands), solution.text + toy.IM_END))
     return documents
 
 
@@ -231,7 +226,7 @@ def _build(folder: Path, recipe: ReasoningRecipe, tokenizer: Qwen2Tokenizer) -> 
     """A fresh Qwen2 of the recipe's shape, completion-only SFT; saved atomically (with `tokenizer`) as `sft`."""
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with toy._single_thread(), torch.random.fork_rng(devices=[]):
+    with toy_model._single_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         model = toy.tiny_random_model(
             vocab_size=len(tokenizer),
@@ -245,12 +240,13 @@ def _build(folder: Path, recipe: ReasoningRecipe, tokenizer: Qwen2Tokenizer) -> 
         for config in (model.config, model.generation_config):
             config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         epochs = [
-            toy._encode(tokenizer, _sft_documents(recipe, e), loss_on_prompt=False) for e in range(recipe.sft_epochs)
+            toy_model._encode(tokenizer, _sft_documents(recipe, epoch), loss_on_prompt=False)
+            for epoch in range(recipe.sft_epochs)
         ]
-        loss = toy._train(
+        loss = toy_model._train(
             model, epochs, recipe.sft_batch_size, recipe.sft_lr, 0.0, tokenizer.pad_token_id, f"reasoning-{recipe.seed}"
         )
-        toy._save_stage(model, tokenizer, folder, "sft")
+        toy_model._save_stage(model, tokenizer, folder, "sft")
     logger.info("reasoning model built in %s (%.1f s, last-epoch loss %.3f)", folder, time.perf_counter() - start, loss)
 
 
@@ -270,10 +266,10 @@ def model_and_tokenizer(
         (eos `<|im_end|>`, pad `<|endoftext|>`).
     """
     folder = cache_path(cache_dir, recipe)
-    if not toy._is_built(folder, "sft"):
+    if not toy_model._is_built(folder, "sft"):
         _, tokenizer = toy.model_and_tokenizer(cache_dir, warmup="random")
-        with toy._IN_PROCESS_LOCK, toy._file_lock(folder.parent / f"{folder.name}.lock"):
-            if not toy._is_built(folder, "sft"):
+        with toy_model._IN_PROCESS_LOCK, toy_model._file_lock(folder.parent / f"{folder.name}.lock"):
+            if not toy_model._is_built(folder, "sft"):
                 _build(folder, recipe, tokenizer)
-    with toy._IN_PROCESS_LOCK:
-        return toy._load(folder / "sft")
+    with toy_model._IN_PROCESS_LOCK:
+        return toy_model._load(folder / "sft")

@@ -30,7 +30,7 @@ from trl_ntk.config import (
     check_optional_dependencies,
     check_writable_dir,
 )
-from trl_ntk.demo import toy
+from trl_ntk.demo import toy, toy_model
 from trl_ntk.demo.summary import (
     checks,
     format_checks,
@@ -389,8 +389,8 @@ def check_demo_requirements(config: DemoConfig) -> None:
 
 def _announce_toy_build(warmup: bool | str, stream: Any) -> None:
     """One line before the toy model's first build (about 30 s of CPU), so that the wait is explained."""
-    stage = toy._stage_of(warmup)
-    if not toy._is_built(toy.toy_cache_path(), stage):
+    stage = toy_model._stage_of(warmup)
+    if not toy_model._is_built(toy.toy_cache_path(), stage):
         print(
             f"building the toy model (first use only, about 30-60 s of CPU; cached in {toy.toy_cache_path()}) ...",
             file=stream,

@@ -230,24 +230,11 @@ class ProbeSet:
         max_length: int | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> EncodedProbes:
-        """Tokenize every response after its prompt, as TRL's DPO/SFT trainers tokenize their training data.
-
-        Conversational probes: `prompt_ids = apply_chat_template(prompt, add_generation_prompt=True)`, `ids =
-        apply_chat_template(prompt + response)`; plain text: `prompt_ids = tokenizer(prompt)`, `ids =
-        tokenizer(prompt + response)` with the eos token appended to the response unless it already ends with it.
-        The response tokens start where `prompt_ids` and `ids` diverge (TRL's `common_prefix_length`; DPO takes the
-        smaller of the chosen and rejected boundaries, which differ only for unusual chat templates). When the prompt
-        has no tokens (plain text without BOS), the first token is context and is not scored.
-
-        Args:
-            tokenizer (`PreTrainedTokenizerBase`): the trainer's `processing_class`.
-            max_length (`int`, *optional*): raise when a prompt + response is longer (no silent truncation).
-            chat_template_kwargs (`dict`, *optional*): extra keyword arguments for `apply_chat_template`, as the
-                trainer passes them (e.g. `chat_template=...`, `enable_thinking=False`).
+        """Tokenize every response after its prompt, as TRL's DPO/SFT trainers tokenize their training data
+        (`probes.encoding.encode_responses`, which documents the layout, the arguments and the result).
 
         Returns:
-            `EncodedProbes`: a right-padded `TokenBatch` `[N, T]` with one row per response (targets: the response
-            tokens only) and the aligned responses.
+            `EncodedProbes`: a right-padded `TokenBatch` `[N, T]`, one row per response, targets the response tokens.
         """
         from trl_ntk.probes.encoding import encode_responses
 
@@ -256,16 +243,7 @@ class ProbeSet:
         )
 
     @classmethod
-    def from_preference_dataset(
-        cls,
-        dataset: Any,
-        tokenizer: Any = None,
-        *,
-        num_prompts: int = 8,
-        seed: int = 0,
-        test_dataset: Any = None,
-        max_length: int | None = None,
-    ) -> ProbeSet:
+    def from_preference_dataset(cls, dataset: Any, tokenizer: Any = None, **options: Any) -> ProbeSet:
         """Probes from a TRL preference dataset (`prompt`/`chosen`/`rejected`, explicit or implicit prompt).
 
         For each of `num_prompts` prompts drawn with `seed` (reproducibly, in dataset order) the kinds are:
@@ -282,25 +260,15 @@ class ProbeSet:
             seed (`int`, *optional*, defaults to `0`): the draw, the irrelevant answers and the word orders.
             test_dataset (`datasets.Dataset` or `Sequence[dict]`, *optional*): held-out rows for `irrelevant_test`.
             max_length (`int`, *optional*): checked when `tokenizer` is given (see `encode`).
+
+        The options are keyword-only (`probes.datasets.preference_probes` builds the set).
         """
         from trl_ntk.probes.datasets import preference_probes
 
-        return preference_probes(
-            dataset, tokenizer, num_prompts=num_prompts, seed=seed, test_dataset=test_dataset, max_length=max_length
-        )
+        return preference_probes(dataset, tokenizer, **options)
 
     @classmethod
-    def from_prompts(
-        cls,
-        dataset: Any,
-        tokenizer: Any = None,
-        *,
-        num_prompts: int = 8,
-        seed: int = 0,
-        response_column: str | None = None,
-        test_dataset: Any = None,
-        max_length: int | None = None,
-    ) -> ProbeSet:
+    def from_prompts(cls, dataset: Any, tokenizer: Any = None, **options: Any) -> ProbeSet:
         """Probes from a GRPO prompt-only or an SFT dataset, with the reference answers a column gives.
 
         Formats (TRL's names): prompt-only (`prompt`, reference answer in `response_column`, e.g. `"answer"`);
@@ -326,15 +294,7 @@ class ProbeSet:
         """
         from trl_ntk.probes.datasets import prompt_probes
 
-        return prompt_probes(
-            dataset,
-            tokenizer,
-            num_prompts=num_prompts,
-            seed=seed,
-            response_column=response_column,
-            test_dataset=test_dataset,
-            max_length=max_length,
-        )
+        return prompt_probes(dataset, tokenizer, **options)
 
     def _check_unique_ids(self) -> None:
         seen: set[str] = set()

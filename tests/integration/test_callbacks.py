@@ -253,7 +253,7 @@ def test_sft_label_smoothing_prediction_adds_the_logit_residual_and_matches_the_
 
 
 def test_dpo_rejected_falls_and_its_fall_comes_from_the_negative_gradient(tmp_path):
-    # the probes' prompts are all in the step's batch, as in the seed's one-step picture
+    # the probes' prompts are all in the step's batch, as in the one-step picture of Ren and Sutherland's paper
     trainer = _make(
         "dpo",
         tmp_path,

@@ -228,17 +228,7 @@ def _build(folder: Path, recipe: ReasoningRecipe, tokenizer: Qwen2Tokenizer) -> 
     start = time.perf_counter()
     with toy_model._single_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        model = toy.tiny_random_model(
-            vocab_size=len(tokenizer),
-            hidden_size=recipe.hidden_size,
-            intermediate_size=recipe.intermediate_size,
-            num_hidden_layers=recipe.num_hidden_layers,
-            num_attention_heads=recipe.num_attention_heads,
-            num_key_value_heads=recipe.num_key_value_heads,
-            seed=recipe.seed,
-        )
-        for config in (model.config, model.generation_config):
-            config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        model = toy_model._build_random_model(recipe, tokenizer)  # the toy's initialisation, this shape
         epochs = [
             toy_model._encode(tokenizer, _sft_documents(recipe, epoch), loss_on_prompt=False)
             for epoch in range(recipe.sft_epochs)

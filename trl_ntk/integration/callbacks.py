@@ -21,7 +21,7 @@ import trl
 from transformers import TrainerCallback
 
 from trl_ntk import __version__, _dist
-from trl_ntk._model import input_device, is_sharded
+from trl_ntk._model import input_device, is_sharded, text_config
 from trl_ntk.analysis import dynamics, guard, sharded
 from trl_ntk.batches import TokenLabels, concat_token_batches
 from trl_ntk.config import DynamicsConfig, check_optional_dependencies, check_writable_dir, follow_trainer_log_level
@@ -630,9 +630,7 @@ def _warn_unreproduced(issues: list[guard.SetupIssue], config: DynamicsConfig) -
 
 
 def _model_max_length(model: torch.nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
-    return getattr(text_config, "max_position_embeddings", None)
+    return getattr(text_config(model), "max_position_embeddings", None)
 
 
 def _versions() -> dict[str, str]:

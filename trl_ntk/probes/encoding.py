@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trl_ntk._model import text_config
 from trl_ntk.batches import TokenBatch
 from trl_ntk.probes.responses import Conversation, ProbeResponse, PromptLike, is_conversation
 
@@ -165,9 +166,7 @@ class EncodedProbes:
                     f"probe {probe_response.probe_id!r} has token id {outside[0]} outside the model's vocabulary of "
                     f"{num_embeddings}; the tokenizer does not match the model"
                 )
-        config = getattr(model, "config", None)
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        max_positions = getattr(text_config, "max_position_embeddings", None)
+        max_positions = getattr(text_config(model), "max_position_embeddings", None)
         if max_positions is None:
             return
         for probe_response, context, response in zip(self.responses, self.context_ids, self.response_ids):

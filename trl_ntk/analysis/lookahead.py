@@ -270,3 +270,30 @@ def curate(
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
     return dataset.select([i for i in range(len(dataset)) for _ in range(1 if i in harmful else repeat)])
+
+
+# ----------------------------------------------------------------------------------------------- ranking drift
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two `[N]` score vectors (ties broken by position); NaN when `N < 2` or a vector
+    is constant."""
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"need two [N] vectors, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+    def rank(x: Tensor) -> Tensor:
+        r = x.argsort(stable=True).argsort().double()
+        return r - r.mean()
+
+    ra, rb = rank(a), rank(b)
+    denominator = float(ra.norm() * rb.norm())
+    if len(a) < 2 or denominator == 0 or float(a.max() - a.min()) == 0 or float(b.max() - b.min()) == 0:
+        return float("nan")
+    return float((ra * rb).sum()) / denominator
+
+
+def top_k_overlap(a: Tensor, b: Tensor, k: int) -> float:
+    """`|top_k(a) ∩ top_k(b)| / k` over the `k` most negative entries (the most harmful examples) of each."""
+    k = min(k, len(a))
+    if k < 1:
+        return float("nan")
+    first = set(a.argsort(stable=True)[:k].tolist())
+    return len(first & set(b.argsort(stable=True)[:k].tolist())) / k

@@ -7,22 +7,29 @@ The probe directions and the per-example sums are in `trl_ntk.analysis.lookahead
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import math
-from collections.abc import Mapping
+import time
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import TrainerCallback
 
 from trl_ntk._model import trainable_parameters
 from trl_ntk.analysis import lookahead
 from trl_ntk.batches import TokenBatch, concat_token_batches
 from trl_ntk.integration.adapters import adapter_for, label_step
 from trl_ntk.integration.capture import GradientCapture
+from trl_ntk.output import schema
+from trl_ntk.output.sinks import make_sinks
 from trl_ntk.probes.probe_set import ProbeSet
 
 logger = logging.getLogger(__name__)
@@ -44,6 +51,8 @@ class LookaheadConfig:
         max_examples (`int`, *optional*): score the first `max_examples` rows only.
         jvp_rows (`int`, *optional*, defaults to `32`): training sequences per JVP (several batches are joined).
         text_chars (`int`, *optional*, defaults to `200`): length of the text excerpt of each example.
+        rows (`list[int]`, *optional*): score these train-dataset rows (in this order) instead of the first
+            `max_examples`.
     """
 
     view: str = "sgd"
@@ -53,6 +62,7 @@ class LookaheadConfig:
     max_examples: int | None = None
     jvp_rows: int = 32
     text_chars: int = 200
+    rows: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.view not in ("sgd", "adam"):
@@ -79,7 +89,7 @@ class LookaheadResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def records(self) -> list[dict[str, Any]]:
-        """One header record (`type: "lookahead_run"`) and one `type: "lookahead"` record per example."""
+        """One header record (`type: "lookahead_run"`) and one `type: "lookahead_example"` record per example."""
         ranks = self.effects.ranks()
         names = self.effects.names
         out: list[dict[str, Any]] = [{"type": "lookahead_run", **self.meta, "objectives": names}]
@@ -90,7 +100,7 @@ class LookaheadResult:
 
             out.append(
                 {
-                    "type": "lookahead",
+                    "type": "lookahead_example",
                     "index": index,
                     "text": self.texts[row],
                     "effect": values(self.effects.total),
@@ -212,8 +222,7 @@ def score_trainer(
     if config.by_probe:
         probe_names, probe_rows = lookahead.probe_weights(encoded, by="probe")
         names, weights = names + probe_names, torch.cat([weights, probe_rows])
-    count = len(trainer.train_dataset)
-    count = count if config.max_examples is None else min(count, config.max_examples)
+    rows = _rows(len(trainer.train_dataset), config)
     was_training = model.training
     model.eval()
     capture = GradientCapture(model, temperature=adapter.temperature(trainer))
@@ -225,13 +234,23 @@ def score_trainer(
         if history is not None:
             change = lookahead.direction_effect(model, probe_batch, weights.to(device), history)
             meta["history_effect"] = {name: float(v) for name, v in zip(names, change)}
-        effects = _score_rows(trainer, model, capture, adapter, directions, count, config, device)
+        effects = _score_rows(trainer, model, capture, adapter, directions, rows, config, device)
     finally:
         capture.remove()
         model.train(was_training)
-    meta.update(trainer=adapter.kind, batch_size=config.batch_size, num_examples=count, first_order=True)
-    texts = [_excerpt(trainer.train_dataset[i], config.text_chars) for i in range(count)]
-    return LookaheadResult(effects=effects, indices=list(range(count)), texts=texts, meta=meta)
+    meta.update(trainer=adapter.kind, batch_size=config.batch_size, num_examples=len(rows), first_order=True)
+    texts = [_excerpt(trainer.train_dataset[i], config.text_chars) for i in rows]
+    return LookaheadResult(effects=effects, indices=rows, texts=texts, meta=meta)
+
+
+def _rows(size: int, config: LookaheadConfig) -> list[int]:
+    """The train-dataset rows to score: `config.rows`, else the first `max_examples` (all by default)."""
+    if config.rows is None:
+        return list(range(size if config.max_examples is None else min(size, config.max_examples)))
+    rows = [int(r) for r in config.rows]
+    if any(not 0 <= r < size for r in rows):
+        raise ValueError(f"rows must lie in [0, {size}) (the train dataset's rows)")
+    return rows
 
 
 def _score_rows(
@@ -240,11 +259,12 @@ def _score_rows(
     capture: GradientCapture,
     adapter: Any,
     directions: lookahead.ProbeDirections,
-    count: int,
+    rows: list[int],
     config: LookaheadConfig,
     device: torch.device,
 ) -> lookahead.ExampleEffects:
-    """Capture `c_l` batch by batch, join captured sequences up to `jvp_rows`, and JVP each joined batch."""
+    """Capture `c_l` batch by batch, join captured sequences up to `jvp_rows`, and JVP each joined batch. Examples
+    are numbered by their position in `rows`."""
     pending: list[tuple[TokenBatch, Tensor, Tensor]] = []
     parts: list[lookahead.ExampleEffects] = []
     first_pending = 0
@@ -265,17 +285,18 @@ def _score_rows(
         parts.append(total)
         pending, first_pending = [], upto
 
-    rows_pending = 0
+    rows_pending, count = 0, len(rows)
     for start in range(0, count, config.batch_size):
-        rows = list(range(start, min(start + config.batch_size, count)))
-        micro_batches = _capture_batch(trainer, model, capture, _inputs(trainer, rows, device))
+        positions = list(range(start, min(start + config.batch_size, count)))
+        inputs = _inputs(trainer, [rows[p] for p in positions], device)
+        micro_batches = _capture_batch(trainer, model, capture, inputs)
         if capture.failures or not micro_batches:
             raise RuntimeError(capture.failures[0] if capture.failures else "no training forward was captured")
         for micro_batch, labels in zip(micro_batches, label_step(adapter, micro_batches)):
             pending.append((micro_batch.batch, micro_batch.grad_coeffs, labels.example + start))
             rows_pending += micro_batch.batch.input_ids.shape[0]
         if rows_pending >= config.jvp_rows:
-            flush(rows[-1] + 1)
+            flush(positions[-1] + 1)
             rows_pending = 0
     flush(count)
     return lookahead.concat_effects(parts)
@@ -287,6 +308,178 @@ def _add(left: lookahead.ExampleEffects, right: lookahead.ExampleEffects) -> loo
         total=left.total + right.total,
         positive=left.positive + right.positive,
         negative=left.negative + right.negative,
+    )
+
+
+class LookaheadCallback(TrainerCallback):
+    """Re-score the training data every `every_n_steps` optimizer steps at the current weights and optimizer state,
+    and write the ranking's drift to the sinks (a `lookahead` record per scoring, `docs/output-format.md`).
+
+    Usage:
+    ```python
+    >>> trainer = DPOTrainer(...)
+    >>> trainer.add_callback(LookaheadCallback(trainer, every_n_steps=50, sample_size=256))
+    >>> trainer.train()  # <output_dir>/lookahead/dynamics.jsonl: one `lookahead` record per scoring
+    ```
+
+    The view is the optimizer's (`lookahead.adam_view`: AdamW's preconditioner, SGD's momentum) once it has state,
+    the SGD view at the current learning rate before. Scoring runs between steps (`on_step_end`) with its own gradient
+    capture and `torch.autograd.grad` (no `.grad` is touched), in eval mode, with the RNG state and the trainer's
+    logged metrics restored: training is the same with and without it. A failure is counted and warned about,
+    never raised (unless `strict`).
+
+    Args:
+        trainer (`SFTTrainer` or `DPOTrainer`): the trainer to follow (single process).
+        probes (`ProbeSet`, *optional*): defaults to 8 prompts of the train dataset.
+        every_n_steps (`int`, *optional*, defaults to `50`): scoring period in optimizer steps (and before step 1).
+        sample_size (`int`, *optional*): score a fixed random sample of this many rows (default: every row).
+        top_k (`int`, *optional*, defaults to `10`): size of the harmful set compared between scorings and logged.
+        output_dir (`str`, *optional*): run folder, default `<args.output_dir>/lookahead`.
+        report_to (`str` or `list[str]`, *optional*): the sinks, default `"none"` (the JSONL file only).
+        seed, strict: sample seed; raise scoring failures (tests).
+        **options: `LookaheadConfig` fields (`batch_size`, `jvp_rows`, `by_probe`, `text_chars`).
+    """
+
+    def __init__(
+        self,
+        trainer: Any,
+        probes: ProbeSet | None = None,
+        *,
+        every_n_steps: int = 50,
+        sample_size: int | None = None,
+        top_k: int = 10,
+        output_dir: str | Path | None = None,
+        report_to: Any = "none",
+        seed: int = 0,
+        strict: bool = False,
+        **options: Any,
+    ):
+        if every_n_steps < 1 or top_k < 1 or (sample_size is not None and sample_size < 1):
+            raise ValueError("every_n_steps, top_k and sample_size must be >= 1")
+        adapter = adapter_for(trainer)
+        if adapter.kind not in ("sft", "dpo"):
+            raise ValueError(f"look-ahead scores SFT and DPO datasets; got a {adapter.kind} trainer")
+        if getattr(trainer.args, "world_size", 1) > 1:
+            raise ValueError("LookaheadCallback runs in a single process (it scores on the unwrapped model)")
+        self.trainer, self.every_n_steps, self.top_k, self.strict = trainer, every_n_steps, top_k, strict
+        self.config = LookaheadConfig(**options)
+        size = len(trainer.train_dataset)
+        rows = list(range(size))
+        if sample_size is not None and sample_size < size:
+            generator = torch.Generator().manual_seed(seed)
+            rows = sorted(torch.randperm(size, generator=generator)[:sample_size].tolist())
+        self.rows = rows
+        self.probes = probes or _default_probes(trainer, adapter.kind)
+        self.output_dir = Path(output_dir or Path(trainer.args.output_dir) / "lookahead")
+        self.report_to = report_to
+        self.sinks = None
+        self.previous: LookaheadResult | None = None
+        self.history: list[dict[str, Any]] = []
+        self.failures = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.sinks = make_sinks(self.report_to, self.output_dir, trainer=self.trainer)
+        if state.global_step % self.every_n_steps == 0:
+            self._guarded(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every_n_steps == 0:
+            self._guarded(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.sinks is not None:
+            self.sinks.close()
+            self.sinks = None
+
+    def _guarded(self, step: int) -> None:
+        try:
+            self._score(step)
+        except Exception as error:  # noqa: BLE001 - the look-ahead must never stop training
+            if self.strict:
+                raise
+            self.failures += 1
+            warnings.warn(f"look-ahead scoring failed at step {step}: {type(error).__name__}: {error}", stacklevel=2)
+
+    def _score(self, step: int) -> None:
+        start = time.perf_counter()
+        with _untouched_trainer(self.trainer):
+            model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+            view, lr = _live_view(self.trainer.optimizer, model, self.trainer.args.learning_rate)
+            result = score_trainer(self.trainer, self.probes, self.config, view=view, lr=lr, rows=self.rows)
+        record = drift_record(step, result, self.previous, self.top_k, time.perf_counter() - start)
+        self.previous = result
+        self.history.append(record)
+        if self.sinks is not None:
+            self.sinks.write_event(step, [record])
+
+
+def _live_view(optimizer: Any, model: nn.Module, default_lr: float) -> tuple[str, float]:
+    """`("adam", lr)` once the optimizer can give its step split (an Adam with state, or SGD), else `("sgd", lr)` at
+    the optimizer's current learning rate (the scheduler's), or `default_lr` before it exists."""
+    if optimizer is None:
+        return "sgd", float(default_lr)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    lr = float(inner.param_groups[0]["lr"])
+    if isinstance(inner, torch.optim.Adam):
+        ready = all("exp_avg_sq" in inner.state.get(p, {}) for p in trainable_parameters(model).values())
+        return ("adam" if ready else "sgd"), lr
+    return ("adam" if isinstance(inner, torch.optim.SGD) else "sgd"), lr
+
+
+@contextlib.contextmanager
+def _untouched_trainer(trainer: Any) -> Iterator[None]:
+    """Restore the RNG states and the trainer's metric buffers (`compute_loss` appends to them) afterwards."""
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    saved = {name: copy.deepcopy(getattr(trainer, name)) for name in _METRIC_BUFFERS if hasattr(trainer, name)}
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        for name, value in saved.items():
+            setattr(trainer, name, value)
+
+
+_METRIC_BUFFERS = ("_metrics", "_total_train_tokens", "_stored_metrics")
+
+
+def drift_record(
+    step: int, result: LookaheadResult, previous: LookaheadResult | None, top_k: int, seconds: float
+) -> dict[str, Any]:
+    """The `lookahead` record of one scoring: per objective, the Spearman correlation and the top-`k` harmful
+    overlap with the previous scoring (None the first time), the `top_k` most harmful rows, the effect quantiles
+    (0, 10, 50, 90, 100%) and the fraction of negative effects."""
+    effects, names = result.effects, result.effects.names
+    spearman, overlap, harmful, quantiles, negative = {}, {}, {}, {}, {}
+    levels = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+    for col, name in enumerate(names):
+        values = effects.total[:, col]
+        same = previous is not None and previous.indices == result.indices and name in previous.effects.names
+        before = previous.effects.total[:, previous.effects.column(name)] if same else None
+        spearman[name] = lookahead.spearman(before, values) if before is not None else None
+        overlap[name] = lookahead.top_k_overlap(before, values, top_k) if before is not None else None
+        order = values.argsort(stable=True)[:top_k].tolist()
+        harmful[name] = [
+            {"index": result.indices[i], "effect": float(values[i]), "text": result.texts[i]} for i in order
+        ]
+        quantiles[name] = torch.quantile(values.double(), levels).tolist()
+        negative[name] = float((values < 0).double().mean())
+    return schema.lookahead_record(
+        step,
+        view=str(result.meta.get("view")),
+        num_examples=len(result.indices),
+        spearman=spearman,
+        top_k_overlap=overlap,
+        top_k=top_k,
+        objectives=names,
+        top_harmful=harmful,
+        quantiles=quantiles,
+        negative_fraction=negative,
+        optimizer_step=result.meta.get("optimizer_step"),
+        lr=result.meta.get("lr"),
+        seconds=seconds,
     )
 
 

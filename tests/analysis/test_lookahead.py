@@ -147,7 +147,9 @@ def test_sgd_prediction_matches_the_real_step_on_50_examples(tmp_path, kind):
     _sgd_accuracy(tmp_path, kind, n=50)
 
 
-def _adam_accuracy(tmp_path, kind: str, n: int, warm_steps: int, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _adam_accuracy(
+    tmp_path, kind: str, n: int, warm_steps: int, share: float, view: str = "adam"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Adam view vs the real AdamW step from a state trained for `warm_steps` steps, the example's gradient taken with
     weight `share` (1: a step on the example alone). Returns `(predicted, observed)` scaled back by `1 / share`."""
     trainer = FACTORIES[kind](
@@ -164,8 +166,8 @@ def _adam_accuracy(tmp_path, kind: str, n: int, warm_steps: int, share: float) -
     model = trainer.model.eval()
     optimizer = trainer.optimizer.optimizer
     encoded, probe_batch, names, weights = _probes(trainer, kind)
-    result = score_trainer(trainer, _default_probes(trainer, kind).select(names), view="adam")
-    assert result.meta["view"] == "adam" and result.meta["optimizer_step"] == warm_steps
+    result = score_trainer(trainer, _default_probes(trainer, kind).select(names), view=view)
+    assert result.meta["view"] == view and result.meta["optimizer_step"] == warm_steps
     state = copy.deepcopy(optimizer.state_dict())
 
     def adam_step(row: int | None) -> None:
@@ -193,6 +195,13 @@ def test_adam_view_ranks_real_adamw_steps_on_one_example_alone(tmp_path, kind):
         large = observed[:, col].abs() >= 0.1 * observed[:, col].abs().max()
         ratio = (observed[:, col] / predicted[:, col])[large]
         assert torch.all((ratio > 0.5) & (ratio <= 1.05)), ratio
+
+
+@pytest.mark.parametrize("kind", ["dpo", "sft"])
+def test_exact_adam_view_matches_real_adamw_steps_on_one_example_alone(tmp_path, kind):
+    """The optimizer's exact step on the example's own gradient (its `g^2` in `v_t` included), linear in the probe."""
+    predicted, observed = _adam_accuracy(tmp_path, kind, n=16, warm_steps=32, share=1.0, view="adam_exact")
+    _check_accuracy(predicted, observed, [str(c) for c in range(predicted.shape[1])])
 
 
 # ---------------------------------------------------------------------------------------- ranking, curation, output

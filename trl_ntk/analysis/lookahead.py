@@ -142,6 +142,30 @@ def adam_view(optimizer: Any, model: nn.Module) -> StepSplit:
     return optimizer_step_split(optimizer, named, grads=zeros)
 
 
+def exact_step_effect(
+    optimizer: Any,
+    named_params: Mapping[str, Tensor],
+    gradient: Mapping[str, Tensor],
+    probe_gradients: Sequence[Mapping[str, Tensor]],
+    baseline: Mapping[str, Tensor],
+) -> Tensor:
+    """`[R]`: `<grad O_r, dw(g) - dw(0)>`, the first-order probe change of the optimizer's exact step on gradient `g`
+    minus the step it takes without it (`baseline = dw(0)`, the `history` of `adam_view`).
+
+    `dw(g) = -P(g) g + history(g)` from `optimizer_step_split(optimizer, named_params, grads=g)`: for Adam(W) `P` and
+    `history` both carry `v_t = b2 v_{t-1} + (1 - b2) g^2`, so this is the real step, not its tangent at `g = 0`.
+    The step is elementwise in `g`, so it needs the example's own gradient: one backward per example, no JVP form.
+    Cost: two parameter-sized temporaries and `R` dot products.
+    """
+    split = optimizer_step_split(optimizer, named_params, grads=gradient)
+    out = torch.zeros(len(probe_gradients), dtype=torch.float64)
+    for name, g in gradient.items():
+        change = -split.preconditioner[name] * g.to(split.history[name].dtype) + split.history[name] - baseline[name]
+        for r, probe in enumerate(probe_gradients):
+            out[r] += float((probe[name].to(change.dtype) * change).sum())
+    return out
+
+
 def probe_directions(
     model: nn.Module,
     probe_batch: TokenBatch,

@@ -42,8 +42,9 @@ class LookaheadConfig:
     """Options of `score_trainer`.
 
     Args:
-        view (`str`, *optional*, defaults to `"sgd"`): `"sgd"` (`P = lr`) or `"adam"` (the preconditioner of the
-            trainer's optimizer state; see `lookahead.adam_view`).
+        view (`str`, *optional*, defaults to `"sgd"`): `"sgd"` (`P = lr`), `"adam"` (the preconditioner of the
+            trainer's optimizer state at `g -> 0`; see `lookahead.adam_view`) or `"adam_exact"` (the optimizer's exact
+            step on each example alone, one backward per example; `lookahead.exact_step_effect`).
         lr (`float`, *optional*): the SGD view's learning rate; defaults to `trainer.args.learning_rate`.
         by_probe (`bool`, *optional*, defaults to `False`): also score every probe response on its own.
         batch_size (`int`, *optional*, defaults to `1`): examples per scored step. `1`: the effect of a step on the
@@ -65,8 +66,10 @@ class LookaheadConfig:
     rows: list[int] | None = None
 
     def __post_init__(self) -> None:
-        if self.view not in ("sgd", "adam"):
-            raise ValueError(f"view must be 'sgd' or 'adam', got {self.view!r}")
+        if self.view not in ("sgd", "adam", "adam_exact"):
+            raise ValueError(f"view must be 'sgd', 'adam' or 'adam_exact', got {self.view!r}")
+        if self.view == "adam_exact" and self.batch_size != 1:
+            raise ValueError("view='adam_exact' scores a step on each example alone: batch_size must be 1")
         if self.batch_size < 1 or self.jvp_rows < 1:
             raise ValueError("batch_size and jvp_rows must be >= 1")
 
@@ -162,7 +165,7 @@ def _preconditioner(trainer: Any, model: nn.Module, config: LookaheadConfig) -> 
     split = lookahead.adam_view(optimizer, model)
     steps = [float(s["step"]) for s in inner.state.values() if "step" in s]
     meta = {
-        "view": "adam",
+        "view": config.view,
         "optimizer": type(inner).__name__,
         "optimizer_step": int(max(steps)) if steps else 0,
         "lr": [float(g["lr"]) for g in inner.param_groups],
@@ -228,13 +231,18 @@ def score_trainer(
     capture = GradientCapture(model, temperature=adapter.temperature(trainer))
     try:
         preconditioner, history, meta = _preconditioner(trainer, model, config)
+        if config.view == "adam_exact":
+            preconditioner = {name: torch.ones((), dtype=p.dtype) for name, p in preconditioner.items()}
         directions = lookahead.probe_directions(
             model, probe_batch, weights, names, preconditioner, view=config.view, params=list(preconditioner)
         )
         if history is not None:
             change = lookahead.direction_effect(model, probe_batch, weights.to(device), history)
             meta["history_effect"] = {name: float(v) for name, v in zip(names, change)}
-        effects = _score_rows(trainer, model, capture, adapter, directions, rows, config, device)
+        if config.view == "adam_exact":
+            effects = _score_exact(trainer, model, directions, history, rows, device)
+        else:
+            effects = _score_rows(trainer, model, capture, adapter, directions, rows, config, device)
     finally:
         capture.remove()
         model.train(was_training)
@@ -300,6 +308,30 @@ def _score_rows(
             rows_pending = 0
     flush(count)
     return lookahead.concat_effects(parts)
+
+
+def _score_exact(
+    trainer: Any,
+    model: nn.Module,
+    gradients: lookahead.ProbeDirections,
+    baseline: dict[str, Tensor],
+    rows: list[int],
+    device: torch.device,
+) -> lookahead.ExampleEffects:
+    """`view="adam_exact"`: per example, the trainer's gradient on it alone (one backward) stepped through the
+    optimizer's exact update (`lookahead.exact_step_effect`). The sign split is not defined for a non-linear step:
+    `positive` and `negative` are NaN."""
+    named = {name: p for name, p in trainable_parameters(model).items() if name in baseline}
+    total = torch.zeros(len(rows), len(gradients.names), dtype=torch.float64)
+    for position, row in enumerate(rows):
+        with torch.enable_grad():
+            loss = trainer.compute_loss(model, _inputs(trainer, [row], device))
+            grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
+        gradient = {n: g if g is not None else torch.zeros_like(p) for (n, p), g in zip(named.items(), grads)}
+        probes = gradients.directions
+        total[position] = lookahead.exact_step_effect(trainer.optimizer, named, gradient, probes, baseline)
+    nan = torch.full_like(total, float("nan"))
+    return lookahead.ExampleEffects(names=list(gradients.names), total=total, positive=nan, negative=nan.clone())
 
 
 def _add(left: lookahead.ExampleEffects, right: lookahead.ExampleEffects) -> lookahead.ExampleEffects:

@@ -235,6 +235,7 @@ def test_jsonl_records_and_cli_on_the_toy(tmp_path):
     from trl_ntk.cli import main
 
     assert main(["lookahead", "--trainer", "sft", "--output-dir", str(tmp_path), "--max-examples", "5"]) == 0
+    assert "Most harmful for" in (tmp_path / "lookahead.html").read_text()
     lines = [json.loads(line) for line in (tmp_path / "lookahead.jsonl").read_text().splitlines()]
     assert lines[0]["type"] == "lookahead_run" and lines[0]["view"] == "sgd" and lines[0]["trainer"] == "sft"
     examples = lines[1:]
@@ -244,3 +245,36 @@ def test_jsonl_records_and_cli_on_the_toy(tmp_path):
         for r in examples:
             split = r["positive_gradient"][objective] + r["negative_gradient"][objective]
             assert split == pytest.approx(r["effect"][objective], rel=1e-6, abs=1e-12)
+
+
+def test_report_section_shows_the_most_harmful_and_helpful_examples_with_their_text(tmp_path):
+    from trl_ntk.integration.lookahead import LookaheadResult
+    from trl_ntk.report.lookahead import build_lookahead_report, lookahead_panel
+
+    total = torch.tensor([[0.5, 1.0], [-3.0, 0.0], [0.1, -2.0], [2.0, 0.5]], dtype=torch.float64)
+    effects = lookahead.ExampleEffects(["chosen", "rejected"], total, total.clamp(min=0), total.clamp(max=0))
+    texts = [{"prompt": f"question {i}", "chosen": f"answer <{i}>"} for i in range(4)]
+    result = LookaheadResult(effects, [10, 11, 12, 13], texts, {"view": "sgd", "trainer": "dpo"})
+    page = build_lookahead_report(result.write_jsonl(tmp_path / "lookahead.jsonl")).read_text()
+    harmful, helpful = page.index("Most harmful for chosen"), page.index("Most helpful for chosen")
+    assert harmful < page.index("answer &lt;1&gt;") < helpful < page.index("answer &lt;3&gt;")
+    assert (
+        page.index("answer &lt;3&gt;") < page.index("answer &lt;0&gt;") < page.index("<h3>Distribution of the effects")
+    )
+    assert "1 of 4 examples are predicted to lower it" in page
+    panel = lookahead_panel(result.records(), "rejected", top=1).html()
+    assert "answer &lt;2&gt;" in panel and "answer &lt;1&gt;" not in panel and "answer &lt;0&gt;" in panel
+
+
+def test_parquet_table_holds_the_effects_ranks_and_text(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    from trl_ntk.integration.lookahead import LookaheadResult
+
+    total = torch.tensor([[0.5], [-3.0], [0.1]], dtype=torch.float64)
+    effects = lookahead.ExampleEffects(["chosen"], total, total.clamp(min=0), total.clamp(max=0))
+    result = LookaheadResult(effects, [4, 5, 6], [{"prompt": "a"}, {"prompt": "b"}, {}], {"view": "adam"})
+    table = pd.read_parquet(result.write_parquet(tmp_path / "la.parquet"))
+    assert table["index"].tolist() == [4, 5, 6] and table["rank_chosen"].tolist() == [3, 1, 2]
+    assert table["effect_chosen"].tolist() == [0.5, -3.0, 0.1] and table["negative_chosen"].tolist() == [0, -3.0, 0]
+    assert table["text_prompt"].tolist()[:2] == ["a", "b"]

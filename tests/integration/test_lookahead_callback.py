@@ -9,8 +9,9 @@ from scipy.stats import spearmanr
 
 from tests.trainer_factory import dpo_trainer
 from trl_ntk.analysis import lookahead
-from trl_ntk.integration import lookahead as driver
-from trl_ntk.integration.lookahead import LookaheadCallback, score_trainer
+from trl_ntk.integration import lookahead_callback as driver
+from trl_ntk.integration.lookahead import score_trainer
+from trl_ntk.integration.lookahead_callback import LookaheadCallback
 from trl_ntk.output.schema import read_records
 
 _TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second")

@@ -7,7 +7,9 @@ batch with the trainer's gradient signal `c_l = dL / d lp_l` changes the probe o
 
 and the share of example `i` is the sum over its tokens, `d_r(i) = -sum_{l in i} c_l <grad lp_l, v_r>`. One JVP of
 the batch's token log-probs along `v_r` gives every example of the batch at once. `P` is the SGD step (`lr`) or the
-Adam preconditioner of a given optimizer state (`adam_view`).
+Adam preconditioner of a given optimizer state (`adam_view`, the tangent at `g -> 0`). `exact_step_effect` takes the
+optimizer's real step on one example's own gradient instead (one backward per example). `spearman` and
+`top_k_overlap` measure how a ranking drifts between two scorings.
 """
 
 from __future__ import annotations

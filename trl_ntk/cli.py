@@ -152,7 +152,7 @@ def _add_lookahead_parser(commands: argparse._SubParsersAction) -> None:
     lookahead.add_argument("--max-examples", type=_positive_int, default=None, help="score the first N rows only")
     lookahead.add_argument("--rows", type=_positive_int, default=64, help="toy training rows to build")
     lookahead.add_argument("--model-path", default=None, help="a local model folder instead of the toy model")
-    lookahead.add_argument("--view", choices=("sgd", "adam"), default="sgd", help="optimizer view of the step")
+    lookahead.add_argument("--view", choices=("sgd", "adam", "adam_exact"), default="sgd", help="optimizer view")
     lookahead.add_argument("--checkpoint", default=None, help="Trainer checkpoint folder with optimizer.pt (adam)")
     lookahead.add_argument("--lr", type=_positive_float, default=None, help="SGD view learning rate")
     lookahead.add_argument("--batch-size", type=_positive_int, default=1, help="examples per scored step")

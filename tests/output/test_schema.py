@@ -39,6 +39,7 @@ def test_every_record_type_has_a_builder_and_the_builders_records_pass_the_reade
         schema.lld_record(0, group=0, delta_observed=-0.1, trusted=False, trust_reason="gradient check failed"),
         schema.nthr_record(1, stats, 0.01, "old_logps", 0.1),
         schema.status_record(1, 0, {"jsonl": 0}, ""),
+        schema.lookahead_record(2, view="sgd", num_examples=4, spearman={"chosen": None}, top_k_overlap={}),
     ]
     assert [r["type"] for r in built] == list(schema.RECORD_TYPES)
     assert built[3]["gap"] == -0.25 and built[3]["trusted"] is None and built[3]["trust_reason"] is None

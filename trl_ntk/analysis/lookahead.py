@@ -7,7 +7,9 @@ batch with the trainer's gradient signal `c_l = dL / d lp_l` changes the probe o
 
 and the share of example `i` is the sum over its tokens, `d_r(i) = -sum_{l in i} c_l <grad lp_l, v_r>`. One JVP of
 the batch's token log-probs along `v_r` gives every example of the batch at once. `P` is the SGD step (`lr`) or the
-Adam preconditioner of a given optimizer state (`adam_view`).
+Adam preconditioner of a given optimizer state (`adam_view`, the tangent at `g -> 0`). `exact_step_effect` takes the
+optimizer's real step on one example's own gradient instead (one backward per example). `spearman` and
+`top_k_overlap` measure how a ranking drifts between two scorings.
 """
 
 from __future__ import annotations
@@ -142,6 +144,30 @@ def adam_view(optimizer: Any, model: nn.Module) -> StepSplit:
     return optimizer_step_split(optimizer, named, grads=zeros)
 
 
+def exact_step_effect(
+    optimizer: Any,
+    named_params: Mapping[str, Tensor],
+    gradient: Mapping[str, Tensor],
+    probe_gradients: Sequence[Mapping[str, Tensor]],
+    baseline: Mapping[str, Tensor],
+) -> Tensor:
+    """`[R]`: `<grad O_r, dw(g) - dw(0)>`, the first-order probe change of the optimizer's exact step on gradient `g`
+    minus the step it takes without it (`baseline = dw(0)`, the `history` of `adam_view`).
+
+    `dw(g) = -P(g) g + history(g)` from `optimizer_step_split(optimizer, named_params, grads=g)`: for Adam(W) `P` and
+    `history` both carry `v_t = b2 v_{t-1} + (1 - b2) g^2`, so this is the real step, not its tangent at `g = 0`.
+    The step is elementwise in `g`, so it needs the example's own gradient: one backward per example, no JVP form.
+    Cost: two parameter-sized temporaries and `R` dot products.
+    """
+    split = optimizer_step_split(optimizer, named_params, grads=gradient)
+    out = torch.zeros(len(probe_gradients), dtype=torch.float64)
+    for name, g in gradient.items():
+        change = -split.preconditioner[name] * g.to(split.history[name].dtype) + split.history[name] - baseline[name]
+        for r, probe in enumerate(probe_gradients):
+            out[r] += float((probe[name].to(change.dtype) * change).sum())
+    return out
+
+
 def probe_directions(
     model: nn.Module,
     probe_batch: TokenBatch,
@@ -270,3 +296,30 @@ def curate(
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
     return dataset.select([i for i in range(len(dataset)) for _ in range(1 if i in harmful else repeat)])
+
+
+# ----------------------------------------------------------------------------------------------- ranking drift
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two `[N]` score vectors (ties broken by position); NaN when `N < 2` or a vector
+    is constant."""
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"need two [N] vectors, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+    def rank(x: Tensor) -> Tensor:
+        r = x.argsort(stable=True).argsort().double()
+        return r - r.mean()
+
+    ra, rb = rank(a), rank(b)
+    denominator = float(ra.norm() * rb.norm())
+    if len(a) < 2 or denominator == 0 or float(a.max() - a.min()) == 0 or float(b.max() - b.min()) == 0:
+        return float("nan")
+    return float((ra * rb).sum()) / denominator
+
+
+def top_k_overlap(a: Tensor, b: Tensor, k: int) -> float:
+    """`|top_k(a) ∩ top_k(b)| / k` over the `k` most negative entries (the most harmful examples) of each."""
+    k = min(k, len(a))
+    if k < 1:
+        return float("nan")
+    first = set(a.argsort(stable=True)[:k].tolist())
+    return len(first & set(b.argsort(stable=True)[:k].tolist())) / k

@@ -7,6 +7,7 @@ The probe directions and the per-example sums are in `trl_ntk.analysis.lookahead
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from trl_ntk.batches import TokenBatch, concat_token_batches
 from trl_ntk.integration.adapters import adapter_for, label_step
 from trl_ntk.integration.capture import GradientCapture
 from trl_ntk.probes.probe_set import ProbeSet
+from trl_ntk.report.lookahead import build_lookahead_report
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +37,9 @@ class LookaheadConfig:
     """Options of `score_trainer`.
 
     Args:
-        view (`str`, *optional*, defaults to `"sgd"`): `"sgd"` (`P = lr`) or `"adam"` (the preconditioner of the
-            trainer's optimizer state; see `lookahead.adam_view`).
+        view (`str`, *optional*, defaults to `"sgd"`): `"sgd"` (`P = lr`), `"adam"` (the preconditioner of the
+            trainer's optimizer state at `g -> 0`; see `lookahead.adam_view`) or `"adam_exact"` (the optimizer's exact
+            step on each example alone, one backward per example; `lookahead.exact_step_effect`).
         lr (`float`, *optional*): the SGD view's learning rate; defaults to `trainer.args.learning_rate`.
         by_probe (`bool`, *optional*, defaults to `False`): also score every probe response on its own.
         batch_size (`int`, *optional*, defaults to `1`): examples per scored step. `1`: the effect of a step on the
@@ -44,6 +47,8 @@ class LookaheadConfig:
         max_examples (`int`, *optional*): score the first `max_examples` rows only.
         jvp_rows (`int`, *optional*, defaults to `32`): training sequences per JVP (several batches are joined).
         text_chars (`int`, *optional*, defaults to `200`): length of the text excerpt of each example.
+        rows (`list[int]`, *optional*): score these train-dataset rows (in this order) instead of the first
+            `max_examples`.
     """
 
     view: str = "sgd"
@@ -53,10 +58,13 @@ class LookaheadConfig:
     max_examples: int | None = None
     jvp_rows: int = 32
     text_chars: int = 200
+    rows: list[int] | None = None
 
     def __post_init__(self) -> None:
-        if self.view not in ("sgd", "adam"):
-            raise ValueError(f"view must be 'sgd' or 'adam', got {self.view!r}")
+        if self.view not in ("sgd", "adam", "adam_exact"):
+            raise ValueError(f"view must be 'sgd', 'adam' or 'adam_exact', got {self.view!r}")
+        if self.view == "adam_exact" and self.batch_size != 1:
+            raise ValueError("view='adam_exact' scores a step on each example alone: batch_size must be 1")
         if self.batch_size < 1 or self.jvp_rows < 1:
             raise ValueError("batch_size and jvp_rows must be >= 1")
 
@@ -79,7 +87,7 @@ class LookaheadResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def records(self) -> list[dict[str, Any]]:
-        """One header record (`type: "lookahead_run"`) and one `type: "lookahead"` record per example."""
+        """One header record (`type: "lookahead_run"`) and one `type: "lookahead_example"` record per example."""
         ranks = self.effects.ranks()
         names = self.effects.names
         out: list[dict[str, Any]] = [{"type": "lookahead_run", **self.meta, "objectives": names}]
@@ -90,7 +98,7 @@ class LookaheadResult:
 
             out.append(
                 {
-                    "type": "lookahead",
+                    "type": "lookahead_example",
                     "index": index,
                     "text": self.texts[row],
                     "effect": values(self.effects.total),
@@ -108,6 +116,34 @@ class LookaheadResult:
         with path.open("w", encoding="utf-8") as handle:
             for record in self.records():
                 handle.write(json.dumps(record) + "\n")
+        return path
+
+    def table(self) -> Any:
+        """A `pandas.DataFrame`, one row per example: `index`, `text_<column>`, and `effect_<objective>`,
+        `positive_<objective>`, `negative_<objective>`, `rank_<objective>` per objective."""
+        import pandas as pd
+
+        ranks = self.effects.ranks()
+        columns: dict[str, Any] = {"index": list(self.indices)}
+        for column in sorted({c for text in self.texts for c in text}):
+            columns[f"text_{column}"] = [text.get(column) for text in self.texts]
+        for col, name in enumerate(self.effects.names):
+            columns[f"effect_{name}"] = self.effects.total[:, col].tolist()
+            columns[f"positive_{name}"] = self.effects.positive[:, col].tolist()
+            columns[f"negative_{name}"] = self.effects.negative[:, col].tolist()
+            columns[f"rank_{name}"] = ranks[:, col].tolist()
+        return pd.DataFrame(columns)
+
+    def write_parquet(self, path: str | Path) -> Path:
+        """Write `table()` to a parquet file (needs pandas and pyarrow); the header's fields go to its metadata."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pandas(self.table(), preserve_index=False)
+        meta = {**(table.schema.metadata or {}), b"trl_ntk.lookahead": json.dumps(self.meta).encode()}
+        pq.write_table(table.replace_schema_metadata(meta), path)
         return path
 
 
@@ -152,7 +188,7 @@ def _preconditioner(trainer: Any, model: nn.Module, config: LookaheadConfig) -> 
     split = lookahead.adam_view(optimizer, model)
     steps = [float(s["step"]) for s in inner.state.values() if "step" in s]
     meta = {
-        "view": "adam",
+        "view": config.view,
         "optimizer": type(inner).__name__,
         "optimizer_step": int(max(steps)) if steps else 0,
         "lr": [float(g["lr"]) for g in inner.param_groups],
@@ -212,26 +248,40 @@ def score_trainer(
     if config.by_probe:
         probe_names, probe_rows = lookahead.probe_weights(encoded, by="probe")
         names, weights = names + probe_names, torch.cat([weights, probe_rows])
-    count = len(trainer.train_dataset)
-    count = count if config.max_examples is None else min(count, config.max_examples)
+    rows = _rows(len(trainer.train_dataset), config)
     was_training = model.training
     model.eval()
     capture = GradientCapture(model, temperature=adapter.temperature(trainer))
     try:
         preconditioner, history, meta = _preconditioner(trainer, model, config)
+        if config.view == "adam_exact":
+            preconditioner = {name: torch.ones((), dtype=p.dtype) for name, p in preconditioner.items()}
         directions = lookahead.probe_directions(
             model, probe_batch, weights, names, preconditioner, view=config.view, params=list(preconditioner)
         )
         if history is not None:
             change = lookahead.direction_effect(model, probe_batch, weights.to(device), history)
             meta["history_effect"] = {name: float(v) for name, v in zip(names, change)}
-        effects = _score_rows(trainer, model, capture, adapter, directions, count, config, device)
+        if config.view == "adam_exact":
+            effects = _score_exact(trainer, model, directions, history, rows, device)
+        else:
+            effects = _score_rows(trainer, model, capture, adapter, directions, rows, config, device)
     finally:
         capture.remove()
         model.train(was_training)
-    meta.update(trainer=adapter.kind, batch_size=config.batch_size, num_examples=count, first_order=True)
-    texts = [_excerpt(trainer.train_dataset[i], config.text_chars) for i in range(count)]
-    return LookaheadResult(effects=effects, indices=list(range(count)), texts=texts, meta=meta)
+    meta.update(trainer=adapter.kind, batch_size=config.batch_size, num_examples=len(rows), first_order=True)
+    texts = [_excerpt(trainer.train_dataset[i], config.text_chars) for i in rows]
+    return LookaheadResult(effects=effects, indices=rows, texts=texts, meta=meta)
+
+
+def _rows(size: int, config: LookaheadConfig) -> list[int]:
+    """The train-dataset rows to score: `config.rows`, else the first `max_examples` (all by default)."""
+    if config.rows is None:
+        return list(range(size if config.max_examples is None else min(size, config.max_examples)))
+    rows = [int(r) for r in config.rows]
+    if any(not 0 <= r < size for r in rows):
+        raise ValueError(f"rows must lie in [0, {size}) (the train dataset's rows)")
+    return rows
 
 
 def _score_rows(
@@ -240,11 +290,12 @@ def _score_rows(
     capture: GradientCapture,
     adapter: Any,
     directions: lookahead.ProbeDirections,
-    count: int,
+    rows: list[int],
     config: LookaheadConfig,
     device: torch.device,
 ) -> lookahead.ExampleEffects:
-    """Capture `c_l` batch by batch, join captured sequences up to `jvp_rows`, and JVP each joined batch."""
+    """Capture `c_l` batch by batch, join captured sequences up to `jvp_rows`, and JVP each joined batch. Examples
+    are numbered by their position in `rows`."""
     pending: list[tuple[TokenBatch, Tensor, Tensor]] = []
     parts: list[lookahead.ExampleEffects] = []
     first_pending = 0
@@ -265,20 +316,45 @@ def _score_rows(
         parts.append(total)
         pending, first_pending = [], upto
 
-    rows_pending = 0
+    rows_pending, count = 0, len(rows)
     for start in range(0, count, config.batch_size):
-        rows = list(range(start, min(start + config.batch_size, count)))
-        micro_batches = _capture_batch(trainer, model, capture, _inputs(trainer, rows, device))
+        positions = list(range(start, min(start + config.batch_size, count)))
+        inputs = _inputs(trainer, [rows[p] for p in positions], device)
+        micro_batches = _capture_batch(trainer, model, capture, inputs)
         if capture.failures or not micro_batches:
             raise RuntimeError(capture.failures[0] if capture.failures else "no training forward was captured")
         for micro_batch, labels in zip(micro_batches, label_step(adapter, micro_batches)):
             pending.append((micro_batch.batch, micro_batch.grad_coeffs, labels.example + start))
             rows_pending += micro_batch.batch.input_ids.shape[0]
         if rows_pending >= config.jvp_rows:
-            flush(rows[-1] + 1)
+            flush(positions[-1] + 1)
             rows_pending = 0
     flush(count)
     return lookahead.concat_effects(parts)
+
+
+def _score_exact(
+    trainer: Any,
+    model: nn.Module,
+    gradients: lookahead.ProbeDirections,
+    baseline: dict[str, Tensor],
+    rows: list[int],
+    device: torch.device,
+) -> lookahead.ExampleEffects:
+    """`view="adam_exact"`: per example, the trainer's gradient on it alone (one backward) stepped through the
+    optimizer's exact update (`lookahead.exact_step_effect`). The sign split is not defined for a non-linear step:
+    `positive` and `negative` are NaN."""
+    named = {name: p for name, p in trainable_parameters(model).items() if name in baseline}
+    total = torch.zeros(len(rows), len(gradients.names), dtype=torch.float64)
+    for position, row in enumerate(rows):
+        with torch.enable_grad():
+            loss = trainer.compute_loss(model, _inputs(trainer, [row], device))
+            grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
+        gradient = {n: g if g is not None else torch.zeros_like(p) for (n, p), g in zip(named.items(), grads)}
+        probes = gradients.directions
+        total[position] = lookahead.exact_step_effect(trainer.optimizer, named, gradient, probes, baseline)
+    nan = torch.full_like(total, float("nan"))
+    return lookahead.ExampleEffects(names=list(gradients.names), total=total, positive=nan, negative=nan.clone())
 
 
 def _add(left: lookahead.ExampleEffects, right: lookahead.ExampleEffects) -> lookahead.ExampleEffects:
@@ -354,5 +430,8 @@ def run_cli(args: Any) -> int:
     )
     path = result.write_jsonl(output_dir / "lookahead.jsonl")
     objective = "chosen" if "chosen" in result.effects.names else result.effects.names[0]
-    print("\n".join([*summary_lines(result, objective), f"wrote {path}"]))
+    written = [path, build_lookahead_report(path, objective=objective)]
+    if importlib.util.find_spec("pandas") and importlib.util.find_spec("pyarrow"):
+        written.append(result.write_parquet(output_dir / "lookahead.parquet"))
+    print("\n".join([*summary_lines(result, objective), *(f"wrote {p}" for p in written)]))
     return 0

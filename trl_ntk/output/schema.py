@@ -28,7 +28,7 @@ READABLE_SCHEMA_VERSIONS = (2,)
 
 JSONL_NAME = "dynamics.jsonl"
 ATTRIBUTIONS_DIR = "attributions"
-RECORD_TYPES = ("run", "probes", "probe", "dynamics", "lld", "nthr", "status")
+RECORD_TYPES = ("run", "probes", "probe", "dynamics", "lld", "nthr", "status", "lookahead")
 PROBE_KINDS = tuple(dict.fromkeys(PREFERENCE_KINDS + SAMPLED_KINDS + REFERENCE_KINDS))
 """Built-in probe kinds, in the order the report and the dashboards show them."""
 
@@ -84,6 +84,7 @@ FIELD_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
     },
     "nthr": {"frac_downweighted": _OPTIONAL_NUMBER, "tau": _OPTIONAL_NUMBER, "time_fraction": _OPTIONAL_NUMBER},
     "status": {"analysis_failures": (int,), "sink_failures": (dict,), "message": (str,)},
+    "lookahead": {"view": (str,), "num_examples": (int,), "spearman": (dict,), "top_k_overlap": (dict,)},
 }
 """Per record type, the type of each field the report and the dashboards read (`bool` is not a number here)."""
 
@@ -198,6 +199,21 @@ def status_record(
         "untrusted_steps": int(untrusted_steps),
         "sink_failures": dict(sink_failures),
         "message": message,
+    }
+
+
+def lookahead_record(
+    step: int, *, view: str, num_examples: int, spearman: Mapping, top_k_overlap: Mapping, **fields: Any
+) -> dict:
+    """One `lookahead` record (`LookaheadCallback`): the re-scored ranking's drift since the previous scoring
+    (`spearman`, `top_k_overlap` per objective, None the first time) and its summary (`top_harmful`, `quantiles`)."""
+    return {
+        **header("lookahead", step),
+        "view": view,
+        "num_examples": int(num_examples),
+        "spearman": dict(spearman),
+        "top_k_overlap": dict(top_k_overlap),
+        **fields,
     }
 
 

@@ -1,0 +1,96 @@
+"""LookaheadCallback: training is identical with and without it, its scores are those of a fresh look-ahead at the
+same weights and optimizer state, and its drift figures match independent rank statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from tests.trainer_factory import dpo_trainer
+from trl_ntk.analysis import lookahead
+from trl_ntk.integration import lookahead_callback as driver
+from trl_ntk.integration.lookahead import score_trainer
+from trl_ntk.integration.lookahead_callback import LookaheadCallback
+from trl_ntk.output.schema import read_records
+
+_TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+def _trainer(tmp_path, **overrides):
+    args = {"optim": "adamw_torch", "learning_rate": 1e-3, "per_device_train_batch_size": 2, "max_steps": 4}
+    args["lr_scheduler_type"] = "constant"  # a linear decay would score the last step at lr 0
+    return dpo_trainer(tmp_path, n=12, dtype=torch.float64, **{**args, **overrides})
+
+
+def _history(trainer) -> list[dict]:
+    return [{k: v for k, v in entry.items() if k not in _TIMING} for entry in trainer.state.log_history]
+
+
+def test_training_is_identical_with_the_callback_and_records_are_written(tmp_path):
+    plain = _trainer(tmp_path / "plain")
+    plain.train()
+    watched = _trainer(tmp_path / "watched")
+    callback = LookaheadCallback(watched, every_n_steps=2, sample_size=8, top_k=3, strict=True)
+    watched.add_callback(callback)
+    watched.train()
+    assert _history(watched) == _history(plain)  # losses and every logged DPO metric, bit for bit
+    for (name, p), q in zip(plain.model.named_parameters(), watched.model.parameters()):
+        assert torch.equal(p, q), name
+    records = read_records(tmp_path / "watched" / "lookahead" / "dynamics.jsonl", types=["lookahead"])
+    assert [r["step"] for r in records] == [0, 2, 4]
+    assert [r["view"] for r in records] == ["sgd", "adam", "adam"]  # AdamW has no state before its first step
+    assert all(v is None for v in records[0]["spearman"].values())
+    assert all(-1 <= v <= 1 for v in records[2]["spearman"].values())  # adam view at step 4 against step 2
+    for record in records:
+        assert record["num_examples"] == 8 and record["optimizer_step"] in (None, record["step"])
+        for name in record["objectives"]:
+            harmful = record["top_harmful"][name]
+            assert len(harmful) == 3 and [h["effect"] for h in harmful] == sorted(h["effect"] for h in harmful)
+            assert set(h["index"] for h in harmful) <= set(callback.rows)
+            assert record["quantiles"][name][0] == pytest.approx(harmful[0]["effect"])
+            assert record["quantiles"][name][0] < record["quantiles"][name][-1]
+
+
+def test_scores_are_a_fresh_lookahead_at_the_current_weights_and_optimizer_state(tmp_path):
+    watched = _trainer(tmp_path / "watched", max_steps=2)
+    callback = LookaheadCallback(watched, every_n_steps=2, sample_size=6, strict=True)
+    watched.add_callback(callback)
+    watched.train()
+    fresh = _trainer(tmp_path / "fresh", max_steps=2)
+    fresh.train()
+    reference = score_trainer(fresh, callback.probes, view="adam", rows=callback.rows)
+    assert callback.previous.meta["view"] == "adam" and callback.previous.indices == callback.rows
+    assert reference.effects.total.abs().min() > 0
+    torch.testing.assert_close(callback.previous.effects.total, reference.effects.total, rtol=1e-9, atol=0)
+
+
+def test_drift_statistics_match_scipy_and_a_hand_count():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, generator=generator), torch.randn(40, generator=generator)
+    b = a + 0.5 * b
+    assert lookahead.spearman(a, b) == pytest.approx(spearmanr(a.numpy(), b.numpy()).statistic, abs=1e-12)
+    x = torch.tensor([-3.0, -2.0, -1.0, 0.0, 1.0])
+    y = torch.tensor([-3.0, 5.0, -1.0, -2.0, 1.0])  # most harmful two: {0, 1} vs {0, 3}
+    assert lookahead.top_k_overlap(x, y, 2) == 0.5 and lookahead.top_k_overlap(x, y, 5) == 1.0
+
+
+def test_a_failing_scoring_is_counted_and_training_goes_on(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, max_steps=2)
+    callback = LookaheadCallback(trainer, every_n_steps=1, sample_size=2)
+    trainer.add_callback(callback)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(driver, "score_trainer", broken)
+    with pytest.warns(UserWarning, match="look-ahead scoring failed"):
+        trainer.train()
+    assert trainer.state.global_step == 2 and callback.failures == 3
+
+
+def test_grpo_is_refused(tmp_path):
+    from tests.trainer_factory import grpo_trainer
+
+    with pytest.raises(ValueError, match="SFT and DPO"):
+        LookaheadCallback(grpo_trainer(tmp_path), every_n_steps=1)

@@ -305,10 +305,18 @@ def test_flagged_set_up_raises_under_strict(tmp_path):
         run(sft(tmp_path, tiny_model("qwen2_moe")), strict=True)
 
 
-def test_sft_bf16_autocast_is_within_the_bf16_thresholds(tmp_path):
-    records, _ = run(sft(tmp_path, tiny_model("llama"), bf16=True), strict=False)
+@pytest.mark.parametrize(("kind", "arch"), [("sft", "llama"), ("sft", "gemma2"), ("dpo", "gemma2")])
+def test_bf16_autocast_is_within_the_bf16_thresholds_and_predicts_the_float32_scores(tmp_path, kind, arch):
+    """float32 weights, `bf16=True`: the trainer computes the gradient under bf16 autocast, the analysis scores and
+    predicts in float32. Gemma 2 is scored through the model's own forward (soft-capped head), which the trainer's
+    autocast wrapper used to run in bf16: median error 46% (max 126%), trusted. Now median <= 1%, max <= 2.4%
+    measured; what remains is the bf16 rounding of the applied gradient (relative error <= 1e-2)."""
+    trainer = (sft if kind == "sft" else dpo)(tmp_path, tiny_model(arch), bf16=True)
+    records, _ = run(trainer, strict=False)
     dynamics = [r for r in records if r["type"] == "dynamics"]
     assert dynamics and all(r["trusted"] for r in dynamics), dynamics[0]["trust_reason"]
+    errors = sorted(prediction_errors(records))
+    assert errors and errors[len(errors) // 2] <= 0.02 and errors[-1] <= 0.05, errors[-5:]
 
 
 def test_grpo_lld_with_learned_positions_and_unequal_prompts_is_exact(tmp_path):

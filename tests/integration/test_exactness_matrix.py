@@ -21,6 +21,7 @@ import pytest
 import torch
 import transformers
 
+from trl_ntk.analysis import guard
 from trl_ntk.demo import toy
 from trl_ntk.integration.callbacks import LearningDynamicsCallback
 
@@ -166,7 +167,32 @@ def run(trainer, probes=None, strict: bool = True, **options: Any) -> tuple[list
         trainer.train()
     path = Path(trainer.args.output_dir) / "dynamics" / "dynamics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    return records, [str(w.message) for w in caught]
+    messages = [str(w.message) for w in caught]
+    assert_never_silently_wrong(records, messages, guard.gradient_dtype(trainer.model, trainer.args))
+    return records, messages
+
+
+def assert_never_silently_wrong(records: list[dict], caught: list[str], dtype: torch.dtype) -> None:
+    """Every dynamics record whose gradient check is below the guard's limits for `dtype` says so (`trusted:
+    false` with the figures in its reason), a "not trusted" warning was raised, and the status counts the step.
+    Checked on every configuration the matrix runs (`run`)."""
+    limits = guard.thresholds(dtype)
+    below = [
+        r
+        for r in records
+        if r["type"] == "dynamics"
+        and not (
+            r["gradient_check"]["cosine"] >= limits.min_cosine
+            and r["gradient_check"]["relative_error"] <= limits.max_relative_error
+        )
+    ]
+    for record in below:
+        assert record["trusted"] is False, (record["step"], record["gradient_check"])
+        assert "gradient check cosine" in record["trust_reason"], record["trust_reason"]
+    if below:
+        assert any("not trusted" in message for message in caught), caught
+        assert records[-1]["type"] == "status"
+        assert records[-1]["untrusted_steps"] >= len({r["step"] for r in below})
 
 
 def prediction_errors(records: list[dict]) -> list[float]:
@@ -325,6 +351,16 @@ def test_grpo_lld_with_learned_positions_and_unequal_prompts_is_exact(tmp_path):
     assert lld
     for record in lld:
         assert abs(record["delta_observed"] - record["delta_predicted"]) <= 0.05 * abs(record["delta_observed"])
+
+
+def test_an_unknown_change_to_the_applied_gradient_is_caught_by_the_check(tmp_path):
+    """A gradient hook the analysis knows nothing of (here tripling the head's gradient, as a custom loss term or a
+    gradient-surgery hook would change it): no set-up issue is found, the check alone flags every step."""
+    model = tiny_model("llama")
+    model.lm_head.weight.register_hook(lambda grad: 3 * grad)
+    records, caught = run(sft(tmp_path, model), strict=False)
+    assert_flagged(records, caught, "none of the known set-up causes was found")
+    assert all(r["gradient_check"]["cosine"] < 1 - 1e-6 for r in records if r["type"] == "dynamics")
 
 
 # --------------------------------------------------------------------------------------- refused at construction

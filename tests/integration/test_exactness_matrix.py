@@ -76,7 +76,9 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
             "shared_expert_intermediate_size": 32,
         },
     ),
+    "mixtral": ("MixtralConfig", {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2}),
 }
+_MOE = ("qwen2_moe", "mixtral")
 _NO_DROPOUT = {
     "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
     "opt": {"dropout": 0.0, "attention_dropout": 0.0},
@@ -94,7 +96,7 @@ def tiny_model(arch: str, *, dropout: bool = False, **overrides: Any) -> transfo
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-    if arch == "qwen2_moe" and hasattr(model, "set_experts_implementation"):
+    if arch in _MOE and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation("eager")
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
     return model
@@ -151,15 +153,9 @@ def _distinct_characters(completions: list, **kwargs: Any) -> list[float]:
 
 def run(trainer, probes=None, strict: bool = True, **options: Any) -> tuple[list[dict], list[str]]:
     """Train with the callback; the JSONL records and the warnings raised."""
+    options = {"num_prompts": 2, "generate": False, **options}
     callback = LearningDynamicsCallback(
-        trainer,
-        probes=probes,
-        every_n_steps=1,
-        attribution="sums",
-        num_prompts=2,
-        generate=False,
-        strict=strict,
-        **options,
+        trainer, probes=probes, every_n_steps=1, attribution="sums", strict=strict, **options
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -319,6 +315,35 @@ def test_grpo_entropy_bonus_is_captured_as_a_logit_residual(tmp_path, arch):
 def test_sft_moe_load_balancing_loss_is_flagged(tmp_path):
     records, caught = run(sft(tmp_path, tiny_model("qwen2_moe")), strict=False)
     assert_flagged(records, caught, "MoE load-balancing loss")
+
+
+@pytest.mark.parametrize("arch", _MOE)
+def test_moe_probe_generation_with_router_outputs_on_gives_the_greedy_answers_and_restores_the_config(arch):
+    """An MoE forward with router outputs on computes its load-balancing loss from the router logits of the tokens
+    it runs and the whole attention mask: with the cache, from the second generated token on, a size mismatch."""
+    from trl_ntk.probes.generation import sample_responses
+    from trl_ntk.probes.probe_set import ProbeSet
+
+    tokenizer = _tokenizer()
+    prompts = ProbeSet.from_prompts(toy.preference_dataset(n=3, seed=0), tokenizer, num_prompts=3)
+    model = tiny_model(arch, output_router_logits=True)
+    responses = sample_responses(model, tokenizer, prompts, num_samples=2, max_new_tokens=8)
+    assert model.config.output_router_logits is True
+    reference = sample_responses(tiny_model(arch), tokenizer, prompts, num_samples=2, max_new_tokens=8)
+    assert [(r.probe_id, r.response) for r in responses] == [(r.probe_id, r.response) for r in reference]
+    texts = [r.response if isinstance(r.response, str) else r.response[-1]["content"] for r in responses]
+    assert max(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts) >= 2  # past the first decoding step
+
+
+@pytest.mark.parametrize("arch", _MOE)
+def test_sft_moe_with_default_probe_generation_is_flagged_not_broken(tmp_path, arch):
+    """`generate=True` (the default): the sampled probes are scored and explained; the load-balancing loss is
+    flagged (its remedy named), as without generation."""
+    records, caught = run(sft(tmp_path, tiny_model(arch)), strict=False, generate=True, num_prompts=3)
+    assert_flagged(records, caught, "router_aux_loss_coef=0.0")
+    generated = {r["probe_id"] for r in records if r["type"] == "dynamics" and r["kind"] in ("greedy", "sample")}
+    assert generated, "no generated probe was analysed"
+    assert records[-1]["analysis_failures"] == 0
 
 
 def test_sft_bf16_weights_are_flagged(tmp_path):

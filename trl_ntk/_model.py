@@ -6,8 +6,9 @@ One copy of each, used by the kernels, the probe scoring, the step analysis and 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,6 +196,31 @@ def is_sharded(tensors: nn.Module | Mapping[str, Tensor]) -> bool:
 def local_shard(tensor: Tensor) -> Tensor:
     """This rank's slice of a `DTensor` (a view sharing its storage); other tensors as they are."""
     return tensor.to_local() if isinstance(tensor, _dtensor_type()) else tensor
+
+
+@contextlib.contextmanager
+def own_precision_forward(model: nn.Module) -> Iterator[None]:
+    """Run the body with the model's own `forward` and autocast off, so that `model(...)` computes in the weights'
+    dtype (float32, or float32 on upcast copies of half-precision weights), as the decoder-body forwards do.
+
+    With `bf16=True` / `fp16=True`, accelerate replaces `model.forward` by a wrapper that runs it under
+    `torch.autocast` (keeping the original as `model._original_forward`); an enclosing `autocast(enabled=False)`
+    cannot undo that. Inside this context every module so wrapped (the model, its PEFT / DDP wrappers) calls its
+    original forward, and any enclosing autocast is disabled. Restored afterwards.
+    """
+    swapped = []
+    for module in model.modules():
+        original = module.__dict__.get("_original_forward")
+        if original is not None and "forward" in module.__dict__:
+            swapped.append((module, module.__dict__["forward"]))
+            module.forward = original
+    device_type = next(iter(model.parameters()), torch.empty(0)).device.type
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        for module, forward in reversed(swapped):
+            module.forward = forward
 
 
 def input_device(model: nn.Module) -> torch.device:

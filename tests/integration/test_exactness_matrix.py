@@ -21,6 +21,7 @@ import pytest
 import torch
 import transformers
 
+from trl_ntk.analysis import guard
 from trl_ntk.demo import toy
 from trl_ntk.demo.toy_data import _completion_text
 from trl_ntk.integration.callbacks import LearningDynamicsCallback
@@ -76,15 +77,20 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
             "shared_expert_intermediate_size": 32,
         },
     ),
+    "mixtral": ("MixtralConfig", {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2}),
 }
+_MOE = ("qwen2_moe", "mixtral")
 _NO_DROPOUT = {
     "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
     "opt": {"dropout": 0.0, "attention_dropout": 0.0},
 }
 
 
-def tiny_model(arch: str, *, dropout: bool = False, **overrides: Any) -> transformers.PreTrainedModel:
-    """A random-weight causal LM of `arch` on the toy tokenizer's vocabulary, float32, eager attention."""
+def tiny_model(
+    arch: str, *, dropout: bool = False, eager_experts: bool = True, **overrides: Any
+) -> transformers.PreTrainedModel:
+    """A random-weight causal LM of `arch` on the toy tokenizer's vocabulary, float32, eager attention (and eager
+    MoE experts unless `eager_experts=False`: transformers' default, grouped matrix products)."""
     config_name, options = ARCHITECTURES[arch]
     config_class = getattr(transformers, config_name)
     extra = {} if dropout else _NO_DROPOUT.get(arch, {})
@@ -94,7 +100,7 @@ def tiny_model(arch: str, *, dropout: bool = False, **overrides: Any) -> transfo
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-    if arch == "qwen2_moe" and hasattr(model, "set_experts_implementation"):
+    if eager_experts and arch in _MOE and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation("eager")
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
     return model
@@ -151,15 +157,9 @@ def _distinct_characters(completions: list, **kwargs: Any) -> list[float]:
 
 def run(trainer, probes=None, strict: bool = True, **options: Any) -> tuple[list[dict], list[str]]:
     """Train with the callback; the JSONL records and the warnings raised."""
+    options = {"num_prompts": 2, "generate": False, **options}
     callback = LearningDynamicsCallback(
-        trainer,
-        probes=probes,
-        every_n_steps=1,
-        attribution="sums",
-        num_prompts=2,
-        generate=False,
-        strict=strict,
-        **options,
+        trainer, probes=probes, every_n_steps=1, attribution="sums", strict=strict, **options
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -167,7 +167,32 @@ def run(trainer, probes=None, strict: bool = True, **options: Any) -> tuple[list
         trainer.train()
     path = Path(trainer.args.output_dir) / "dynamics" / "dynamics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    return records, [str(w.message) for w in caught]
+    messages = [str(w.message) for w in caught]
+    assert_never_silently_wrong(records, messages, guard.gradient_dtype(trainer.model, trainer.args))
+    return records, messages
+
+
+def assert_never_silently_wrong(records: list[dict], caught: list[str], dtype: torch.dtype) -> None:
+    """Every dynamics record whose gradient check is below the guard's limits for `dtype` says so (`trusted:
+    false` with the figures in its reason), a "not trusted" warning was raised, and the status counts the step.
+    Checked on every configuration the matrix runs (`run`)."""
+    limits = guard.thresholds(dtype)
+    below = [
+        r
+        for r in records
+        if r["type"] == "dynamics"
+        and not (
+            r["gradient_check"]["cosine"] >= limits.min_cosine
+            and r["gradient_check"]["relative_error"] <= limits.max_relative_error
+        )
+    ]
+    for record in below:
+        assert record["trusted"] is False, (record["step"], record["gradient_check"])
+        assert "gradient check cosine" in record["trust_reason"], record["trust_reason"]
+    if below:
+        assert any("not trusted" in message for message in caught), caught
+        assert records[-1]["type"] == "status"
+        assert records[-1]["untrusted_steps"] >= len({r["step"] for r in below})
 
 
 def prediction_errors(records: list[dict]) -> list[float]:
@@ -296,6 +321,45 @@ def test_sft_moe_load_balancing_loss_is_flagged(tmp_path):
     assert_flagged(records, caught, "MoE load-balancing loss")
 
 
+def test_sft_moe_with_the_default_experts_implementation_is_exact(tmp_path):
+    """The training forward runs transformers' default grouped-matrix experts, which have no forward-mode AD rule;
+    the analysis' forward-mode path switches its own forwards to the eager experts."""
+    model = tiny_model("qwen2_moe", eager_experts=False)
+    assert model.config._experts_implementation_internal not in (None, "eager")
+    records, _ = run(sft(tmp_path, model, router_aux_loss_coef=0.0))
+    assert_exact(records, routed=True)
+    assert model.config._experts_implementation_internal not in (None, "eager")
+
+
+@pytest.mark.parametrize("arch", _MOE)
+def test_moe_probe_generation_with_router_outputs_on_gives_the_greedy_answers_and_restores_the_config(arch):
+    """An MoE forward with router outputs on computes its load-balancing loss from the router logits of the tokens
+    it runs and the whole attention mask: with the cache, from the second generated token on, a size mismatch."""
+    from trl_ntk.probes.generation import sample_responses
+    from trl_ntk.probes.probe_set import ProbeSet
+
+    tokenizer = _tokenizer()
+    prompts = ProbeSet.from_prompts(toy.preference_dataset(n=3, seed=0), tokenizer, num_prompts=3)
+    model = tiny_model(arch, output_router_logits=True)
+    responses = sample_responses(model, tokenizer, prompts, num_samples=2, max_new_tokens=8)
+    assert model.config.output_router_logits is True
+    reference = sample_responses(tiny_model(arch), tokenizer, prompts, num_samples=2, max_new_tokens=8)
+    assert [(r.probe_id, r.response) for r in responses] == [(r.probe_id, r.response) for r in reference]
+    texts = [r.response if isinstance(r.response, str) else r.response[-1]["content"] for r in responses]
+    assert max(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts) >= 2  # past the first decoding step
+
+
+@pytest.mark.parametrize("arch", _MOE)
+def test_sft_moe_with_default_probe_generation_is_flagged_not_broken(tmp_path, arch):
+    """`generate=True` (the default): the sampled probes are scored and explained; the load-balancing loss is
+    flagged (its remedy named), as without generation."""
+    records, caught = run(sft(tmp_path, tiny_model(arch)), strict=False, generate=True, num_prompts=3)
+    assert_flagged(records, caught, "router_aux_loss_coef=0.0")
+    generated = {r["probe_id"] for r in records if r["type"] == "dynamics" and r["kind"] in ("greedy", "sample")}
+    assert generated, "no generated probe was analysed"
+    assert records[-1]["analysis_failures"] == 0
+
+
 def test_sft_bf16_weights_are_flagged(tmp_path):
     records, caught = run(sft(tmp_path, tiny_model("llama").to(torch.bfloat16)), strict=False)
     assert_flagged(records, caught, "half-precision trainable weights")
@@ -306,10 +370,19 @@ def test_flagged_set_up_raises_under_strict(tmp_path):
         run(sft(tmp_path, tiny_model("qwen2_moe")), strict=True)
 
 
-def test_sft_bf16_autocast_is_within_the_bf16_thresholds(tmp_path):
-    records, _ = run(sft(tmp_path, tiny_model("llama"), bf16=True), strict=False)
+@pytest.mark.parametrize(("kind", "arch"), [("sft", "llama"), ("sft", "gemma2"), ("dpo", "gemma2")])
+def test_bf16_autocast_is_within_the_bf16_thresholds_and_predicts_the_float32_scores(tmp_path, kind, arch):
+    """float32 weights, `bf16=True`: the trainer computes the gradient under bf16 autocast, the analysis scores and
+    predicts in float32. Gemma 2 is scored through the model's own forward (soft-capped head); run under the
+    trainer's autocast wrapper, that forward gives a median error of 46% (max 126%) with every step trusted. In
+    float32: median <= 0.5%, max <= 2.4% measured; what remains is the bf16 rounding of the applied gradient
+    (relative error <= 1e-2)."""
+    trainer = (sft if kind == "sft" else dpo)(tmp_path, tiny_model(arch), bf16=True)
+    records, _ = run(trainer, strict=False)
     dynamics = [r for r in records if r["type"] == "dynamics"]
     assert dynamics and all(r["trusted"] for r in dynamics), dynamics[0]["trust_reason"]
+    errors = sorted(prediction_errors(records))
+    assert errors and errors[len(errors) // 2] <= 0.02 and errors[-1] <= 0.05, errors[-5:]
 
 
 def test_grpo_lld_with_learned_positions_and_unequal_prompts_is_exact(tmp_path):
@@ -318,6 +391,16 @@ def test_grpo_lld_with_learned_positions_and_unequal_prompts_is_exact(tmp_path):
     assert lld
     for record in lld:
         assert abs(record["delta_observed"] - record["delta_predicted"]) <= 0.05 * abs(record["delta_observed"])
+
+
+def test_an_unknown_change_to_the_applied_gradient_is_caught_by_the_check(tmp_path):
+    """A gradient hook the analysis knows nothing of (here tripling the head's gradient, as a custom loss term or a
+    gradient-surgery hook would change it): no set-up issue is found, the check alone flags every step."""
+    model = tiny_model("llama")
+    model.lm_head.weight.register_hook(lambda grad: 3 * grad)
+    records, caught = run(sft(tmp_path, model), strict=False)
+    assert_flagged(records, caught, "none of the known set-up causes was found")
+    assert all(r["gradient_check"]["cosine"] < 1 - 1e-6 for r in records if r["type"] == "dynamics")
 
 
 # --------------------------------------------------------------------------------------- refused at construction

@@ -581,3 +581,62 @@ def test_nthr_scalars_are_left_to_the_trainer_when_the_sinks_follow_one(tmp_path
     trainer = _Trainer(["wandb", "tensorboard"], tmp_path)
     assert all(sink.skip_nthr_scalars for sink in make_sinks(trainer=trainer).sinks[1:])
     assert not make_sinks(["wandb"], tmp_path / "alone").sinks[1].skip_nthr_scalars
+
+
+# --------------------------------------------------------------------------------------------------- truth guard
+
+
+def _guarded_events() -> list[tuple[int, list[dict]]]:
+    """Step 0 trusted (exact check), step 1 not (cosine 0.9), then the status record counting it."""
+
+    def dynamics(step: int, probe_id: str, cosine: float, relative_error: float, trusted: bool) -> dict:
+        check = {"cosine": cosine, "relative_error": relative_error, "clip_scale": 1.0}
+        reason = None if trusted else "gradient check cosine 0.9"
+        fields = {"observed": 0.1, "predicted": 0.1, "gap": 0.0, "history": 0.0}
+        return make_record(
+            "dynamics", step, probe_id=probe_id, kind="chosen", gradient_check=check, trusted=trusted,
+            trust_reason=reason, **fields,
+        )  # fmt: skip
+
+    step_0 = [dynamics(0, p, 1 - 1e-12, 1e-6, True) for p in ("a", "b")]
+    step_1 = [dynamics(1, p, 0.9, 0.45, False) for p in ("a", "b")]
+    status = make_record("status", 1, analysis_failures=0, sink_failures={}, message="", untrusted_steps=1)
+    return [(0, step_0), (1, [*step_1, status])]
+
+
+def test_aggregate_scalars_carry_the_truth_guard_per_step():
+    scalars = aggregate_scalars([r for _, records in _guarded_events() for r in records])
+    assert scalars[0]["ntk_health/gradient_cosine"] == pytest.approx(1 - 1e-12, abs=1e-15)
+    assert scalars[0]["ntk_health/gradient_relative_error"] == 1e-6 and scalars[0]["ntk_health/trusted"] == 1.0
+    assert "ntk_health/untrusted_steps" not in scalars[0]
+    assert scalars[1]["ntk_health/gradient_cosine"] == 0.9 and scalars[1]["ntk_health/trusted"] == 0.0
+    assert scalars[1]["ntk_health/gradient_relative_error"] == 0.45 and scalars[1]["ntk_health/untrusted_steps"] == 1
+
+
+def test_wandb_and_tensorboard_show_the_truth_guard_under_ntk_health(tmp_path):
+    import wandb
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project="trl-ntk-tests")
+    try:
+        group = SinkGroup([WandbSink(), TensorBoardSink(log_dir=tmp_path / "tb")], strict=True)
+        for step, records in _guarded_events():
+            group.write_event(step, records)
+        group.close()
+        run_dir = Path(run.dir).parent
+    finally:
+        run.finish()
+    history = _history(run_dir)
+    cosine = {
+        i["train/global_step"]: i["ntk_health/gradient_cosine"] for i in history if "ntk_health/gradient_cosine" in i
+    }
+    assert cosine == {0: pytest.approx(1.0), 1: pytest.approx(0.9)}
+    assert [i["ntk_health/untrusted_steps"] for i in history if "ntk_health/untrusted_steps" in i] == [1]
+    assert [i["ntk_health/trusted"] for i in history if "ntk_health/trusted" in i] == [1, 0]
+
+    accumulator = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    tb_cosine = [(e.step, e.value) for e in accumulator.Scalars("ntk_health/gradient_cosine")]
+    assert tb_cosine == [(0, pytest.approx(1.0)), (1, pytest.approx(0.9))]
+    assert [(e.step, e.value) for e in accumulator.Scalars("ntk_health/untrusted_steps")] == [(1, 1.0)]

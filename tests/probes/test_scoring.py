@@ -241,3 +241,27 @@ def test_without_position_ids_rows_score_with_the_models_own_positions_as_the_ke
     torch.testing.assert_close(scores, logprobs.target_logprobs(gpt2_model, batch), atol=1e-5, rtol=0)
     padded_positions = _padded_batch(sequences, "left")  # positions from the mask: a different function
     assert float((score_responses(gpt2_model, padded_positions).flat_token_logps - scores).abs().max()) > 1e-3
+
+
+def test_scoring_a_model_under_the_trainers_bf16_autocast_wrapper_computes_in_float32(model, sequences):
+    """`bf16=True` makes accelerate run `model.forward` under bf16 autocast (its wrapper, built as accelerate's
+    `prepare_model` builds it); scores stay the float32 scores of the unwrapped model, on both strategies, and the
+    wrapper is back in place afterwards."""
+    from types import MethodType
+
+    from accelerate.utils import convert_outputs_to_fp32
+
+    batch = _padded_batch(sequences, "right")
+    reference = {s: score_responses(model, batch, strategy=s) for s in ("backbone", "logits")}
+    wrapped = copy.deepcopy(model)
+    wrapped._original_forward = wrapped.forward
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    wrapped.forward = MethodType(convert_outputs_to_fp32(autocast(type(wrapped).forward)), wrapped)
+    wrapper = wrapped.forward
+    with torch.no_grad():  # the wrapper does compute in bf16: far from the float32 logits
+        bf16_logits = wrapped(input_ids=sequences[0][None]).logits
+        assert (bf16_logits - model(input_ids=sequences[0][None]).logits).abs().max() > 1e-3
+    for strategy, expected in reference.items():
+        scores = score_responses(wrapped, batch, strategy=strategy)
+        torch.testing.assert_close(scores.logp_sum, expected.logp_sum, atol=1e-5, rtol=0)
+    assert wrapped.forward == wrapper

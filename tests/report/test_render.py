@@ -273,3 +273,45 @@ def test_report_of_a_file_with_two_runs_shows_the_latest_and_names_the_other(tmp
     assert max(r["step"] for r in data.of("probe")) == 2
     sections = _sections(build_report(tmp_path, progress=False).read_text(encoding="utf-8"))
     assert old_id in sections["panel-run"] and "other runs in the file" in sections["panel-run"]
+
+
+def test_report_shows_the_truth_guard_per_step_next_to_the_predictions(tmp_path):
+    """Step 2 of a synthetic run made untrusted (cosine 0.93): the prediction panel draws the guard per step, names
+    step 2 with its reason and crosses its points; the run panel counts it; a trusted run says all are trusted."""
+    from trl_ntk.report.panels import guard_by_step
+
+    path = write_synthetic_run(tmp_path, attribution="sums", steps=6, every=2)
+    reason = "gradient check cosine 0.93 (needs >= 0.999999): dropout active <drop>"
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record["type"] == "dynamics":
+            bad = record["step"] == 2
+            record["gradient_check"]["cosine"] = 0.93 if bad else 1 - 1e-12
+            record["trusted"], record["trust_reason"] = (False, reason) if bad else (True, None)
+        if record["type"] == "status":
+            record["untrusted_steps"] = 1
+        lines.append(json.dumps(record))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    data = load_run(tmp_path, progress=False)
+    guard = guard_by_step(data.of("dynamics"))
+    assert [(g.step, g.trusted) for g in guard] == [(0, True), (2, False), (4, True)]
+    assert guard[1].cosine == 0.93 and guard[1].reason == reason
+    sections = _sections(build_report(tmp_path, progress=False).read_text(encoding="utf-8"))
+    prediction = sections["panel-prediction"]
+    assert "figure-guard" in prediction and "1 - cosine" in prediction
+    assert re.search(r'"symbol":\["circle","circle","x","x","circle"', prediction)  # step 2's points are crosses
+    assert "1 of 3 analysed steps not trusted</b> (steps 2)" in prediction
+    assert "dropout active &lt;drop&gt;" in prediction and "<drop>" not in prediction
+    assert "steps not trusted (truth guard)</th><td>1<" in sections["panel-run"]
+
+    trusted_dir = tmp_path / "trusted"
+    trusted = write_synthetic_run(trusted_dir, attribution="sums", steps=4)
+    records = [json.loads(line) for line in trusted.read_text(encoding="utf-8").splitlines()]
+    for record in records:
+        if record["type"] == "dynamics":
+            record["trusted"] = True
+    trusted.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    prediction = _sections(build_report(trusted_dir, progress=False).read_text(encoding="utf-8"))["panel-prediction"]
+    assert "2 of 2 analysed steps judged, all trusted" in prediction and "guard-untrusted" not in prediction

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trl_ntk._model import own_precision_forward
 from trl_ntk.analysis.guard import RngState, replayed_randomness
 from trl_ntk.batches import CapturedMicroBatch, TokenBatch
 
@@ -294,7 +295,7 @@ def add_entropy_residuals(model: nn.Module, micro_batches: list[CapturedMicroBat
         if mb.entropy_grads is None or not bool((mb.entropy_grads != 0).any()):
             continue
         batch = mb.batch
-        with torch.no_grad(), replayed_randomness(model, mb.rng_state):
+        with torch.no_grad(), replayed_randomness(model, mb.rng_state), own_precision_forward(model):
             logits = model(**batch.forward_kwargs(), use_cache=False).logits[:, :-1]
         positions = batch.target_mask[:, 1:]
         full = torch.zeros(*positions.shape, logits.shape[-1], dtype=torch.float32, device=logits.device)

@@ -22,6 +22,7 @@ from trl_ntk._model import (
     TensorDict,
     compute_dtype,
     decoder_and_head,
+    own_precision_forward,
     select_params,
 )
 from trl_ntk.batches import TokenBatch
@@ -373,7 +374,7 @@ def logit_cotangent_grad(
     (batch,) = prepare(model, batch)
     values = select_params(model, params)
     named = dict(model.named_parameters())
-    with torch.enable_grad():
+    with torch.enable_grad(), own_precision_forward(model):
         logits = model(**batch.forward_kwargs(), use_cache=False).logits[:, :-1]
         objective = (logits[positions.to(logits.device)].float() * cotangent.to(logits.device).float()).sum()
         grads = torch.autograd.grad(objective, [named[name] for name in values], allow_unused=True)

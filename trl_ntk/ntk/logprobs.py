@@ -29,6 +29,7 @@ from trl_ntk._model import (
     compute_dtype,
     decoder_and_head,
     float32_state,
+    own_precision_forward,
     select_params,
     upcast,
 )
@@ -77,7 +78,8 @@ def model_target_logits(model: nn.Module, batch: TokenBatch) -> Tensor:
     """`[M, V]` the logits of the model's own full forward at the targets (float32 or wider), with the same inputs
     as `final_hidden`. For models whose root module must run (FSDP gathers its parameters there) or whose
     `forward` is patched (TRL's fused head). Holds `[B, T, V]` for the batch."""
-    logits = model(**batch.forward_kwargs(), use_cache=False).logits[:, :-1][batch.target_mask[:, 1:]]
+    with own_precision_forward(model):  # never the trainer's autocast wrapper: float32 like `final_hidden`
+        logits = model(**batch.forward_kwargs(), use_cache=False).logits[:, :-1][batch.target_mask[:, 1:]]
     return logits.to(compute_dtype(logits.dtype))
 
 

@@ -114,7 +114,12 @@ def aggregate_scalars(records: Iterable[Mapping[str, Any]]) -> dict[int, dict[st
             `ntk_lld/frac_groups_negative` (share of groups whose positive completions lost likelihood);
         `nthr`: `ntk_nthr/frac_downweighted`, `ntk_nthr/tau`, `ntk_nthr/eta`, `ntk_nthr/s_neg_mean`,
             `ntk_nthr/seconds`;
-        `status`: `ntk_health/analysis_failures`, `ntk_health/sink_failures` (summed over sinks).
+        `status`: `ntk_health/analysis_failures`, `ntk_health/sink_failures` (summed over sinks),
+            `ntk_health/untrusted_steps` (steps so far whose explanation is not trusted);
+        the truth guard, from the step's `dynamics` records: `ntk_health/gradient_cosine` and
+            `ntk_health/gradient_relative_error` (the gradient check: the captured signal's reconstruction of the
+            applied gradient against `.grad`), `ntk_health/trusted` (1 when the step's explanation is trusted, 0
+            when not).
 
     Returns:
         `dict[int, dict[str, float]]`: step -> key -> value; keys whose values are all missing or non-finite are
@@ -136,6 +141,7 @@ def aggregate_scalars(records: Iterable[Mapping[str, Any]]) -> dict[int, dict[st
                 bucket[f"ntk_split/{_key_part(sign)}/{kind}"].append(value)
             for group, value in (record.get("groups") or {}).items():
                 bucket[f"ntk_split/group_{_key_part(group)}/{kind}"].append(value)
+            _add_guard(bucket, record)
         elif kind_of == "lld":
             for name in LLD_SCALARS:
                 bucket[f"ntk_lld/{name}"].append(record.get(name))
@@ -150,6 +156,7 @@ def aggregate_scalars(records: Iterable[Mapping[str, Any]]) -> dict[int, dict[st
             sink_failures = record.get("sink_failures") or {}
             failed = sum(v for v in sink_failures.values() if isinstance(v, (int, float)))
             bucket["ntk_health/sink_failures"].append(failed)
+            bucket["ntk_health/untrusted_steps"].append(record.get("untrusted_steps"))
     scalars: dict[int, dict[str, float]] = {}
     for step, bucket in sorted(samples.items()):
         values = {key: mean for key, items in bucket.items() if (mean := _mean(items)) is not None}
@@ -387,6 +394,16 @@ def _is_number(*values: Any) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
 
 
+def _add_guard(bucket: dict[str, list[Any]], record: Mapping[str, Any]) -> None:
+    """The truth guard's scalars of one dynamics record (every record of a step carries the same check)."""
+    check = record.get("gradient_check") or {}
+    bucket["ntk_health/gradient_cosine"].append(check.get("cosine"))
+    bucket["ntk_health/gradient_relative_error"].append(check.get("relative_error"))
+    trusted = record.get("trusted")
+    if isinstance(trusted, bool):
+        bucket["ntk_health/trusted"].append(1.0 if trusted else 0.0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Views of the whole run (the end of training): layout, multi-line series, summary
 
@@ -410,7 +427,10 @@ def custom_scalar_layout() -> dict[str, dict[str, list[Any]]]:
         },
         "ntk_lld": {"displacement": ["Multiline", [r"ntk_lld/.*"]]},
         "ntk_nthr": {"reweighting": ["Multiline", [r"ntk_nthr/.*"]]},
-        "ntk_health": {"failures": ["Multiline", [r"ntk_health/.*"]]},
+        "ntk_health": {
+            "failures": ["Multiline", [r"ntk_health/.*_failures", r"ntk_health/untrusted_steps"]],
+            "truth guard": ["Multiline", [r"ntk_health/gradient_.*", r"ntk_health/trusted"]],
+        },
     }
 
 

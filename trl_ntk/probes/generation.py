@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -40,6 +41,10 @@ def sample_responses(
     (`skip_special_tokens=True`, as GRPO decodes). Samples are drawn from the policy itself at `temperature`
     (`top_k=0`, `top_p=1`, no repetition penalty; override with `generation_kwargs`). Empty generations are skipped
     with a warning. Probe ids: `"<prompt_id>-greedy"`, `"<prompt_id>-sample-<i>"`.
+
+    A mixture-of-experts model generates with its router outputs off (`router_outputs_off`): with them on, its
+    forward computes the load-balancing loss on each decoding step's router logits against the whole attention mask,
+    a size mismatch.
 
     Training is left undisturbed: generation runs on a fork of torch's RNG state (CPU and every accelerator device)
     seeded with `seed`, with every module in eval mode, and each module's mode is restored afterwards. Works with a
@@ -82,7 +87,7 @@ def sample_responses(
     )
     generated: dict[str, list[ProbeResponse]] = {probe.prompt_id: [] for probe in probes}
     skipped = 0
-    with eval_mode(model), forked_rng(device), torch.no_grad():
+    with eval_mode(model), forked_rng(device), torch.no_grad(), router_outputs_off(model):
         torch.manual_seed(seed)
         for start in range(0, len(probes), batch_size):
             chunk = probes[start : start + batch_size]
@@ -113,6 +118,26 @@ def sample_responses(
     if skipped:
         logger.warning("skipped %d empty generated responses (of %d)", skipped, len(probes) * (1 + num_samples))
     return [r for probe in probes for r in generated[probe.prompt_id]]
+
+
+@contextlib.contextmanager
+def router_outputs_off(model: nn.Module) -> Iterator[None]:
+    """Run the body with `output_router_logits=False` in every config of the model's modules that has it on (MoE
+    models trained with their load-balancing loss); the values are restored afterwards.
+
+    Generation needs no router logits, and an MoE forward that returns them also computes the load-balancing loss
+    from them and the attention mask, which have different lengths once decoding uses the cache."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    texts = [c.get_text_config() for c in configs.values() if hasattr(c, "get_text_config")]
+    configs.update({id(c): c for c in texts})
+    switched = [c for c in configs.values() if getattr(c, "output_router_logits", False) is True]
+    for config in switched:
+        config.output_router_logits = False
+    try:
+        yield
+    finally:
+        for config in switched:
+            config.output_router_logits = True
 
 
 def _generation_configs(

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from trl_ntk._model import LogitTransform, float32_state, input_device, unwrap_model
+from trl_ntk._model import LogitTransform, float32_state, input_device, own_precision_forward, unwrap_model
 from trl_ntk.batches import TokenBatch, select_rows
 from trl_ntk.ntk.logprobs import call_with, final_hidden, head_logits, model_target_logits
 from trl_ntk.probes.probe_set import ProbeResponse, eval_mode
@@ -116,7 +116,9 @@ def score_responses(
     - `"logits"`: the model's plain forward (`model(input_ids=..., attention_mask=...)`, also on a model patched by
       TRL's `add_fused_lm_head`); holds `[b, T, V]` logits for one micro-batch at a time.
     Log-softmax runs in float32 on `logits / batch.temperature`; a half-precision model runs in float32 on upcast
-    copies of its weights (twice its half-precision weights in extra memory), as the kernels do.
+    copies of its weights (twice its half-precision weights in extra memory), as the kernels do. The forward never
+    runs under the trainer's mixed-precision autocast (`bf16=True` wraps `model.forward`; `own_precision_forward`):
+    scores before and after an update are float32 numbers, like the predictions.
 
     Args:
         model (`PreTrainedModel`): a causal LM (PEFT-wrapped models are unwrapped to their base model).
@@ -150,7 +152,7 @@ def score_responses(
 
     per_token: dict[str, list[Tensor]] = {name: [] for name in _PER_TOKEN}
     state = float32_state(causal_lm)  # a half-precision model is scored in float32 on upcast weights
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), own_precision_forward(model):
         for start in range(0, batch.input_ids.shape[0], batch_size):
             sub_batch = _row_slice(batch, slice(start, start + batch_size)).to(device)
             if chosen == "backbone":

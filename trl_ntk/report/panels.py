@@ -6,6 +6,7 @@ import html
 import json
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,7 @@ def run_panel(data: RunData) -> Panel:
         status = statuses[-1]
         failures = status.get("sink_failures") or {}
         rows.append(("analysis failures", str(status.get("analysis_failures", 0))))
+        rows.append(("steps not trusted (truth guard)", str(status.get("untrusted_steps", 0))))
         rows.append(("sink failures", html.escape(", ".join(f"{k}: {v}" for k, v in failures.items()) or "none")))
         if status.get("message"):
             rows.append(("last failure", html.escape(str(status["message"]))))
@@ -208,7 +210,10 @@ def prediction_panel(data: RunData) -> Panel:
         "Left: each point is one probe response at one analysed step; x is the change predicted to first order "
         "along the real update (<grad lp, dw>), y the change observed after the step. On the diagonal the local "
         "(eNTK) picture holds; far from it the step was too large for it. Right: the linearization gap "
-        "(observed - predicted), mean per kind."
+        "(observed - predicted), mean per kind. Below: the truth guard of each analysed step, the gradient check "
+        "(how well the captured signal reconstructs the gradient the optimizer applied: 1 - cosine and relative "
+        "error); a step whose check fails, or whose set-up the analysis does not reproduce, is not trusted: its "
+        "points are crosses and it is named with the reason."
     )
     dynamics = [
         r
@@ -232,9 +237,15 @@ def prediction_panel(data: RunData) -> Panel:
                 mode="markers",
                 name=kind,
                 legendgroup=kind,
-                marker={"color": colours[kind], "size": 7, "opacity": 0.8},
+                marker={
+                    "color": colours[kind],
+                    "size": 7,
+                    "opacity": 0.8,
+                    "symbol": ["x" if r.get("trusted") is False else "circle" for r in points],
+                },
                 text=[
                     f"{html.escape(str(r.get('probe_id')))} step {r['step']}<br>gap {as_number(r.get('gap')) or 0:+.4g}"
+                    + ("<br>NOT TRUSTED" if r.get("trusted") is False else "")
                     for r in points
                 ],
                 hovertemplate="%{text}<br>predicted %{x:.4g}<br>observed %{y:.4g}<extra></extra>",
@@ -274,7 +285,89 @@ def prediction_panel(data: RunData) -> Panel:
     median_gap = float(np.median(np.abs(observed - predicted)))
     summary += f"; median |gap| {median_gap:.3g} nats"
     body = f"<p class='summary'>{html.escape(summary)}</p>" + figure_html(figure, "figure-prediction")
-    return Panel("panel-prediction", PANELS[3][1], note, body)
+    return Panel("panel-prediction", PANELS[3][1], note, body + _guard_html(guard_by_step(data.of("dynamics"))))
+
+
+@dataclass(frozen=True)
+class GuardStep:
+    """The truth guard of one analysed step: its gradient check and verdict (`trusted` None: not judged)."""
+
+    step: int
+    cosine: float | None
+    relative_error: float | None
+    trusted: bool | None
+    reason: str | None
+
+
+def guard_by_step(dynamics: list[dict[str, Any]]) -> list[GuardStep]:
+    """One `GuardStep` per analysed step, in step order, from its dynamics records (which share the check); a step
+    is untrusted when any of its records is."""
+    by_step: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for record in dynamics:
+        by_step[int(record["step"])].append(record)
+    steps = []
+    for step, records in sorted(by_step.items()):
+        check = next((r["gradient_check"] for r in records if isinstance(r.get("gradient_check"), dict)), {})
+        verdicts = [r.get("trusted") for r in records if isinstance(r.get("trusted"), bool)]
+        trusted = None if not verdicts else all(verdicts)
+        reason = next((r.get("trust_reason") for r in records if r.get("trusted") is False), None)
+        steps.append(
+            GuardStep(step, as_number(check.get("cosine")), as_number(check.get("relative_error")), trusted, reason)
+        )
+    return steps
+
+
+_GUARD_FLOOR = 1e-17
+"""Smallest value drawn on the guard's log axis (an exact cosine of 1 has 1 - cosine = 0)."""
+
+
+def _guard_html(steps: list[GuardStep]) -> str:
+    """The guard's figure (1 - cosine and relative error per step, log scale, untrusted steps as red crosses) and
+    a line naming the untrusted steps with the first reason."""
+    import plotly.graph_objects as go
+
+    checked = [s for s in steps if s.cosine is not None]
+    if not checked:
+        return ""
+    untrusted = [s for s in steps if s.trusted is False]
+    figure = go.Figure()
+    x = [s.step for s in checked]
+    series = {
+        "1 - cosine": [max(1 - s.cosine, _GUARD_FLOOR) for s in checked],
+        "relative error": [max(s.relative_error or 0.0, _GUARD_FLOOR) for s in checked],
+    }
+    for (name, values), colour in zip(series.items(), ("#1f77b4", "#ff7f0e")):
+        figure.add_trace(go.Scatter(x=x, y=values, mode="lines+markers", name=name, line={"color": colour}))
+    if untrusted:
+        marked = [s for s in checked if s.trusted is False]
+        figure.add_trace(
+            go.Scatter(
+                x=[s.step for s in marked],
+                y=[max(1 - s.cosine, _GUARD_FLOOR) for s in marked],
+                mode="markers",
+                name="not trusted",
+                marker={"color": "#d62728", "symbol": "x", "size": 12},
+                text=[html.escape(s.reason or "") for s in marked],
+                hovertemplate="step %{x}: not trusted<br>%{text}<extra></extra>",
+            )
+        )
+    figure.update_yaxes(type="log", title_text="gradient check")
+    figure.update_xaxes(title_text="optimizer step")
+    apply_layout(figure, 280, top=60)
+    if untrusted:
+        names = ", ".join(str(s.step) for s in untrusted[:20]) + (", ..." if len(untrusted) > 20 else "")
+        line = (
+            f"<p class='summary guard-untrusted' style='color:#b00020'><b>{len(untrusted)} of {len(steps)} analysed "
+            f"steps not trusted</b> (steps {names}): {html.escape(untrusted[0].reason or 'no reason recorded')}</p>"
+        )
+    else:
+        judged = sum(s.trusted is not None for s in steps)
+        worst = min(s.cosine for s in checked)
+        line = (
+            f"<p class='summary guard-trusted'>truth guard: {judged} of {len(steps)} analysed steps judged, all "
+            f"trusted; lowest gradient-check cosine {worst:.12g}</p>"
+        )
+    return "<h3>Truth guard</h3>" + line + figure_html(figure, "figure-guard")
 
 
 def split_panel(data: RunData) -> Panel:

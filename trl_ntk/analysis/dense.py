@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from trl_ntk import _dist
 from trl_ntk._model import TensorDict, compute_dtype, trainable_parameters
+from trl_ntk.analysis import sharded
 from trl_ntk.analysis.guard import replayed_randomness
 from trl_ntk.analysis.results import TokenAttribution
 from trl_ntk.batches import CapturedMicroBatch, TokenBatch, TokenLabels, select_rows, target_rows
@@ -27,14 +28,22 @@ class DenseBackend:
     Args:
         model: at `w_t`, in eval mode, with the step's gradient in `.grad`.
         chunk_size (*optional*): rows of parameter-sized tangents held at once by the "tokens" level kernels.
+        path (*optional*): `"auto"` (`jvp.select_jvp_path`) or a `jvp.JvpPath` value. `"finite_difference"`: the
+            step's JVPs by the five-point stencil of `sharded.finite_difference_jvps` (float32 scoring forwards
+            with the model's own attention kernel, the step chosen for accuracy), whose memory grows like a
+            forward pass instead of the `T^2` per head of forward-mode AD through SDPA's MATH backend; the
+            "tokens" level kernels then use central differences too. Recorded as the explanation's `path`.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int | None = None) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int | None = None, path: str | None = None) -> None:
         self.model = model
         self.params = trainable_parameters(model)
         self.names = list(self.params)
-        self.path = jvp.select_jvp_path(model, self.names).value
+        auto = path in (None, "auto")
+        self.path = (jvp.select_jvp_path(model, self.names) if auto else jvp.JvpPath(path)).value
         self.chunking = {} if chunk_size is None else {"chunk_size": chunk_size}
+        if not auto:
+            self.chunking["path"] = self.path
 
     def applied_gradient(self) -> TensorDict:
         return {n: (p.grad.detach() if p.grad is not None else torch.zeros_like(p)) for n, p in self.params.items()}
@@ -84,6 +93,10 @@ class DenseBackend:
         float64 for a float64 model): one batched JVP per batch (`vmap` over stacked tangents,
         `jvp.DEFAULT_CHUNK_SIZE` at a time); all-zero directions are not run. Allocates one stacked copy of (a chunk
         of) the directions when a chunk holds more than one (a single direction is viewed, not copied)."""
+        if self.path == jvp.JvpPath.FINITE_DIFFERENCE.value:
+            device = next(iter(self.params.values())).device
+            rows = sharded.finite_difference_jvps(self.model, batches, directions, self.names)
+            return {name: value.to(device) for name, value in rows.items()}
         return {name: _batch_jvps(self.model, batch, directions, self.names) for name, batch in batches.items()}
 
     def reduce(self, tensor: Tensor) -> Tensor:

@@ -193,6 +193,18 @@ class Plan:
     estimate: Estimate
     free: int
     message: str = ""
+    needed: int = 0  # the requested level's estimate on the exact path
+
+    def refusal(self, requested: str) -> str:
+        """The error text when the request may not be downgraded (`memory_check="refuse"`)."""
+        gib = 2**30
+        return (
+            f"the '{requested}' analysis step needs about {self.needed / gib:.2f} GiB beyond training, more than "
+            f"{SAFETY:.0%} of the device's free {self.free / gib:.2f} GiB (analysis.memory); the largest that fits is "
+            f"'{self.level}'" + (" with finite-difference JVPs" if self.path == "finite_difference" else "") + ". "
+            "Lower attribution, the sequence length, chunk_size or the probe set, set low_memory=True, or "
+            "memory_check='downgrade' to downgrade with a warning"
+        )
 
 
 def plan(shape: ModelShape, level: str, work: Workload, free: int, *, low_memory: bool = False) -> Plan:
@@ -201,15 +213,38 @@ def plan(shape: ModelShape, level: str, work: Workload, free: int, *, low_memory
     returned plan is `"none"`, with a message when `level` was higher."""
     budget = int(SAFETY * free)
     requested = LEVELS.index(level)
+    needed = estimate(shape, level, work).total
     paths = ("finite_difference",) if low_memory else ("auto", "finite_difference")
     for candidate in reversed(LEVELS[1 : requested + 1]):
         for path in paths:
             guess = estimate(shape, candidate, work, "func" if path == "auto" else path)
             if guess.total <= budget:
                 message = "" if (candidate == level and path in ("auto", paths[0])) else _message(level, guess, free)
-                return Plan(candidate, path, guess, free, message)
+                return Plan(candidate, path, guess, free, message, needed)
     none = estimate(shape, "none", work)
-    return Plan("none", "auto", none, free, "" if level == "none" else _message(level, none, free))
+    return Plan("none", "auto", none, free, "" if level == "none" else _message(level, none, free), needed)
+
+
+def workload(trainer: object, kind: str, probe_shape: tuple[int, int] | None, chunk_size: int | None) -> Workload:
+    """The `Workload` of a TRL trainer's analysis step, from its arguments: a training micro-batch of
+    `per_device_train_batch_size` rows (twice that for DPO's chosen + rejected) of `max_length` tokens (GRPO:
+    `max_prompt_length + max_completion_length`), and the probe batch's `(rows, length)` (`None`: as long as a
+    training sequence, `num_prompts` rows unknown, 8 assumed)."""
+    args = getattr(trainer, "args", None)
+    rows = int(getattr(args, "per_device_train_batch_size", 8) or 8) * (2 if kind == "dpo" else 1)
+    length = getattr(args, "max_length", None)
+    if not length:
+        prompt = getattr(args, "max_prompt_length", None) or 0
+        length = prompt + (getattr(args, "max_completion_length", None) or 0) or 1024
+    probe_rows, probe_length = probe_shape if probe_shape is not None else (8, int(length))
+    return Workload(
+        train_rows=rows,
+        train_length=int(length),
+        probe_rows=probe_rows,
+        probe_length=probe_length,
+        score_rows=32,
+        chunk_size=chunk_size or 16,
+    )
 
 
 def _message(level: str, chosen: Estimate, free: int) -> str:

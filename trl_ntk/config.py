@@ -212,7 +212,8 @@ class DynamicsConfig:
             regenerated at every scoring step (kind `greedy`).
         num_samples (`int`, *optional*, defaults to `0`): also track this many sampled responses per prompt.
         sample_temperature (`float`, *optional*, defaults to `1.0`): temperature of those samples.
-        max_new_tokens (`int`, *optional*, defaults to `48`): generation length for sampled probes.
+        max_new_tokens (`int`, *optional*, defaults to `48`): generation length for sampled probes (capped at a
+            GRPO trainer's `max_completion_length`).
         top_k (`int`, *optional*, defaults to `5`): training tokens listed per probe response ("tokens" level).
         chunk_size (`int`, *optional*): parameter-sized tangents held at once by the kernels.
         score_batch_size (`int`, *optional*, defaults to `32`): probe responses per scoring forward.

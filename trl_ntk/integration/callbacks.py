@@ -31,6 +31,7 @@ from trl_ntk.output import records
 from trl_ntk.output.sinks import make_sinks
 from trl_ntk.probes.datasets import default_probes
 from trl_ntk.probes.encoding import encode_tracked
+from trl_ntk.probes.generation import generation_cap
 from trl_ntk.probes.probe_set import ProbeSet, sample_responses
 from trl_ntk.probes.scoring import score_responses
 
@@ -326,7 +327,7 @@ class LearningDynamicsCallback(TrainerCallback):
                         self.probes.prompts(),
                         num_samples=self.config.num_samples,
                         temperature=self.config.sample_temperature,
-                        max_new_tokens=self.config.max_new_tokens,
+                        max_new_tokens=generation_cap(self.trainer, self.config.max_new_tokens),
                         seed=self.config.seed + step,
                         synced_gpus=self.sharded and self.trainer.accelerator.num_processes > 1,
                     )

@@ -7,6 +7,7 @@ import json
 import warnings
 
 import pytest
+import torch
 
 from tests.trainer_factory import dpo_trainer
 from trl_ntk import LearningDynamicsCallback
@@ -63,6 +64,20 @@ def test_model_shape_reads_the_config_and_the_trainable_parameters():
 
 def _fake_free(monkeypatch, free: int) -> None:
     monkeypatch.setattr(memory, "free_bytes", lambda device: free)
+    monkeypatch.setattr(memory, "pending_training_bytes", lambda model, optimizer: 0)
+
+
+def test_training_memory_not_yet_allocated_is_set_aside():
+    """Before the first step: the gradients and AdamW's two moments (3 P); after a step with gradients kept, 0."""
+    model, _ = toy.model_and_tokenizer(warmup=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    size = sum(p.numel() * p.element_size() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    assert memory.pending_training_bytes(model, optimizer) == 3 * size
+    model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    optimizer.step()
+    missing = sum(p.numel() * p.element_size() for p in params if p.grad is None)  # e.g. unused rows: none here
+    assert memory.pending_training_bytes(model, optimizer) == missing
 
 
 def test_callback_refuses_before_the_first_step_when_the_analysis_cannot_fit(tmp_path, monkeypatch):

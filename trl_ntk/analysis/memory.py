@@ -163,6 +163,16 @@ def estimate(shape: ModelShape, level: str, work: Workload, path: str = "func") 
     return Estimate(level, path, buffers, max(train_graph, probe_graph, train_jvps, scoring))
 
 
+def pending_training_bytes(model: nn.Module, optimizer: object | None) -> int:
+    """Bytes training itself has yet to allocate before its first step, to be set aside from the free memory measured
+    at the start: the gradients (`.grad` still `None`) and, for Adam / AdamW without state yet, its two moments."""
+    params = list(trainable_parameters(model).values())
+    grads = sum(p.numel() * p.element_size() for p in params if p.grad is None)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    stateless = isinstance(inner, torch.optim.Adam) and not any(p in inner.state for p in params)
+    return grads + (2 * sum(p.numel() * p.element_size() for p in params) if stateless else 0)
+
+
 def free_bytes(device: torch.device | str) -> int:
     """Free memory of the device: `torch.cuda.mem_get_info` on CUDA, the available system memory otherwise
     (`psutil`, or `MemAvailable` of `/proc/meminfo`)."""

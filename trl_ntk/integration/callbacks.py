@@ -190,8 +190,9 @@ class LearningDynamicsCallback(TrainerCallback):
         probe_shape = None if self.encoded is None else tuple(self.encoded.batch.input_ids.shape)
         work = memory.workload(self.trainer, self.adapter.kind, probe_shape, chunk)
         device = next(model.parameters()).device
+        free = memory.free_bytes(device) - memory.pending_training_bytes(model, self.trainer.optimizer)
         chosen = memory.plan(
-            memory.model_shape(model), requested, work, memory.free_bytes(device), low_memory=self.config.low_memory
+            memory.model_shape(model), requested, work, max(free, 0), low_memory=self.config.low_memory
         )
         self.memory_plan = chosen
         if not chosen.message:

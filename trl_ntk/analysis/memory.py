@@ -266,3 +266,20 @@ def _message(level: str, chosen: Estimate, free: int) -> str:
         f"{chosen.buffers / gib:.2f} GiB of parameter-sized buffers, {chosen.activations / gib:.2f} GiB of "
         "activations). Lower the sequence length, the chunk_size or the probe set, or set low_memory=True"
     )
+
+
+def preflight(
+    trainer: object,
+    model: nn.Module,
+    kind: str,
+    probe_shape: tuple[int, int] | None,
+    level: str,
+    chunk_size: int | None,
+    low_memory: bool,
+) -> Plan:
+    """`plan` for a trainer before its first step: its `workload`, the model's shape, and the device's free memory
+    less what training has yet to allocate (`pending_training_bytes`)."""
+    work = workload(trainer, kind, probe_shape, chunk_size)
+    device = next(model.parameters()).device
+    free = free_bytes(device) - pending_training_bytes(model, getattr(trainer, "optimizer", None))
+    return plan(model_shape(model), level, work, max(free, 0), low_memory=low_memory)

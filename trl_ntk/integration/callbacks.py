@@ -184,15 +184,11 @@ class LearningDynamicsCallback(TrainerCallback):
         warning when it does not fit in the device's free memory."""
         if self.sharded or self.config.memory_check == "off" or self.config.attribution == "none":
             return
-        model = self._model()
         requested = "tokens" if self.config.tokens_level else "sums"
         chunk = 1 if self.config.low_memory and self.config.chunk_size is None else self.config.chunk_size
         probe_shape = None if self.encoded is None else tuple(self.encoded.batch.input_ids.shape)
-        work = memory.workload(self.trainer, self.adapter.kind, probe_shape, chunk)
-        device = next(model.parameters()).device
-        free = memory.free_bytes(device) - memory.pending_training_bytes(model, self.trainer.optimizer)
-        chosen = memory.plan(
-            memory.model_shape(model), requested, work, max(free, 0), low_memory=self.config.low_memory
+        chosen = memory.preflight(
+            self.trainer, self._model(), self.adapter.kind, probe_shape, requested, chunk, self.config.low_memory
         )
         self.memory_plan = chosen
         if not chosen.message:

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from trl_ntk.ntk.nthr import Vocab, check_weight_options
 
 ATTRIBUTION_LEVELS = ("none", "sums", "tokens")
+MEMORY_CHECKS = ("downgrade", "refuse", "off")
 """Values of `DynamicsConfig.attribution`."""
 
 REPORT_TO_VALUES = ("none", "all", "wandb", "tensorboard", "trackio")
@@ -211,13 +212,20 @@ class DynamicsConfig:
             regenerated at every scoring step (kind `greedy`).
         num_samples (`int`, *optional*, defaults to `0`): also track this many sampled responses per prompt.
         sample_temperature (`float`, *optional*, defaults to `1.0`): temperature of those samples.
-        max_new_tokens (`int`, *optional*, defaults to `48`): generation length for sampled probes.
+        max_new_tokens (`int`, *optional*, defaults to `48`): generation length for sampled probes (capped at a
+            GRPO trainer's `max_completion_length`).
         top_k (`int`, *optional*, defaults to `5`): training tokens listed per probe response ("tokens" level).
         chunk_size (`int`, *optional*): parameter-sized tangents held at once by the kernels.
         score_batch_size (`int`, *optional*, defaults to `32`): probe responses per scoring forward.
         kernel_summaries (`bool`, *optional*, defaults to `False`): log-prob kernel and pNTK norms between probes
             and the batch at "tokens" steps (two more `min(Mp, L)`-JVP passes).
         strict (`bool`, *optional*, defaults to `False`): raise analysis failures instead of warning and counting.
+        memory_check (`str`, *optional*, defaults to `"downgrade"`): before the first analysis, estimate its peak
+            extra memory on the device (`analysis.memory`) and, when it does not fit, `"downgrade"` (a lower
+            level, or finite-difference JVPs, with a warning) or `"refuse"` (raise before training); `"off"`.
+        low_memory (`bool`, *optional*, defaults to `False`): every JVP by finite differences (the memory of a
+            no-grad forward with the model's own attention kernel, about 1e-4 relative error) and one
+            parameter-sized tangent at a time at the "tokens" level; slower.
         seed (`int`, *optional*, defaults to `0`): probe selection and sampling seed.
         output_dir (`str`, *optional*): where `dynamics.jsonl` goes; defaults to `<args.output_dir>/dynamics`.
         report_to (`str` or `list[str]`, *optional*): trackers besides the JSONL; defaults to the trainer's
@@ -243,6 +251,8 @@ class DynamicsConfig:
     score_batch_size: int = 32
     kernel_summaries: bool = False
     strict: bool = False
+    memory_check: str = "downgrade"
+    low_memory: bool = False
     seed: int = 0
     output_dir: str | None = None
     report_to: str | list[str] | None = None
@@ -262,6 +272,8 @@ class DynamicsConfig:
         check_int("score_batch_size", self.score_batch_size, minimum=1)
         check_bool("kernel_summaries", self.kernel_summaries)
         check_bool("strict", self.strict)
+        check_choice("memory_check", self.memory_check, MEMORY_CHECKS)
+        check_bool("low_memory", self.low_memory)
         check_int("seed", self.seed)
         if isinstance(self.output_dir, os.PathLike):
             self.output_dir = os.fspath(self.output_dir)
@@ -342,6 +354,14 @@ class DynamicsArguments:
     ntk_score_batch_size: int = field(default=32, metadata=_help("probe responses per scoring forward"))
     ntk_kernel_summaries: bool = field(default=False, metadata=_help("kernel norms at 'tokens' steps"))
     ntk_strict: bool = field(default=False, metadata=_help("raise analysis failures instead of warning and counting"))
+    ntk_memory_check: str = field(
+        default="downgrade",
+        metadata={
+            **_help("when the analysis does not fit in memory: downgrade, refuse or off"),
+            "choices": list(MEMORY_CHECKS),
+        },
+    )
+    ntk_low_memory: bool = field(default=False, metadata=_help("finite-difference JVPs, one tangent at a time"))
     ntk_seed: int = field(default=0, metadata=_help("probe selection and sampling seed"))
     ntk_output_dir: str | None = field(
         default=None, metadata=_help("run folder of dynamics.jsonl; default <output_dir>/dynamics")

@@ -8,11 +8,14 @@ ranks by `reduce` (`all_reduce`). The "tokens" level gathers its columns (traini
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import torch
 from torch import Tensor, nn
 
 from trl_ntk import _dist
 from trl_ntk._model import TensorDict, compute_dtype, trainable_parameters
+from trl_ntk.analysis import sharded
 from trl_ntk.analysis.guard import replayed_randomness
 from trl_ntk.analysis.results import TokenAttribution
 from trl_ntk.batches import CapturedMicroBatch, TokenBatch, TokenLabels, select_rows, target_rows
@@ -25,31 +28,49 @@ class DenseBackend:
     Args:
         model: at `w_t`, in eval mode, with the step's gradient in `.grad`.
         chunk_size (*optional*): rows of parameter-sized tangents held at once by the "tokens" level kernels.
+        path (*optional*): `"auto"` (`jvp.select_jvp_path`) or a `jvp.JvpPath` value. `"finite_difference"`: the
+            step's JVPs by the five-point stencil of `sharded.finite_difference_jvps` (float32 scoring forwards
+            with the model's own attention kernel, the step chosen for accuracy), whose memory grows like a
+            forward pass instead of the `T^2` per head of forward-mode AD through SDPA's MATH backend; the
+            "tokens" level kernels then use central differences too. Recorded as the explanation's `path`.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int | None = None) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int | None = None, path: str | None = None) -> None:
         self.model = model
         self.params = trainable_parameters(model)
         self.names = list(self.params)
-        self.path = jvp.select_jvp_path(model, self.names).value
+        auto = path in (None, "auto")
+        self.path = (jvp.select_jvp_path(model, self.names) if auto else jvp.JvpPath(path)).value
         self.chunking = {} if chunk_size is None else {"chunk_size": chunk_size}
+        if not auto:
+            self.chunking["path"] = self.path
 
     def applied_gradient(self) -> TensorDict:
         return {n: (p.grad.detach() if p.grad is not None else torch.zeros_like(p)) for n, p in self.params.items()}
 
     def step_split(self, optimizer: torch.optim.Optimizer) -> optim.StepSplit:
-        return optim.optimizer_step_split(optimizer, self.params)
+        """The optimizer's split, computed one parameter at a time on access (`LazySplit`): holds nothing
+        parameter-sized."""
+        return optim.StepSplit(LazySplit(optimizer, self.params, 0), LazySplit(optimizer, self.params, 1))
 
     def weighted_gradient(self, micro_batches: list[CapturedMicroBatch], weights: list[Tensor]) -> TensorDict:
         """`sum_l w_l grad lp_l` over this rank's micro-batches (one weighted backward per micro-batch with a
-        non-zero weight), each forward with the dropout masks and noise of the training forward it reproduces."""
-        total = {n: torch.zeros_like(p, dtype=compute_dtype(p.dtype)) for n, p in self.params.items()}
+        non-zero weight), each forward with the dropout masks and noise of the training forward it reproduces.
+
+        Holds the running sum and, from the second micro-batch on, one more gradient while it is added."""
+        total: TensorDict | None = None
         for mb, w in zip(micro_batches, weights):
             if bool((w != 0).any()):
                 with replayed_randomness(self.model, mb.rng_state):
                     grad = kernels.logprob_grad(self.model, mb.batch, w, params=self.names)
+                if total is None:
+                    total = {n: grad[n].to(compute_dtype(grad[n].dtype)) for n in self.names}
+                    continue
                 for n in self.names:
                     total[n] += grad[n]
+                del grad
+        if total is None:
+            return {n: torch.zeros_like(p, dtype=compute_dtype(p.dtype)) for n, p in self.params.items()}
         return total
 
     def residual_gradient(self, micro_batches: list[CapturedMicroBatch], coeff_scale: float) -> TensorDict:
@@ -71,7 +92,11 @@ class DenseBackend:
         """`name -> [len(directions), M]` JVPs of each batch's target log-probs along each direction (float32,
         float64 for a float64 model): one batched JVP per batch (`vmap` over stacked tangents,
         `jvp.DEFAULT_CHUNK_SIZE` at a time); all-zero directions are not run. Allocates one stacked copy of (a chunk
-        of) the directions."""
+        of) the directions when a chunk holds more than one (a single direction is viewed, not copied)."""
+        if self.path == jvp.JvpPath.FINITE_DIFFERENCE.value:
+            device = next(iter(self.params.values())).device
+            rows = sharded.finite_difference_jvps(self.model, batches, directions, self.names)
+            return {name: value.to(device) for name, value in rows.items()}
         return {name: _batch_jvps(self.model, batch, directions, self.names) for name, batch in batches.items()}
 
     def reduce(self, tensor: Tensor) -> Tensor:
@@ -162,9 +187,42 @@ def _batch_jvps(model: nn.Module, batch: TokenBatch, directions: list[TensorDict
         score = logprobs.score_fn(model, batch, "logprob", differentiable=path is not jvp.JvpPath.FINITE_DIFFERENCE)
         for start in range(0, len(nonzero), jvp.DEFAULT_CHUNK_SIZE):
             chunk = nonzero[start : start + jvp.DEFAULT_CHUNK_SIZE]
-            tangents = {n: torch.stack([directions[k][n].to(values[n]) for k in chunk]) for n in names}
+            tangents = {n: _stacked([directions[k][n].to(values[n]) for k in chunk]) for n in names}
             rows[chunk] = jvp.jvp_rows(score, values, tangents, path, jvp.DEFAULT_FD_STEP).detach().to(rows.dtype)
     return rows
+
+
+def _stacked(tensors: list[Tensor]) -> Tensor:
+    """`[len(tensors), *shape]`; one tensor is viewed (`unsqueeze`), not copied."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+class LazySplit(Mapping[str, Tensor]):
+    """One part of the optimizer's split `dw = -P g + history` (`part` 0: `P`, 1: `history`), computed for one
+    parameter at a time when it is read (`optim.optimizer_step_split` on that parameter alone, from the optimizer
+    state and `.grad` as they are at the moment of reading: read it before `optimizer.step()`).
+
+    Holds nothing parameter-sized: reading an entry allocates that parameter's `P` and `history` (about two
+    parameter-sized tensors of that one parameter), freed when the caller drops the value. An unsupported
+    optimizer is refused at construction.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: TensorDict, part: int) -> None:
+        self.optimizer = optimizer
+        self.params = params
+        self.part = part
+        if params:
+            first = next(iter(params))
+            optim.optimizer_step_split(optimizer, {first: params[first]})  # raises for an unsupported optimizer
+
+    def __getitem__(self, name: str) -> Tensor:
+        return optim.optimizer_step_split(self.optimizer, {name: self.params[name]})[self.part][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
 
 
 def _gather_columns(local: TokenAttribution) -> TokenAttribution:

@@ -20,6 +20,7 @@ full parameters; one process or DDP) or `sharded.ShardedBackend` (finite differe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from trl_ntk import _dist
-from trl_ntk._model import TensorDict
+from trl_ntk._model import TensorDict, compute_dtype
 from trl_ntk.analysis.dense import DenseBackend
 from trl_ntk.analysis.results import SIGN_NAMES, GradientCheck, Prediction, UpdateExplanation
 from trl_ntk.batches import CapturedMicroBatch, TokenBatch, TokenLabels, concat_token_batches, select_rows, target_rows
@@ -89,11 +90,12 @@ def cell_weights(labels: list[TokenLabels], coeffs: list[Tensor], sign_index: in
     return weights
 
 
-def _add_scaled(total: TensorDict, part: TensorDict, preconditioner: TensorDict) -> TensorDict:
-    """`total += part` in place; returns `-P * part` (a new dict)."""
+def _add_scaled(total: TensorDict, part: TensorDict, preconditioner: Mapping[str, Tensor]) -> TensorDict:
+    """`total += part`, then `part <- -P * part`, both in place (no new parameter-sized tensor); returns `part`."""
     for n in total:
         total[n] += part[n].to(total[n].dtype)
-    return {n: -preconditioner[n].to(part[n].dtype) * part[n] for n in part}
+        part[n].mul_(-preconditioner[n].to(part[n].dtype))
+    return part
 
 
 def _current_rows(
@@ -103,7 +105,7 @@ def _current_rows(
     labels: list[TokenLabels],
     coeffs: list[Tensor],
     cell_ids: list[tuple[int, int]],
-    preconditioner: TensorDict,
+    preconditioner: Mapping[str, Tensor],
     coeff_scale: float,
     raw: TensorDict,
 ) -> tuple[dict[str, list[Tensor]], dict[str, Tensor] | None]:
@@ -115,7 +117,7 @@ def _current_rows(
     for sign_index, group_index in cell_ids:
         gradient = backend.weighted_gradient(micro_batches, cell_weights(labels, coeffs, sign_index, group_index))
         rows = backend.jvps(batches, [_add_scaled(raw, gradient, preconditioner)])
-        del gradient
+        del gradient  # one cell's gradient (preconditioned in place) alive at a time
         for name in batches:
             cell_rows[name].append(rows[name][0])
     if not _dist.any_rank(any(mb.logit_residual is not None for mb in micro_batches)):
@@ -163,8 +165,10 @@ def explain_update(
         backend (`StepBackend`, *optional*): defaults to `DenseBackend(model, chunk_size)`.
 
     Returns:
-        `UpdateExplanation`. Holds four parameter-sized dicts at once (`P`, history, the running raw gradient and
-        one cell's gradient), never `[Mp, P]`.
+        `UpdateExplanation`. Memory beyond the model's own (dense backend, float32 parameters, `P` = their bytes):
+        the history direction alone first (1 P), then the running raw gradient and one cell's gradient,
+        preconditioned in place (2 P, 3 P while a cell's second micro-batch is added); the optimizer's `P` is
+        computed one parameter at a time (`dense.LazySplit`); never `[Mp, P]`. See `analysis.memory`.
     """
     backend = DenseBackend(model, chunk_size) if backend is None else backend
     applied = backend.applied_gradient()
@@ -174,7 +178,14 @@ def explain_update(
     preconditioner, history = backend.step_split(optimizer)
     batches = {"probe": probe_batch, **(extra_batches or {})}
 
-    raw = {n: torch.zeros_like(value, dtype=preconditioner[n].dtype) for n, value in applied.items()}
+    # the parts that do not depend on the cells first, one direction at a time: history (materialised once),
+    # then the applied gradient itself (the plain-SGD view `-lr g`, scaled after the JVP, no copy)
+    lr = learning_rate(optimizer)
+    history_rows = backend.jvps(batches, [history])
+    del history
+    sgd_rows = backend.jvps({"probe": probe_batch}, [applied])["probe"][0] * -lr
+
+    raw = {n: torch.zeros_like(value, dtype=compute_dtype(value.dtype)) for n, value in applied.items()}
     cell_rows, residual_rows = _current_rows(
         backend, batches, micro_batches, labels, coeffs, cell_ids, preconditioner, coeff_scale, raw
     )
@@ -184,11 +195,8 @@ def explain_update(
     scale = check.clip_scale
     del raw
 
-    lr = learning_rate(optimizer)
-    tail = backend.jvps(batches, [history, {n: -lr * g for n, g in applied.items()}])
-
     def prediction(name: str) -> Prediction:
-        history_change = tail[name][0]
+        history_change = history_rows[name][0]
         if cell_rows[name]:
             cells = backend.reduce(torch.stack(cell_rows[name]) * scale)
         else:
@@ -203,7 +211,7 @@ def explain_update(
     tokens_due = attribution == "tokens"
     return UpdateExplanation(
         probe=prediction("probe"),
-        sgd=tail["probe"][1],
+        sgd=sgd_rows,
         cell_names=tuple((SIGN_NAMES[s], group_names[g]) for s, g in cell_ids),
         gradient_check=check,
         path=backend.path,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from trl_ntk import __version__, _dist
 from trl_ntk._model import input_device, is_sharded, text_config
-from trl_ntk.analysis import dynamics, guard, sharded
+from trl_ntk.analysis import dense, dynamics, guard, memory, sharded
 from trl_ntk.batches import TokenLabels, concat_token_batches
 from trl_ntk.config import DynamicsConfig, check_optional_dependencies, check_writable_dir, follow_trainer_log_level
 from trl_ntk.integration.adapters import adapter_for, label_step
@@ -31,6 +31,7 @@ from trl_ntk.output import records
 from trl_ntk.output.sinks import make_sinks
 from trl_ntk.probes.datasets import default_probes
 from trl_ntk.probes.encoding import encode_tracked
+from trl_ntk.probes.generation import generation_cap
 from trl_ntk.probes.probe_set import ProbeSet, sample_responses
 from trl_ntk.probes.scoring import score_responses
 
@@ -113,6 +114,8 @@ class LearningDynamicsCallback(TrainerCallback):
         self.untrusted_steps = 0
         self.last_failure = ""
         self.sharded = False
+        self.jvp_path = "finite_difference" if self.config.low_memory else "auto"
+        self.memory_plan: memory.Plan | None = None
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _model(self) -> torch.nn.Module:
@@ -199,6 +202,7 @@ class LearningDynamicsCallback(TrainerCallback):
                 "the model's parameters are distributed tensors but the trainer does not use FSDP (tensor "
                 "parallelism?); LearningDynamicsCallback supports sharded parameters under FSDP2 only"
             )
+        self._check_memory()
         resumed = state.global_step if state.global_step > 0 else None
         if state.is_world_process_zero:
             if self.sinks is not None:  # a second `train()` in this process: release the folder first
@@ -217,6 +221,34 @@ class LearningDynamicsCallback(TrainerCallback):
             if self.encoded is not None:  # None: prompts only, the responses are generated at each scoring step
                 self._emit(state.global_step, [records.probes_record(state.global_step, self.encoded, self.tokenizer)])
         self._adopt_nthr_records()
+
+    def _check_memory(self) -> None:
+        """Before the first analysis (the model on its device): estimate the step's peak extra memory
+        (`analysis.memory.plan`) and refuse (`memory_check="refuse"`) or downgrade the level / JVP path with a
+        warning when it does not fit in the device's free memory."""
+        if self.sharded or self.config.memory_check == "off" or self.config.attribution == "none":
+            return
+        requested = "tokens" if self.config.tokens_level else "sums"
+        chunk = 1 if self.config.low_memory and self.config.chunk_size is None else self.config.chunk_size
+        probe_shape = None if self.encoded is None else tuple(self.encoded.batch.input_ids.shape)
+        chosen = memory.preflight(
+            self.trainer, self._model(), self.adapter.kind, probe_shape, requested, chunk, self.config.low_memory
+        )
+        self.memory_plan = chosen
+        if not chosen.message:
+            return
+        if self.config.memory_check == "refuse":
+            raise ValueError(chosen.refusal(requested))
+        warnings.warn(chosen.message, stacklevel=2)
+        if chosen.level != requested:
+            tokens = chosen.level == "tokens"
+            self.config = replace(
+                self.config,
+                attribution=chosen.level,
+                tokens_every_n_steps=None,
+                kernel_summaries=self.config.kernel_summaries and tokens,
+            )
+        self.jvp_path = chosen.path
 
     def _adopt_nthr_records(self) -> None:
         """Route the records of an `NTHRCallback` on the same trainer through this callback's sinks."""
@@ -343,7 +375,7 @@ class LearningDynamicsCallback(TrainerCallback):
                         self.probes.prompts(),
                         num_samples=self.config.num_samples,
                         temperature=self.config.sample_temperature,
-                        max_new_tokens=self.config.max_new_tokens,
+                        max_new_tokens=generation_cap(self.trainer, self.config.max_new_tokens),
                         seed=self.config.seed + step,
                         synced_gpus=self.sharded and self.trainer.accelerator.num_processes > 1,
                     )
@@ -432,6 +464,8 @@ class LearningDynamicsCallback(TrainerCallback):
         (`sharded.ShardedBackend`, no token level) when the parameters are sharded across ranks."""
         if self.sharded:
             options["backend"] = sharded.ShardedBackend(model, batch_size=self.config.score_batch_size)
+        elif self.jvp_path != "auto":  # low_memory, or chosen by the memory check: forward-pass memory
+            options["backend"] = dense.DenseBackend(model, options.get("chunk_size") or 1, path=self.jvp_path)
         return dynamics.explain_update(model, probe_batch, micro_batches, labels, group_names, optimizer, **options)
 
     def _positive_completions(self, micro_batches: list, labels: list):

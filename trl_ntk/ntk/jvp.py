@@ -217,7 +217,10 @@ def precondition(grads: TensorDict, preconditioner: Mapping[str, Tensor] | None)
         raise ValueError(f"the preconditioner has no entry for parameters {missing[:5]}")
     for name, grad in grads.items():
         dtype = compute_dtype(grad.dtype)
-        grad.copy_(preconditioner[name].to(grad.device, dtype) * grad.to(dtype))
+        if grad.dtype == dtype:  # in place: no temporary of the (batched) gradient's size
+            grad.mul_(preconditioner[name].to(grad.device, dtype))
+        else:
+            grad.copy_(preconditioner[name].to(grad.device, dtype) * grad.to(dtype))
     return grads
 
 

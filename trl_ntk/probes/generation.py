@@ -140,6 +140,14 @@ def router_outputs_off(model: nn.Module) -> Iterator[None]:
             config.output_router_logits = True
 
 
+def generation_cap(trainer: Any, max_new_tokens: int) -> int:
+    """`max_new_tokens`, capped at the trainer's own completion length when it has one (GRPO's
+    `max_completion_length`): the policy's responses are never trained beyond it, and each generated token costs one
+    decoding forward of the probe prompts."""
+    trained = getattr(getattr(trainer, "args", None), "max_completion_length", None)
+    return min(max_new_tokens, int(trained)) if isinstance(trained, int) and trained > 0 else max_new_tokens
+
+
 def _generation_configs(
     eos_ids: list[int],
     pad_token_id: int,

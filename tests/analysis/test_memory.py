@@ -1,0 +1,120 @@
+"""The pre-flight memory estimate: its buffer counts, the plan, and the callback refusing or downgrading before
+training against a mocked free-memory figure."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from tests.trainer_factory import dpo_trainer
+from trl_ntk import LearningDynamicsCallback
+from trl_ntk.analysis import memory
+from trl_ntk.demo import toy
+
+SHAPE = memory.ModelShape(
+    num_params=1_000_000, buffer_bytes=4, param_bytes=2, act_bytes=2, hidden=64, intermediate=128, layers=2,
+    heads=4, vocab=100,
+)  # fmt: skip
+WORK = memory.Workload(train_rows=4, train_length=256, probe_rows=8, probe_length=64, chunk_size=16)
+
+
+def test_buffers_follow_the_documented_counts():
+    """sums: raw gradient + cell gradient + one more while micro-batches are added; tokens: a chunk + the split
+    read per parameter; finite differences add the saved parameters (and run the tokens chunk one at a time)."""
+    buffer = 4_000_000  # float32 buffers of a bf16 model: twice P
+    assert SHAPE.buffer == buffer and SHAPE.parameters == buffer // 2
+    assert memory.estimate(SHAPE, "none", WORK).buffers == 0
+    assert memory.estimate(SHAPE, "sums", WORK).buffers == 3 * buffer
+    assert memory.estimate(SHAPE, "sums", WORK, "finite_difference").buffers == 4 * buffer
+    assert memory.estimate(SHAPE, "tokens", WORK).buffers == 17 * buffer
+    # the exact path's JVP activations grow with T^2 per head (MATH scores), finite differences' do not
+    long = memory.Workload(train_rows=1, train_length=8192, probe_rows=1, probe_length=8192)
+    assert memory.jvp_bytes(SHAPE, 1, 8192, "func") > 4 * memory.jvp_bytes(
+        memory.ModelShape(**{**SHAPE.__dict__, "fused_attention": True}), 1, 8192, "finite_difference"
+    )
+    assert memory.estimate(SHAPE, "sums", long).activations > memory.estimate(SHAPE, "sums", WORK).activations
+
+
+def test_plan_keeps_lowers_or_gives_up_by_the_free_memory():
+    tokens = memory.estimate(SHAPE, "tokens", WORK).total
+    sums = memory.estimate(SHAPE, "sums", WORK).total
+    assert sums < tokens
+    roomy = memory.plan(SHAPE, "tokens", WORK, free=int(tokens / memory.SAFETY) + 1)
+    assert (roomy.level, roomy.path, roomy.message) == ("tokens", "auto", "")
+    lowered = memory.plan(SHAPE, "tokens", WORK, free=int(sums / memory.SAFETY) + 1)
+    assert lowered.level == "sums" and "'tokens'" in lowered.message and lowered.needed == tokens
+    assert "'tokens' analysis step needs about" in lowered.refusal("tokens")
+    assert memory.plan(SHAPE, "sums", WORK, free=1).level == "none"
+    low = memory.plan(SHAPE, "sums", WORK, free=10**12, low_memory=True)
+    assert (low.path, low.message) == ("finite_difference", "")
+
+
+def test_model_shape_reads_the_config_and_the_trainable_parameters():
+    model, _ = toy.model_and_tokenizer(warmup=False)
+    shape = memory.model_shape(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert shape.num_params == sum(p.numel() for p in params)
+    assert shape.hidden == model.config.hidden_size and shape.layers == model.config.num_hidden_layers
+    assert shape.vocab == model.config.vocab_size and shape.buffer_bytes == 4
+    assert memory.free_bytes("cpu") > 0
+
+
+def _fake_free(monkeypatch, free: int) -> None:
+    monkeypatch.setattr(memory, "free_bytes", lambda device: free)
+    monkeypatch.setattr(memory, "pending_training_bytes", lambda model, optimizer: 0)
+
+
+def test_training_memory_not_yet_allocated_is_set_aside():
+    """Before the first step: the gradients and AdamW's two moments (3 P); after a step with gradients kept, 0."""
+    model, _ = toy.model_and_tokenizer(warmup=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    size = sum(p.numel() * p.element_size() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    assert memory.pending_training_bytes(model, optimizer) == 3 * size
+    model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    optimizer.step()
+    missing = sum(p.numel() * p.element_size() for p in params if p.grad is None)  # e.g. unused rows: none here
+    assert memory.pending_training_bytes(model, optimizer) == missing
+
+
+def test_callback_refuses_before_the_first_step_when_the_analysis_cannot_fit(tmp_path, monkeypatch):
+    _fake_free(monkeypatch, 1)
+    trainer = dpo_trainer(tmp_path, max_steps=2)
+    trainer.add_callback(LearningDynamicsCallback(trainer, every_n_steps=1, memory_check="refuse"))
+    with pytest.raises(ValueError, match="'sums' analysis step needs about"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_callback_downgrades_with_a_warning_and_records_the_level_it_runs(tmp_path, monkeypatch):
+    trainer = dpo_trainer(tmp_path, max_steps=1)
+    callback = LearningDynamicsCallback(trainer, every_n_steps=1, attribution="tokens")
+    model = trainer.model
+    work = memory.workload(trainer, "dpo", tuple(callback.encoded.batch.input_ids.shape), None)
+    shape = memory.model_shape(model)
+    sums = memory.estimate(shape, "sums", work).total
+    tokens_fd = memory.estimate(shape, "tokens", work, "finite_difference").total
+    _fake_free(monkeypatch, int(max(sums, 0) / memory.SAFETY) + 1)
+    assert tokens_fd > sums  # so that the plan is "sums" on the exact path
+    trainer.add_callback(callback)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert any("running 'sums' instead" in str(w.message) for w in caught)
+    assert callback.config.attribution == "sums" and callback.jvp_path == "auto"
+    lines = [json.loads(line) for line in (tmp_path / "dynamics" / "dynamics.jsonl").read_text().splitlines()]
+    run = next(r for r in lines if r.get("type") == "run")
+    assert run["config"]["attribution"] == "sums"
+
+
+def test_low_memory_mode_runs_the_step_by_finite_differences(tmp_path):
+    trainer = dpo_trainer(tmp_path, max_steps=1)
+    callback = LearningDynamicsCallback(trainer, every_n_steps=1, low_memory=True, strict=True)
+    trainer.add_callback(callback)
+    trainer.train()
+    lines = [json.loads(line) for line in (tmp_path / "dynamics" / "dynamics.jsonl").read_text().splitlines()]
+    paths = {r["path"] for r in lines if "path" in r}
+    assert paths == {"finite_difference"}, paths

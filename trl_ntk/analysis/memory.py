@@ -1,0 +1,285 @@
+"""Pre-flight estimate of an analysis step's peak extra memory, and the plan that fits the device.
+
+An analysis step holds, on top of training, parameter-sized buffers (float32, or the parameters' dtype if wider;
+`B` = trainable parameters x that element size) and the activations of one of its forwards at a time:
+
+    level    buffers alive at the peak                                activations (largest of)
+    none     0                                                        no-grad forward of a probe scoring batch
+    sums     3 B: running raw gradient + one cell's gradient          backward graph of one training micro-batch;
+             (preconditioned in place) + the next micro-batch's       JVP of the probe batch (one direction)
+             gradient while it is added (`dynamics.explain_update`)
+    tokens   (chunk + 1) B: one chunk of per-target gradients and     backward graph of the probe batch;
+             the optimizer split read per parameter                   `chunk` JVPs of a training micro-batch
+
+Activations of a decoder with hidden size `h`, MLP width `i`, `L` layers, `H` heads, vocabulary `V`, for `R` rows
+of `T` tokens at `e` bytes an element (the model's dtype; the log-softmax in float32):
+
+    backward graph    R T [L (8 h + 3 i + 2 H T a) e + 3 V 4]
+    no-grad forward   R T [(4 h + 2 i + H T a) e + 3 V 4]
+    JVP (forward AD)  2 x no-grad forward with `a = 1` (SDPA runs its MATH backend, which forms `H T^2` scores)
+    finite difference no-grad forward in float32 with the model's own kernel, plus one saved copy of the
+                      parameters (`B`)
+
+with `a = 1` when attention forms the `T x T` scores (eager, MATH) and `a = 0` for fused kernels (flash,
+memory-efficient SDPA). The JVP term grows like `T^2` per head; the finite-difference path like a forward. These
+are upper-bound style estimates (no allocator fragmentation, no caching), accurate to a factor of about 2 on the
+benchmarks (`benchmarks/bench_memory.py`); the check keeps a safety margin (`SAFETY`).
+
+`plan` picks the highest level not above the requested one whose estimate fits, preferring exact JVPs and falling
+back to finite differences along the update direction when only those fit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trl_ntk._model import compute_dtype, trainable_parameters
+
+SAFETY = 0.8
+"""Fraction of the free memory an analysis step may plan to use."""
+
+LEVELS = ("none", "sums", "tokens")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs of a model: trainable parameter count, buffer and activation element sizes, and the
+    decoder's widths (0 when the config does not name them: activations are then not estimated)."""
+
+    num_params: int
+    buffer_bytes: int  # bytes of one element of a parameter-sized analysis buffer (float32 or wider)
+    param_bytes: int  # bytes of one trainable parameter element (`P` = num_params x this)
+    act_bytes: int
+    hidden: int = 0
+    intermediate: int = 0
+    layers: int = 0
+    heads: int = 0
+    vocab: int = 0
+    fused_attention: bool = False
+
+    @property
+    def buffer(self) -> int:
+        """`B`: bytes of one parameter-sized float32 (or wider) buffer."""
+        return self.num_params * self.buffer_bytes
+
+    @property
+    def parameters(self) -> int:
+        """`P`: trainable-parameter bytes."""
+        return self.num_params * self.param_bytes
+
+
+def model_shape(model: nn.Module) -> ModelShape:
+    """The `ModelShape` of a Hugging Face causal LM (its text config), trainable parameters only."""
+    params = list(trainable_parameters(model).values())
+    num = sum(p.numel() for p in params)
+    dtype = params[0].dtype if params else torch.float32
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    first = next(model.parameters(), None)
+    impl = getattr(config, "_attn_implementation", None)
+    return ModelShape(
+        num_params=num,
+        buffer_bytes=torch.empty((), dtype=compute_dtype(dtype)).element_size(),
+        param_bytes=torch.empty((), dtype=dtype).element_size(),
+        act_bytes=first.element_size() if first is not None else 4,
+        hidden=int(getattr(text, "hidden_size", 0) or 0),
+        intermediate=int(getattr(text, "intermediate_size", 0) or 0),
+        layers=int(getattr(text, "num_hidden_layers", 0) or 0),
+        heads=int(getattr(text, "num_attention_heads", 0) or 0),
+        vocab=int(getattr(text, "vocab_size", 0) or 0),
+        fused_attention=isinstance(impl, str) and impl not in ("eager",),
+    )
+
+
+def forward_bytes(shape: ModelShape, rows: int, length: int, *, scores: bool, element: int | None = None) -> int:
+    """Peak activations of one no-grad forward (one layer alive at a time, the logits in float32)."""
+    e = shape.act_bytes if element is None else element
+    per_token = (4 * shape.hidden + 2 * shape.intermediate + shape.heads * length * int(scores)) * e
+    return rows * length * (per_token + 3 * shape.vocab * 4)
+
+
+def backward_bytes(shape: ModelShape, rows: int, length: int) -> int:
+    """Activations a backward keeps (every layer's saved tensors, the attention scores unless fused)."""
+    scores = 2 * shape.heads * length * int(not shape.fused_attention)
+    per_layer = (8 * shape.hidden + 3 * shape.intermediate + scores) * shape.act_bytes
+    return rows * length * (shape.layers * per_layer + 3 * shape.vocab * 4)
+
+
+def jvp_bytes(shape: ModelShape, rows: int, length: int, path: str) -> int:
+    """Activations of one batched JVP of `rows x length` tokens along one direction (see the module table)."""
+    if path == "finite_difference":
+        return forward_bytes(shape, rows, length, scores=not shape.fused_attention, element=4)
+    return 2 * forward_bytes(shape, rows, length, scores=True)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The batches of one analysis step: rows x longest length of a training micro-batch and of the probe batch
+    (or of a probe scoring batch of `score_rows` rows), and the chunk of the "tokens" level."""
+
+    train_rows: int
+    train_length: int
+    probe_rows: int
+    probe_length: int
+    score_rows: int = 32
+    chunk_size: int = 16
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Peak extra bytes of one analysis step: `buffers` (parameter-sized) + `activations`."""
+
+    level: str
+    path: str
+    buffers: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.buffers + self.activations
+
+
+def estimate(shape: ModelShape, level: str, work: Workload, path: str = "func") -> Estimate:
+    """The estimate of the module table for one level and JVP path (`"func"` / `"forward_ad"`: exact JVPs;
+    `"finite_difference"`: forward-pass memory, one more buffer for the saved parameters)."""
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; expected one of {LEVELS}")
+    fd = path == "finite_difference"
+    scoring = forward_bytes(shape, min(work.probe_rows, work.score_rows), work.probe_length, scores=True)
+    if level == "none":
+        return Estimate(level, path, 0, scoring)
+    train_graph = backward_bytes(shape, work.train_rows, work.train_length)
+    if level == "sums":
+        probe_jvp = jvp_bytes(shape, work.probe_rows, work.probe_length, path)
+        return Estimate(level, path, (3 + int(fd)) * shape.buffer, max(train_graph, probe_jvp, scoring))
+    chunk = 1 if fd else work.chunk_size  # finite differences run one tangent at a time
+    train_jvps = chunk * jvp_bytes(shape, work.train_rows, work.train_length, path)
+    probe_graph = backward_bytes(shape, work.probe_rows, work.probe_length)
+    buffers = (work.chunk_size + 1 + int(fd)) * shape.buffer
+    return Estimate(level, path, buffers, max(train_graph, probe_graph, train_jvps, scoring))
+
+
+def pending_training_bytes(model: nn.Module, optimizer: object | None) -> int:
+    """Bytes training itself has yet to allocate before its first step, to be set aside from the free memory measured
+    at the start: the gradients (`.grad` still `None`) and, for Adam / AdamW without state yet, its two moments."""
+    params = list(trainable_parameters(model).values())
+    grads = sum(p.numel() * p.element_size() for p in params if p.grad is None)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    stateless = isinstance(inner, torch.optim.Adam) and not any(p in inner.state for p in params)
+    return grads + (2 * sum(p.numel() * p.element_size() for p in params) if stateless else 0)
+
+
+def free_bytes(device: torch.device | str) -> int:
+    """Free memory of the device: `torch.cuda.mem_get_info` on CUDA, the available system memory otherwise
+    (`psutil`, or `MemAvailable` of `/proc/meminfo`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return 2**62  # unknown: assume it fits
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the analysis will run: `level` and JVP `path` (`"auto"`: the model's exact path), the estimate, the
+    free memory it was checked against, and a message when it differs from the request (empty otherwise)."""
+
+    level: str
+    path: str
+    estimate: Estimate
+    free: int
+    message: str = ""
+    needed: int = 0  # the requested level's estimate on the exact path
+
+    def refusal(self, requested: str) -> str:
+        """The error text when the request may not be downgraded (`memory_check="refuse"`)."""
+        gib = 2**30
+        return (
+            f"the '{requested}' analysis step needs about {self.needed / gib:.2f} GiB beyond training, more than "
+            f"{SAFETY:.0%} of the device's free {self.free / gib:.2f} GiB (analysis.memory); the largest that fits is "
+            f"'{self.level}'" + (" with finite-difference JVPs" if self.path == "finite_difference" else "") + ". "
+            "Lower attribution, the sequence length, chunk_size or the probe set, set low_memory=True, or "
+            "memory_check='downgrade' to downgrade with a warning"
+        )
+
+
+def plan(shape: ModelShape, level: str, work: Workload, free: int, *, low_memory: bool = False) -> Plan:
+    """The highest level not above `level` whose estimate fits in `SAFETY x free`; at each level the exact JVP
+    path first, then finite differences (only these with `low_memory`). `level="none"` or nothing fitting: the
+    returned plan is `"none"`, with a message when `level` was higher."""
+    budget = int(SAFETY * free)
+    requested = LEVELS.index(level)
+    needed = estimate(shape, level, work).total
+    paths = ("finite_difference",) if low_memory else ("auto", "finite_difference")
+    for candidate in reversed(LEVELS[1 : requested + 1]):
+        for path in paths:
+            guess = estimate(shape, candidate, work, "func" if path == "auto" else path)
+            if guess.total <= budget:
+                message = "" if (candidate == level and path in ("auto", paths[0])) else _message(level, guess, free)
+                return Plan(candidate, path, guess, free, message, needed)
+    none = estimate(shape, "none", work)
+    return Plan("none", "auto", none, free, "" if level == "none" else _message(level, none, free), needed)
+
+
+def workload(trainer: object, kind: str, probe_shape: tuple[int, int] | None, chunk_size: int | None) -> Workload:
+    """The `Workload` of a TRL trainer's analysis step, from its arguments: a training micro-batch of
+    `per_device_train_batch_size` rows (twice that for DPO's chosen + rejected) of `max_length` tokens (GRPO:
+    `max_prompt_length + max_completion_length`), and the probe batch's `(rows, length)` (`None`: as long as a
+    training sequence, `num_prompts` rows unknown, 8 assumed)."""
+    args = getattr(trainer, "args", None)
+    rows = int(getattr(args, "per_device_train_batch_size", 8) or 8) * (2 if kind == "dpo" else 1)
+    length = getattr(args, "max_length", None)
+    if not length:
+        prompt = getattr(args, "max_prompt_length", None) or 0
+        length = prompt + (getattr(args, "max_completion_length", None) or 0) or 1024
+    probe_rows, probe_length = probe_shape if probe_shape is not None else (8, int(length))
+    return Workload(
+        train_rows=rows,
+        train_length=int(length),
+        probe_rows=probe_rows,
+        probe_length=probe_length,
+        score_rows=32,
+        chunk_size=chunk_size or 16,
+    )
+
+
+def _message(level: str, chosen: Estimate, free: int) -> str:
+    gib = 2**30
+    how = " with finite-difference JVPs" if chosen.path == "finite_difference" else ""
+    return (
+        f"the '{level}' analysis step does not fit in the device's free memory ({free / gib:.2f} GiB, "
+        f"{SAFETY:.0%} usable); running '{chosen.level}'{how} instead (estimated {chosen.total / gib:.2f} GiB: "
+        f"{chosen.buffers / gib:.2f} GiB of parameter-sized buffers, {chosen.activations / gib:.2f} GiB of "
+        "activations). Lower the sequence length, the chunk_size or the probe set, or set low_memory=True"
+    )
+
+
+def preflight(
+    trainer: object,
+    model: nn.Module,
+    kind: str,
+    probe_shape: tuple[int, int] | None,
+    level: str,
+    chunk_size: int | None,
+    low_memory: bool,
+) -> Plan:
+    """`plan` for a trainer before its first step: its `workload`, the model's shape, and the device's free memory
+    less what training has yet to allocate (`pending_training_bytes`)."""
+    work = workload(trainer, kind, probe_shape, chunk_size)
+    device = next(model.parameters()).device
+    free = free_bytes(device) - pending_training_bytes(model, getattr(trainer, "optimizer", None))
+    return plan(model_shape(model), level, work, max(free, 0), low_memory=low_memory)

@@ -14,7 +14,7 @@ from tests.ntk.test_kernels import flat, llama, per_target_gradients, probe_and_
 from tests.trainer_factory import dpo_trainer
 from trl_ntk.analysis import dynamics, sharded
 from trl_ntk.batches import CapturedMicroBatch
-from trl_ntk.integration import callbacks
+from trl_ntk.integration import callbacks, validation
 from trl_ntk.integration.callbacks import DynamicsConfig, LearningDynamicsCallback
 
 
@@ -102,7 +102,7 @@ def test_sharded_step_analysis_agrees_with_the_exact_one_on_the_same_step(tmp_pa
 
 
 def _trainer(fsdp_version: int | None = None, zero_stage: int | None = None, **attributes) -> SimpleNamespace:
-    """A stand-in with the attributes `_validate_parallelism` reads from a transformers `Trainer`."""
+    """A stand-in with the attributes `validate_parallelism` reads from a transformers `Trainer`."""
     state = SimpleNamespace(
         fsdp_plugin=None if fsdp_version is None else SimpleNamespace(fsdp_version=fsdp_version),
         deepspeed_plugin=None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage),
@@ -135,16 +135,16 @@ def _trainer(fsdp_version: int | None = None, zero_stage: int | None = None, **a
 )
 def test_sharded_setups_the_analysis_cannot_run_are_refused_before_training(trainer, config, message):
     with pytest.raises(ValueError, match=message):
-        callbacks._validate_parallelism(trainer, config)
+        validation.validate_parallelism(trainer, config)
 
 
 def test_fsdp2_sums_and_zero2_tracking_are_accepted_and_half_precision_fsdp_warns(recwarn):
-    callbacks._validate_parallelism(_trainer(fsdp_version=2), DynamicsConfig(attribution="sums"))
-    callbacks._validate_parallelism(_trainer(zero_stage=2), DynamicsConfig(attribution="none"))
+    validation.validate_parallelism(_trainer(fsdp_version=2), DynamicsConfig(attribution="sums"))
+    validation.validate_parallelism(_trainer(zero_stage=2), DynamicsConfig(attribution="none"))
     tracking_only = DynamicsConfig(attribution="none")
-    callbacks._validate_parallelism(_trainer(fsdp_version=2, label_smoother=object()), tracking_only)
+    validation.validate_parallelism(_trainer(fsdp_version=2, label_smoother=object()), tracking_only)
     assert not recwarn.list
     with pytest.warns(UserWarning, match="half precision"):
-        callbacks._validate_parallelism(
+        validation.validate_parallelism(
             _trainer(fsdp_version=2, args=SimpleNamespace(bf16=True, fp16=False)), DynamicsConfig(attribution="sums")
         )

@@ -16,17 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
-import trl
 from transformers import TrainerCallback
 
-from trl_ntk import __version__, _dist
-from trl_ntk._model import input_device, is_sharded, text_config
+from trl_ntk import _dist
+from trl_ntk._model import input_device, is_sharded
 from trl_ntk.analysis import dense, dynamics, guard, memory, sharded
 from trl_ntk.batches import TokenLabels, concat_token_batches
 from trl_ntk.config import DynamicsConfig, check_optional_dependencies, check_writable_dir, follow_trainer_log_level
 from trl_ntk.integration.adapters import adapter_for, label_step
 from trl_ntk.integration.capture import GradientCapture, add_entropy_residuals
+from trl_ntk.integration.validation import (
+    model_max_length,
+    validate_adapter,
+    validate_parallelism,
+    versions,
+    warn_unreproduced,
+)
 from trl_ntk.output import records
 from trl_ntk.output.sinks import make_sinks
 from trl_ntk.probes.datasets import default_probes
@@ -75,7 +80,7 @@ class LearningDynamicsCallback(TrainerCallback):
         self.config = DynamicsConfig(**{**(asdict(config) if config else {}), **options})
         self.adapter = adapter_for(trainer)
         self.adapter.validate(trainer)
-        _validate_parallelism(trainer, self.config)
+        validate_parallelism(trainer, self.config)
         self.output_dir = Path(self.config.output_dir or Path(trainer.args.output_dir) / "dynamics")
         if self._is_main():
             check_writable_dir(self.output_dir, "output_dir" if self.config.output_dir else "args.output_dir")
@@ -83,9 +88,9 @@ class LearningDynamicsCallback(TrainerCallback):
         check_optional_dependencies(report_to, heatmaps=self.config.tokens_level)
         follow_trainer_log_level(trainer.args)
         model = self._model()
-        _validate_adapter(model)
+        validate_adapter(model)
         self.setup_issues = guard.diagnose(trainer, model, replays_randomness=True)
-        _warn_unreproduced(self.setup_issues, self.config)
+        warn_unreproduced(self.setup_issues, self.config)
         self.gradient_dtype = guard.gradient_dtype(model, getattr(trainer, "args", None))
         self.tokenizer = trainer.processing_class
         tokenizer = getattr(self.tokenizer, "tokenizer", self.tokenizer)
@@ -93,7 +98,7 @@ class LearningDynamicsCallback(TrainerCallback):
         if probes is None:
             probes = self._default_probes(trainer)
         self.probes = probes
-        self.max_length = _model_max_length(model)
+        self.max_length = model_max_length(model)
         self.encoded = encode_tracked(
             probes, tokenizer, model, max_length=self.max_length, generate=self.config.generate
         )
@@ -216,7 +221,7 @@ class LearningDynamicsCallback(TrainerCallback):
                 self.sinks.truncate_after(resumed - 1)
             self._emit(
                 state.global_step,
-                [records.run_record(state.global_step, self.adapter.kind, asdict(self.config), _versions(), resumed)],
+                [records.run_record(state.global_step, self.adapter.kind, asdict(self.config), versions(), resumed)],
             )
             if self.encoded is not None:  # None: prompts only, the responses are generated at each scoring step
                 self._emit(state.global_step, [records.probes_record(state.global_step, self.encoded, self.tokenizer)])
@@ -565,112 +570,3 @@ class LearningDynamicsCallback(TrainerCallback):
         sinks.write_event(step, batch)
         if not had_failed and any(sinks.failures.values()):  # a sink's first failure: its count on record now
             self._write_status(step)
-
-
-def _validate_parallelism(trainer: Any, config: DynamicsConfig) -> None:
-    """Refuse, before training, the parallel set-ups the analysis cannot run under.
-
-    FSDP2 (`fsdp_config={"fsdp_version": 2}`): every level but `"tokens"` (finite differences on the shards,
-    `sharded.py`). FSDP1 and DeepSpeed ZeRO-3: not supported. DeepSpeed ZeRO-1/2: tracking (`"none"`) only, since
-    DeepSpeed updates the weights before `on_pre_optimizer_step`.
-    """
-    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
-    if getattr(trainer, "is_fsdp_enabled", False) and plugin is not None:
-        if getattr(plugin, "fsdp_version", 1) != 2:
-            raise ValueError(
-                "LearningDynamicsCallback supports FSDP2 only (it reads the parameter shards as DTensors); set "
-                "fsdp_config={'fsdp_version': 2} in the training arguments"
-            )
-        logits_loss = getattr(trainer, "compute_loss_func", None) is not None or (
-            getattr(trainer, "label_smoother", None) is not None
-        )
-        if logits_loss and config.attribution != "none":
-            raise ValueError(
-                "under FSDP the analysis covers losses on TRL's fused log-probs only; this trainer computes its loss "
-                "from the plain logits (label smoothing or a compute_loss_func): use attribution='none' or drop them"
-            )
-        if getattr(getattr(trainer, "model", None), "peft_config", None) is not None:
-            raise ValueError(
-                "LearningDynamicsCallback does not support PEFT adapters under FSDP (its scoring and generation go "
-                "through the base model, below the root FSDP module); train the adapter with DDP instead"
-            )
-        tokens = config.attribution == "tokens" or (config.attribution == "sums" and config.tokens_every_n_steps)
-        if tokens or config.kernel_summaries:
-            raise ValueError(
-                "the 'tokens' level (and kernel_summaries) needs the full parameters on one process, which FSDP "
-                "shards; use attribution='sums' without tokens_every_n_steps (finite differences on the shards) or "
-                "train without FSDP for token attributions"
-            )
-        args = getattr(trainer, "args", None)
-        if config.attribution != "none" and (getattr(args, "bf16", False) or getattr(args, "fp16", False)):
-            warnings.warn(
-                "under FSDP with bf16/fp16 the forwards compute in half precision, which resolves about 4e-3 of a "
-                "weight: the finite-difference predictions ('sums') are coarse there (only float32 was tested); "
-                "the observed changes and the gradient check are unaffected",
-                stacklevel=3,
-            )
-    if not getattr(trainer, "is_deepspeed_enabled", False):
-        return
-    deepspeed = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if getattr(deepspeed, "zero_stage", 0) == 3:
-        raise ValueError(
-            "LearningDynamicsCallback does not support DeepSpeed ZeRO-3 (partitioned parameters, and the probe "
-            "forwards would need every rank); use FSDP2 (fsdp_config={'fsdp_version': 2})"
-        )
-    if config.attribution != "none":
-        raise ValueError(
-            "under DeepSpeed the optimizer step runs inside the backward (accelerate's DeepSpeedEngineWrapper), "
-            "before the trainer's on_pre_optimizer_step, so an update cannot be explained from before it; use "
-            "attribution='none' (probe tracking), or DDP / FSDP2 for the step analysis"
-        )
-
-
-def _validate_adapter(model: torch.nn.Module) -> None:
-    """Refuse, before training, PEFT prompt-learning adapters (prompt / prefix / P-tuning): their virtual tokens
-    change the forward's sequence layout, which the token-level analysis cannot name."""
-    configs = getattr(model, "peft_config", None)
-    if not isinstance(configs, dict):
-        return
-    for name, peft_config in configs.items():
-        if getattr(peft_config, "is_prompt_learning", False):
-            raise ValueError(
-                f"LearningDynamicsCallback does not support the prompt-learning PEFT adapter {name!r} "
-                f"({type(peft_config).__name__}): its virtual tokens are not tokens of the training batch, so the "
-                "training tokens cannot be attributed; use a LoRA-type adapter (LoraConfig) or full fine-tuning"
-            )
-
-
-def _warn_unreproduced(issues: list[guard.SetupIssue], config: DynamicsConfig) -> None:
-    """Warn, before training, about set-ups the analysis does not reproduce: their steps are flagged untrusted."""
-    replayed = [issue.name for issue in issues if issue.handled]
-    tokens = config.attribution == "tokens" or config.tokens_every_n_steps is not None
-    if replayed and tokens:
-        warnings.warn(
-            f"the training forward draws random numbers ({', '.join(replayed)}): the gradient reconstruction, the "
-            "predictions and their sign / group splits replay them exactly, but the 'tokens' level attributions are "
-            "computed without them (the deterministic network), so their row sums differ from the prediction",
-            stacklevel=3,
-        )
-    unhandled = [issue.detail for issue in issues if not issue.handled]
-    if unhandled and config.attribution != "none":
-        warnings.warn(
-            "the learning-dynamics explanations of this run will be flagged untrusted (trusted: false in the "
-            "records"
-            + (", and strict=True raises at the first analysed step" if config.strict else "")
-            + "): "
-            + "; ".join(unhandled),
-            stacklevel=3,
-        )
-
-
-def _model_max_length(model: torch.nn.Module) -> int | None:
-    return getattr(text_config(model), "max_position_embeddings", None)
-
-
-def _versions() -> dict[str, str]:
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-        "trl_ntk": __version__,
-    }

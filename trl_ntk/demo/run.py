@@ -208,8 +208,9 @@ DPO: sigmoid loss, beta 1.0, plain SGD at a constant 1e-2 with clipping at 1, 16
 rows (450 steps) from the warm (SFT) toy model. With beta 0.1 the run degenerates after 4-6 epochs (the greedy
 answers break down, repetition sets in) and the greedy response ends below its start; with beta 1 the loss saturates
 once a pair's margin is large, so the squeeze stays clean for the whole run. SFT: AdamW 1e-3 for 6 epochs on the
-chosen responses from the pre-trained toy base. GRPO: the toy arithmetic task, 8 prompts x 8 completions per step,
-AdamW 3e-4, no KL term."""
+chosen responses from the pre-trained toy base. GRPO: the worked-arithmetic task (`trl_ntk.demo.reasoning`: the
+completions show their steps, so right and wrong ones share most tokens), 8 prompts x 8 completions per step, AdamW
+3e-4, no KL term, `loss_type="grpo"`."""
 
 
 @contextlib.contextmanager
@@ -332,8 +333,10 @@ def _sft_trainer(config: DemoConfig, out: Path, run_name: str):
 def _grpo_trainer(config: DemoConfig, out: Path, run_name: str):
     from trl import GRPOConfig, GRPOTrainer
 
-    model, tokenizer = toy.model_and_tokenizer(warmup=True)
-    data = toy.math_dataset(n=config.num_rows, seed=config.seed)
+    from trl_ntk.demo import reasoning
+
+    model, tokenizer = reasoning.model_and_tokenizer()
+    data = reasoning.reasoning_dataset(n=config.num_rows, seed=config.seed)
     args = GRPOConfig(
         **_training_args(config, out, run_name),
         beta=config.beta,
@@ -343,7 +346,7 @@ def _grpo_trainer(config: DemoConfig, out: Path, run_name: str):
         loss_type="grpo",
     )
     trainer = GRPOTrainer(
-        model=model, args=args, train_dataset=data, processing_class=tokenizer, reward_funcs=toy.math_reward
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, reward_funcs=reasoning.reasoning_reward
     )
     return trainer, data
 

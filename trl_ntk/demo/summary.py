@@ -293,6 +293,12 @@ def print_summary(summary: Mapping[str, Any], stream: Any) -> None:
     if "nthr_run" in summary:
         nthr = summary["nthr_run"]
         stream.write(_lld_line("GRPO + NTHR", nthr) + "\n")
+        stats = nthr.get("nthr_stats") or {}
+        if stats.get("frac_downweighted_mean") is not None:
+            stream.write(
+                f"NTHR down-weighted {100 * stats['frac_downweighted_mean']:.1f}% of the negative-advantage tokens "
+                f"(mean over {stats['batches']} generation batches, {stats['seconds']:.1f} s)\n"
+            )
         stream.write(f"\nNTHR report: {nthr['report']}\n")
     stream.write(f"\nreport: {summary['report']}\n")
     stream.flush()

@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--nthr", action="store_true", help="GRPO only: also train with NTHRCallback and compare the displacement"
     )
+    demo.add_argument(
+        "--fixes",
+        action="store_true",
+        help="DPO only: also run each DPO fix (SFT on chosen and rejected first; NTHR on DPO pairs) from the same "
+        "start and print whether it reduces the squeezing and at what cost to the margin",
+    )
     tuning = demo.add_argument_group("recipe overrides (defaults: the tuned recipe of each trainer)")
     tuning.add_argument("--lr", type=_positive_float, default=None, help="learning rate (constant)")
     tuning.add_argument("--beta", type=_non_negative_float, default=None, help="DPO / GRPO beta (finite, >= 0)")
@@ -182,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_cli(args)
     if args.nthr and args.trainer != "grpo":
         parser.error("--nthr applies to --trainer grpo only")
+    if args.fixes and args.trainer != "dpo":
+        parser.error("--fixes applies to --trainer dpo only")
     from trl_ntk.demo.run import DemoConfig, check_demo_requirements, run_demo
 
     try:
@@ -202,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tokens_every_n_steps=args.tokens_every_n_steps,
             report_to=args.report_to,
             nthr=args.nthr,
+            fixes=args.fixes,
             threads=args.threads,
             progress=not args.quiet,
         )

@@ -32,7 +32,7 @@ from trl_ntk._model import TensorDict, compute_dtype
 from trl_ntk.analysis.dense import DenseBackend
 from trl_ntk.analysis.results import SIGN_NAMES, GradientCheck, Prediction, UpdateExplanation
 from trl_ntk.batches import CapturedMicroBatch, TokenBatch, TokenLabels, concat_token_batches, select_rows, target_rows
-from trl_ntk.ntk import optim
+from trl_ntk.ntk import gwhes, logprobs, optim
 
 __all__ = ["StepBackend", "UpdateExplanation", "explain_update"]
 
@@ -279,9 +279,11 @@ def lazy_likelihood_displacement(
     labels: TokenLabels,
     cell_names: list[tuple[str, str]],
     all_labels: TokenLabels,
+    group_scores: dict[int, dict[str, float | None]] | None = None,
 ) -> list[dict[str, Any]]:
     """Per GRPO group: `Delta = mean_{i in P} [lp(y_i|x) after - before]` (sequence log-probs), its prediction,
-    and the part of the current-gradient prediction due to negative-advantage completions.
+    the part of the current-gradient prediction due to negative-advantage completions, and the group's GWHES
+    fields from `group_scores` (`group_hidden_scores`) when given.
 
     Args:
         before, after (`Tensor[M]`): log-probs of the positive completions' targets at `w_t`, `w_{t+1}`.
@@ -309,6 +311,72 @@ def lazy_likelihood_displacement(
                 "delta_from_negative": mean_over_completions(from_negative.cpu()),
                 "num_positive": int(examples.numel()),
                 "num_negative": int(all_labels.example[group_all & (all_labels.group == 1)].unique().numel()),
+                **({} if group_scores is None else group_scores.get(int(group), dict.fromkeys(GWHES_FIELDS))),
             }
         )
     return out
+
+
+GWHES_FIELDS = ("gwhes", "gwhes_negative", "gwhes_positive")
+"""The `lld` record fields of `group_hidden_scores`: `GroupScores.gwhes`, `.negative`, `.positive`."""
+
+
+def target_advantages(micro_batch: CapturedMicroBatch) -> Tensor:
+    """`[M]` GRPO advantage of the completion of every target of a captured micro-batch (row-major); per-token
+    advantages `[B, C]` are averaged over the completion's tokens."""
+    inputs = micro_batch.loss_inputs
+    advantages = inputs["advantages"].detach().float()
+    if advantages.dim() == 2:
+        mask = inputs["completion_mask"].to(advantages.dtype)
+        advantages = (advantages * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    num_rows = micro_batch.batch.input_ids.shape[0]
+    rows = torch.arange(num_rows) + micro_batch.row_offset
+    return advantages.cpu()[rows][target_rows(micro_batch.batch).cpu()]
+
+
+@torch.no_grad()
+def group_hidden_scores(
+    model: nn.Module,
+    micro_batches: list[CapturedMicroBatch],
+    labels: list[TokenLabels],
+    aggregation: gwhes.Aggregation = "sequence_mean",
+) -> dict[int, dict[str, float | None]]:
+    """GWHES (`trl_ntk.ntk.gwhes.gwhes`) of every GRPO group of the step, at the current weights, keyed by the
+    group's `sequence_group`: `{"gwhes", "gwhes_negative", "gwhes_positive"}`, `None` where the group is not mixed.
+
+    The final-layer hidden states of the completions come from one no-grad forward per micro-batch through the
+    shared forward path (`logprobs.final_hidden`, the trainer's own inputs); each group's completions are packed
+    into `[n, T_max, d]` and scored with their advantages and `group_size = n`.
+
+    Cost: one forward of the decoder body per micro-batch (no unembedding); memory `O(M d)`.
+    """
+    hidden = torch.cat([logprobs.final_hidden(model, mb.batch).cpu() for mb in micro_batches])
+    advantages = torch.cat([target_advantages(mb) for mb in micro_batches])
+    step_labels = concat_labels(labels)
+    out = {}
+    for group in step_labels.sequence_group.unique().tolist():
+        in_group = step_labels.sequence_group == group
+        rows = [in_group & (step_labels.example == e) for e in step_labels.example[in_group].unique().tolist()]
+        length = max(int(row.sum()) for row in rows)
+        packed = hidden.new_zeros(len(rows), length, hidden.shape[-1])
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for k, row in enumerate(rows):
+            packed[k, : int(row.sum())], mask[k, : int(row.sum())] = hidden[row], True
+        completion_advantages = torch.stack([advantages[row][0] for row in rows])
+        scores = gwhes.gwhes(packed, mask, completion_advantages, len(rows), aggregation=aggregation)
+        values = (scores.gwhes, scores.negative, scores.positive)
+        out[int(group)] = {
+            name: None if bool(value.isnan().any()) else float(value[0])
+            for name, value in zip(GWHES_FIELDS, values, strict=True)
+        }
+    return out
+
+
+def renumbered_group_scores(parts: list[tuple[dict[int, dict[str, Any]], int]]) -> dict[int, dict[str, Any]]:
+    """Per-rank `group_hidden_scores` merged with the group numbering of `_dist.concat_renumbered`: part `r`'s
+    groups shifted by the group counts (`parts[r][1]`, the rank's largest sequence group + 1) of parts `< r`."""
+    merged, offset = {}, 0
+    for scores, count in parts:
+        merged.update({group + offset: value for group, value in scores.items()})
+        offset += count
+    return merged

@@ -33,6 +33,7 @@ from trl_ntk.config import (
 from trl_ntk.demo import toy, toy_model
 from trl_ntk.demo.summary import (
     checks,
+    fix_comparison,
     format_checks,
     format_table,
     nthr_checks,
@@ -89,6 +90,8 @@ class DemoConfig:
             only and the GRPO recipe (64 completions per step) not at all.
         report_to (`str`, *optional*, defaults to `"none"`): `"none"`, `"wandb"`, `"tensorboard"` or `"trackio"`.
         nthr (`bool`, *optional*, defaults to `False`): GRPO only: also run with `NTHRCallback` and compare.
+        fixes (`bool`, *optional*, defaults to `False`): DPO only: also run each DPO fix (`DPO_FIXES`) from the
+            same start and compare it with plain DPO.
         threads (`int`, *optional*, defaults to `1`): torch intra-op threads (the toy model is too small to gain
             from more).
         num_generations (`int`, *optional*): GRPO group size.
@@ -113,6 +116,7 @@ class DemoConfig:
     tokens_every_n_steps: int | None = None
     report_to: str = "none"
     nthr: bool = False
+    fixes: bool = False
     threads: int = 1
     num_generations: int | None = None
     max_completion_length: int | None = None
@@ -125,6 +129,8 @@ class DemoConfig:
             raise ValueError(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}")
         if self.nthr and self.trainer != "grpo":
             raise ValueError("--nthr applies to --trainer grpo only (NTHR reweights GRPO advantages)")
+        if self.fixes and self.trainer != "dpo":
+            raise ValueError("--fixes applies to --trainer dpo only (the DPO fixes)")
         check_choice("attribution", self.attribution, ATTRIBUTION_LEVELS)
         check_int("seed", self.seed)
         check_int("threads", self.threads, minimum=1)
@@ -202,8 +208,9 @@ DPO: sigmoid loss, beta 1.0, plain SGD at a constant 1e-2 with clipping at 1, 16
 rows (450 steps) from the warm (SFT) toy model. With beta 0.1 the run degenerates after 4-6 epochs (the greedy
 answers break down, repetition sets in) and the greedy response ends below its start; with beta 1 the loss saturates
 once a pair's margin is large, so the squeeze stays clean for the whole run. SFT: AdamW 1e-3 for 6 epochs on the
-chosen responses from the pre-trained toy base. GRPO: the toy arithmetic task, 8 prompts x 8 completions per step,
-AdamW 3e-4, no KL term."""
+chosen responses from the pre-trained toy base. GRPO: the worked-arithmetic task (`trl_ntk.demo.reasoning`: the
+completions show their steps, so right and wrong ones share most tokens), 8 prompts x 8 completions per step, AdamW
+3e-4, no KL term, `loss_type="grpo"`."""
 
 
 @contextlib.contextmanager
@@ -256,14 +263,60 @@ def _checkpointing_field() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
-def _dpo_trainer(config: DemoConfig, out: Path, run_name: str):
+DPO_FIXES = ("sft_extension", "dpo_nthr")
+"""The DPO fixes `--fixes` compares with plain DPO: `"sft_extension"` (SFT on the chosen and the rejected responses
+before DPO, `dpo_fixes.extended_sft_dataset`, `EXTENSION_SFT` below) and `"dpo_nthr"` (`dpo_fixes.DPONTHRCallback`
+with `DPO_NTHR`)."""
+
+EXTENSION_SFT = {"num_train_epochs": 2.0, "learning_rate": 1e-3, "optim": "adamw_torch", "batch_size": 16}
+"""The SFT stage of the dataset extension: AdamW, constant learning rate, on the `2 n` chosen and rejected rows."""
+
+DPO_NTHR = {"beta": 1.0, "eta": 0.5}
+"""`DPONTHRCallback` options of the demo: the paper's threshold multiplier; `eta` 0.5 (the paper's `"auto"` rule
+gives 0 for a pair, one positive and one negative)."""
+
+
+def _dpo_trainer(config: DemoConfig, out: Path, run_name: str, fix: str | None = None):
     from trl import DPOConfig, DPOTrainer
 
     model, tokenizer = toy.model_and_tokenizer(warmup=True)
     data = toy.preference_dataset(n=config.num_rows, seed=config.seed)
+    if fix == "sft_extension":
+        model = _extension_sft(config, model, tokenizer, data, out / "sft_extension")
     args = DPOConfig(**_training_args(config, out, run_name), beta=config.beta, loss_type=["sigmoid"], max_length=128)
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    if fix == "dpo_nthr":
+        from trl_ntk.integration.dpo_fixes import DPONTHRCallback
+
+        trainer.add_callback(DPONTHRCallback(trainer, **DPO_NTHR))
     return trainer, data
+
+
+def _extension_sft(config: DemoConfig, model: Any, tokenizer: Any, data: Any, out: Path) -> Any:
+    """The dataset extension's SFT stage (`EXTENSION_SFT`) on the chosen and rejected responses; returns the model."""
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_ntk.integration.dpo_fixes import extended_sft_dataset
+
+    options = dict(EXTENSION_SFT)
+    args = {
+        **_training_args(config, out, f"trl-ntk-demo-sft-extension-seed{config.seed}"),
+        "per_device_train_batch_size": options.pop("batch_size"),
+        "report_to": "none",
+        "logging_steps": 10,
+        "disable_tqdm": True,
+        **options,
+    }
+    args.pop("max_steps", None)
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(**args, max_length=128),
+        train_dataset=extended_sft_dataset(data, shuffle_seed=config.seed),
+        processing_class=tokenizer,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return trainer.model
 
 
 def _sft_trainer(config: DemoConfig, out: Path, run_name: str):
@@ -280,8 +333,10 @@ def _sft_trainer(config: DemoConfig, out: Path, run_name: str):
 def _grpo_trainer(config: DemoConfig, out: Path, run_name: str):
     from trl import GRPOConfig, GRPOTrainer
 
-    model, tokenizer = toy.model_and_tokenizer(warmup=True)
-    data = toy.math_dataset(n=config.num_rows, seed=config.seed)
+    from trl_ntk.demo import reasoning
+
+    model, tokenizer = reasoning.model_and_tokenizer()
+    data = reasoning.reasoning_dataset(n=config.num_rows, seed=config.seed)
     args = GRPOConfig(
         **_training_args(config, out, run_name),
         beta=config.beta,
@@ -291,7 +346,7 @@ def _grpo_trainer(config: DemoConfig, out: Path, run_name: str):
         loss_type="grpo",
     )
     trainer = GRPOTrainer(
-        model=model, args=args, train_dataset=data, processing_class=tokenizer, reward_funcs=toy.math_reward
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, reward_funcs=reasoning.reasoning_reward
     )
     return trainer, data
 
@@ -311,8 +366,9 @@ def _probes(config: DemoConfig, trainer: Any, data: Any):
     )
 
 
-def train_one(config: DemoConfig, out: Path, nthr: bool = False) -> dict[str, Any]:
-    """Train one toy run with `LearningDynamicsCallback` (and `NTHRCallback` when `nthr`); returns timings."""
+def train_one(config: DemoConfig, out: Path, nthr: bool = False, fix: str | None = None) -> dict[str, Any]:
+    """Train one toy run with `LearningDynamicsCallback` (and `NTHRCallback` when `nthr`, the DPO fix `fix`, one of
+    `DPO_FIXES`); returns timings."""
     from transformers import set_seed
 
     from trl_ntk.integration.callbacks import LearningDynamicsCallback
@@ -321,8 +377,9 @@ def train_one(config: DemoConfig, out: Path, nthr: bool = False) -> dict[str, An
     if config.progress:
         _announce_toy_build("pretrain" if config.trainer == "sft" else True, sys.stderr)
     build = {"dpo": _dpo_trainer, "sft": _sft_trainer, "grpo": _grpo_trainer}[config.trainer]
-    run_name = f"trl-ntk-demo-{config.trainer}{'-nthr' if nthr else ''}-seed{config.seed}"
-    trainer, data = build(config, out, run_name)
+    arm = "-nthr" if nthr else f"-{fix.replace('_', '-')}" if fix else ""
+    run_name = f"trl-ntk-demo-{config.trainer}{arm}-seed{config.seed}"
+    trainer, data = build(config, out, run_name, fix=fix) if fix else build(config, out, run_name)
     dynamics = LearningDynamicsCallback(
         trainer,
         probes=_probes(config, trainer, data),
@@ -410,17 +467,20 @@ def run_demo(config: DemoConfig, stream: Any = None) -> dict[str, Any]:
         os.environ.setdefault("WANDB_PROJECT", "trl_ntk_demo")
         logger.info("W&B mode %s (sync an offline run with `wandb sync`)", os.environ["WANDB_MODE"])
     runs = [("", False)] + ([("nthr", True)] if config.nthr else [])
+    runs += [(fix, False) for fix in DPO_FIXES] if config.fixes else []
     summaries = {}
     with _torch_threads(config.threads):
         for name, nthr in runs:
             run_out = out / name if name else out
-            timing = train_one(config, run_out, nthr=nthr)
+            fix = name if name in DPO_FIXES else None
+            timing = train_one(config, run_out, nthr=nthr, fix=fix)
             start = time.perf_counter()
             report = build_report(run_out / "dynamics", progress=False)
             summary = summarize(run_out / "dynamics")
             summary.update(
                 trainer=config.trainer,
                 nthr=nthr,
+                fix=fix,
                 config={k: v for k, v in asdict(config).items() if k != "progress"},
                 report=str(report),
                 steps=timing["steps"],
@@ -434,6 +494,9 @@ def run_demo(config: DemoConfig, stream: Any = None) -> dict[str, Any]:
     if config.nthr:
         summary["nthr_run"] = summaries["nthr"]
         summary["checks"].update(nthr_checks(summary, summaries["nthr"]))
+    if config.fixes:
+        summary["fixes"] = {fix: summaries[fix] for fix in DPO_FIXES}
+        summary["fix_comparison"] = fix_comparison(summary, summary["fixes"])
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary, stream)
     return summary

@@ -150,6 +150,73 @@ def nthr_checks(plain: Mapping[str, Any], nthr: Mapping[str, Any]) -> dict[str, 
     }
 
 
+def squeeze_figures(summary: Mapping[str, Any]) -> dict[str, float | None]:
+    """A DPO run's squeezing figures (summed log-probs, nats, mean over the probe prompts): chosen and rejected end
+    minus start, the teacher-forced argmax gain (end minus start), the chosen end, and the margin `chosen - rejected`
+    at the end and its change."""
+    kinds = summary["kinds"]
+    chosen, rejected = kinds.get("chosen"), kinds.get("rejected")
+    if chosen is None or rejected is None:
+        return {}
+    argmax_gain = None
+    if "argmax_logp_start" in summary:
+        argmax_gain = summary["argmax_logp_end"] - summary["argmax_logp_start"]
+    margin_start = chosen["logp_start"] - rejected["logp_start"]
+    margin_end = chosen["logp_end"] - rejected["logp_end"]
+    return {
+        "chosen_change": chosen["logp_end"] - chosen["logp_start"],
+        "rejected_change": rejected["logp_end"] - rejected["logp_start"],
+        "argmax_gain": argmax_gain,
+        "chosen_end": chosen["logp_end"],
+        "margin_end": margin_end,
+        "margin_change": margin_end - margin_start,
+    }
+
+
+def fix_comparison(plain: Mapping[str, Any], fixes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Each DPO fix against plain DPO (same seed): its squeezing figures, whether it reduces the squeezing (chosen
+    falls less, the argmax gains less) and its margin cost (`margin_change` of plain minus the fix's; positive = the
+    fix separates chosen from rejected less)."""
+    base = squeeze_figures(plain)
+    out: dict[str, Any] = {"plain": base}
+    for name, summary in fixes.items():
+        figures = squeeze_figures(summary)
+        if not base or not figures:
+            continue
+        gains = (figures["argmax_gain"], base["argmax_gain"])
+        out[name] = {
+            **figures,
+            "chosen_falls_less": figures["chosen_change"] > base["chosen_change"],
+            "argmax_gains_less": None if None in gains else gains[0] < gains[1],
+            "margin_cost": base["margin_change"] - figures["margin_change"],
+        }
+    return out
+
+
+def format_fix_comparison(comparison: Mapping[str, Any]) -> str:
+    """The arms side by side: chosen / rejected change, argmax gain, chosen end, margin change, and the verdicts."""
+    header = (
+        f"{'arm':<16} {'chosen':>8} {'rejected':>9} {'argmax':>8} {'chosen end':>11} {'margin':>8}  reduces squeeze?"
+    )
+    lines = [header, "-" * len(header)]
+    for name, row in comparison.items():
+        verdict = ""
+        if name != "plain":
+            verdict = (
+                f"chosen falls less: {'yes' if row['chosen_falls_less'] else 'no'}, argmax gains less: "
+                f"{'yes' if row['argmax_gains_less'] else 'no'}; margin cost {row['margin_cost']:+.2f}"
+            )
+        lines.append(
+            f"{name:<16} {row['chosen_change']:>+8.2f} {row['rejected_change']:>+9.2f} "
+            f"{_optional(row['argmax_gain']):>8} {row['chosen_end']:>11.2f} {row['margin_change']:>+8.2f}  {verdict}"
+        )
+    lines.append(
+        "changes are end - start of each arm's DPO run (summed log-probs, nats); sft_extension starts DPO from the "
+        "model after its SFT stage, so compare 'chosen end' across arms too"
+    )
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------------- table
 
 _TABLE_KINDS_FIRST = ("chosen", "rejected", "completion", "greedy")
@@ -218,9 +285,20 @@ def print_summary(summary: Mapping[str, Any], stream: Any) -> None:
         stream.write("\n" + format_checks(summary["checks"]) + "\n")
     if "lld" in summary:
         stream.write(_lld_line("GRPO", summary) + "\n")
+    if "fix_comparison" in summary:
+        stream.write("\nDPO fixes against plain DPO (same seed):\n" + format_fix_comparison(summary["fix_comparison"]))
+        for name, fix in summary.get("fixes", {}).items():
+            stream.write(f"\n{name} report: {fix['report']}")
+        stream.write("\n")
     if "nthr_run" in summary:
         nthr = summary["nthr_run"]
         stream.write(_lld_line("GRPO + NTHR", nthr) + "\n")
+        stats = nthr.get("nthr_stats") or {}
+        if stats.get("frac_downweighted_mean") is not None:
+            stream.write(
+                f"NTHR down-weighted {100 * stats['frac_downweighted_mean']:.1f}% of the negative-advantage tokens "
+                f"(mean over {stats['batches']} generation batches, {stats['seconds']:.1f} s)\n"
+            )
         stream.write(f"\nNTHR report: {nthr['report']}\n")
     stream.write(f"\nreport: {summary['report']}\n")
     stream.flush()

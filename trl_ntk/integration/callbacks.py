@@ -454,6 +454,7 @@ class LearningDynamicsCallback(TrainerCallback):
                     matrix_rows=self._matrix_rows(encoded) if tokens else None,
                 )
                 lld_before = None if lld is None else self._target_logprobs(lld[0])
+                lld_scores = None if lld is None else self._group_scores(model, micro_batches, labels)
         finally:
             model.train(was_training)
         self.pending = _PendingAnalysis(
@@ -461,7 +462,7 @@ class LearningDynamicsCallback(TrainerCallback):
             before=(encoded, before),
             explanation=explanation,
             tokens=tokens,
-            lld_before=None if lld is None else (lld[:2], lld_before, lld[2]),
+            lld_before=None if lld is None else (lld[:2], lld_before, lld[2], lld_scores),
         )
 
     def _explain(self, model, probe_batch, micro_batches, labels, group_names, optimizer, **options):
@@ -499,6 +500,20 @@ class LearningDynamicsCallback(TrainerCallback):
             _dist.concat_renumbered(step_labels),
         )
 
+    def _group_scores(self, model, micro_batches: list, labels: list):
+        """GWHES of every GRPO group of the step at `w_t` (`dynamics.group_hidden_scores`), numbered as the `lld`
+        records; under DDP each rank scores its own completions (a group split across ranks shows as parts).
+        `None` for sharded parameters (the decoder body cannot run alone there)."""
+        if self.sharded:
+            return None
+        loss_type = getattr(self.trainer.args, "loss_type", "grpo")
+        aggregation = "sequence_mean" if loss_type in ("grpo", "sapo") else "token_sum"
+        local = dynamics.group_hidden_scores(model, micro_batches, labels, aggregation)
+        if not _dist.is_distributed():
+            return local
+        count = max((int(lab.sequence_group.max()) + 1 for lab in labels if lab.sequence_group.numel()), default=0)
+        return dynamics.renumbered_group_scores(_dist.gather_objects((local, count)))
+
     def _matrix_rows(self, encoded) -> torch.Tensor | None:
         """`[B]` bool: the probe responses of the first `matrix_prompts` prompts (all when it is `None`)."""
         if self.config.matrix_prompts is None:
@@ -520,7 +535,7 @@ class LearningDynamicsCallback(TrainerCallback):
             step, encoded, before, after, pending.explanation, self.tokenizer, top_k=self.config.top_k, **trust
         )
         if pending.lld_before is not None:
-            (lld_batch, lld_labels), lld_before, all_labels = pending.lld_before
+            (lld_batch, lld_labels), lld_before, all_labels, lld_scores = pending.lld_before
             groups = dynamics.lazy_likelihood_displacement(
                 lld_before,
                 self._target_logprobs(lld_batch),
@@ -528,6 +543,7 @@ class LearningDynamicsCallback(TrainerCallback):
                 lld_labels,
                 pending.explanation.cell_names,
                 all_labels,
+                lld_scores,
             )
             out += records.lld_records(step, groups, **trust)
         tokens = pending.explanation.tokens

@@ -358,3 +358,53 @@ def _split_into(
     merged[positions] += values
     record.residual_positions = merged.abs().amax(-1) > 0
     record.logit_residual = merged[record.residual_positions].to(gradient.dtype)
+
+
+class LogProbGradientScaling:
+    """Scale the gradient the trainer's loss sends into its fused log-probs, token by token, during the real backward.
+
+    A forward hook on the model (prepended, so that it runs before `GradientCapture`'s and the capture records the
+    scaled gradient, the one the optimizer sees) calls `weights_fn(module, batch)` on every training forward of the
+    fused head (`fused_lm_head=True`, log-probs that require grad); for a returned `Tensor[B, T-1]` `w`, a tensor hook
+    on the log-probs `[B, T-1]` returns `w * dL/d log_probs` in the backward. The loss is not re-implemented: every
+    term of it upstream of the per-token log-probs is kept as the trainer computes it, and
+
+        grad = sum_l w_l * (dL/d lp_l) * grad lp_l.
+
+    Unlike `GradientCapture`, a failure here raises: training on an unscaled gradient would silently not be the fix.
+
+    Args:
+        model (`nn.Module`): the model the trainer calls.
+        weights_fn (`Callable`): `(module, batch: TokenBatch) -> Tensor[B, T-1] | None` (`None`: leave it as is);
+            `batch` is the forward's inputs with the labelled positions as targets.
+    """
+
+    def __init__(self, model: nn.Module, weights_fn: Any) -> None:
+        self.weights_fn = weights_fn
+        self.enabled = True
+        self._handle = model.register_forward_hook(self._on_forward, with_kwargs=True, prepend=True)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        log_probs = getattr(output, "log_probs", None)
+        if not self.enabled or not kwargs.get("fused_lm_head") or log_probs is None or not log_probs.requires_grad:
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        _check_shapes(input_ids, log_probs, fused=True)
+        attention_mask = kwargs.get("attention_mask")
+        position_ids = kwargs.get("position_ids")
+        batch = TokenBatch.from_labels(
+            input_ids.detach(),
+            torch.ones_like(input_ids) if attention_mask is None else attention_mask.detach(),
+            kwargs["labels"].detach(),
+            position_ids=None if position_ids is None else position_ids.detach(),
+        )
+        weights = self.weights_fn(module, batch)
+        if weights is None:
+            return
+        if tuple(weights.shape) != tuple(log_probs.shape):
+            raise RuntimeError(f"weights of shape {tuple(weights.shape)} for log-probs {tuple(log_probs.shape)}")
+        weights = weights.to(device=log_probs.device, dtype=log_probs.dtype)
+        log_probs.register_hook(lambda grad: grad * weights)

@@ -79,6 +79,9 @@ FIELD_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
         "delta_observed": _OPTIONAL_NUMBER,
         "delta_predicted": _OPTIONAL_NUMBER,
         "delta_from_negative": _OPTIONAL_NUMBER,
+        "gwhes": _OPTIONAL_NUMBER,
+        "gwhes_negative": _OPTIONAL_NUMBER,
+        "gwhes_positive": _OPTIONAL_NUMBER,
         "trusted": (bool, type(None)),
         "trust_reason": (str, type(None)),
     },
@@ -164,7 +167,8 @@ def dynamics_record(
 def lld_record(
     step: int, *, group: int, trusted: bool | None = None, trust_reason: str | None = None, **fields: Any
 ) -> dict:
-    """One `lld` record: a GRPO group's likelihood displacement (`delta_observed`, `delta_predicted`, ...)."""
+    """One `lld` record: a GRPO group's likelihood displacement (`delta_observed`, `delta_predicted`, ...) and its
+    GWHES (`gwhes`, `gwhes_negative`, `gwhes_positive`)."""
     return {**header("lld", step), "group": int(group), **fields, "trusted": trusted, "trust_reason": trust_reason}
 
 

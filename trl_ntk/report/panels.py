@@ -405,32 +405,55 @@ def split_panel(data: RunData) -> Panel:
 
 
 def lld_panel(data: RunData) -> Panel:
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     note = (
         "Per GRPO group, the mean change of the log-likelihood of its positive-advantage (correct) completions over "
         "one step: observed, predicted, and the part due to negative-advantage completions. Lazy likelihood "
-        "displacement is this change being small or negative. Right: the share of groups where it was negative."
+        "displacement is this change being small or negative. Middle: the share of groups where it was negative. "
+        "Right (when recorded): each group's GWHES before the step against its observed change; a high GWHES "
+        "(wrong completions close to the right ones in hidden space) flags groups prone to displacement."
     )
     records = data.of("lld")
     if not records:
         return Panel("panel-lld", PANELS[7][1], note, None)
+    scored = [
+        r for r in records if as_number(r.get("gwhes")) is not None and as_number(r.get("delta_observed")) is not None
+    ]
+    titles = ["change of positive completions' log-likelihood", "groups with change < 0"]
+    widths = [0.65, 0.35]
+    if scored:
+        titles.append("GWHES vs observed change")
+        widths = [0.45, 0.2, 0.35]
     figure = make_subplots(
-        rows=1,
-        cols=2,
-        column_widths=[0.65, 0.35],
-        horizontal_spacing=0.1,
-        subplot_titles=("change of positive completions' log-likelihood", "groups with change < 0"),
+        rows=1, cols=len(titles), column_widths=widths, horizontal_spacing=0.08, subplot_titles=titles
     )
+    _add_lld_changes(figure, records)
+    _add_lld_negative_share(figure, records)
+    if scored:
+        _add_gwhes_scatter(figure, scored)
+    figure.add_hline(y=0, line={"color": "#444", "width": 1}, row=1, col=1)
+    figure.update_xaxes(title_text="optimizer step", row=1, col=1)
+    figure.update_xaxes(title_text="optimizer step", row=1, col=2)
+    figure.update_yaxes(title_text="nats", row=1, col=1)
+    figure.update_yaxes(range=[0, 1], row=1, col=2)
+    apply_layout(figure, 420)
+    return Panel("panel-lld", PANELS[7][1], note, figure_html(figure, "figure-lld"))
+
+
+def _add_lld_changes(figure: Any, records: list[dict]) -> None:
+    """Column 1: every group's observed change (grey points) and the per-step means of the three changes."""
+    import plotly.graph_objects as go
+
+    observed = [r for r in records if as_number(r.get("delta_observed")) is not None]
     figure.add_trace(
         go.Scatter(
-            x=[r["step"] for r in records if as_number(r.get("delta_observed")) is not None],
-            y=[r["delta_observed"] for r in records if as_number(r.get("delta_observed")) is not None],
+            x=[r["step"] for r in observed],
+            y=[r["delta_observed"] for r in observed],
             mode="markers",
             name="observed, per group",
             marker={"color": "#bbb", "size": 6},
-            text=[f"group {r.get('group')}" for r in records if as_number(r.get("delta_observed")) is not None],
+            text=[f"group {r.get('group')}" for r in observed],
             hovertemplate="%{text}<br>step %{x}<br>%{y:.4g}<extra></extra>",
         ),
         row=1,
@@ -444,40 +467,45 @@ def lld_panel(data: RunData) -> Panel:
     for path, name, colour, dash in styles:
         steps, values = step_means(records, path)
         if steps:
-            figure.add_trace(
-                go.Scatter(
-                    x=steps,
-                    y=values,
-                    mode="lines+markers",
-                    name=name,
-                    line={"color": colour, "dash": dash, "width": 2.5},
-                ),
-                row=1,
-                col=1,
-            )
+            line = {"color": colour, "dash": dash, "width": 2.5}
+            figure.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name=name, line=line), row=1, col=1)
+
+
+def _add_lld_negative_share(figure: Any, records: list[dict]) -> None:
+    """Column 2: per step, the share of groups whose observed change is negative."""
+    import plotly.graph_objects as go
+
     negative: dict[int, list[float]] = defaultdict(list)
     for record in records:
         value = as_number(record.get("delta_observed"))
         if value is not None:
             negative[int(record["step"])].append(1.0 if value < 0 else 0.0)
     steps = sorted(negative)
+    shares = [sum(negative[s]) / len(negative[s]) for s in steps]
+    bar = go.Bar(x=steps, y=shares, name="share < 0", marker={"color": "#d62728"}, showlegend=False)
+    figure.add_trace(bar, row=1, col=2)
+
+
+def _add_gwhes_scatter(figure: Any, scored: list[dict]) -> None:
+    """Column 3: one point per group and analysed step, GWHES (x) against the observed change (y)."""
+    import plotly.graph_objects as go
+
     figure.add_trace(
-        go.Bar(
-            x=steps,
-            y=[sum(negative[s]) / len(negative[s]) for s in steps],
-            name="share < 0",
-            marker={"color": "#d62728"},
+        go.Scatter(
+            x=[r["gwhes"] for r in scored],
+            y=[r["delta_observed"] for r in scored],
+            mode="markers",
+            name="group (GWHES, observed change)",
+            marker={"color": "#2ca02c", "size": 7},
+            text=[f"step {r['step']}, group {r.get('group')}" for r in scored],
+            hovertemplate="%{text}<br>GWHES %{x:.4g}<br>change %{y:.4g}<extra></extra>",
             showlegend=False,
         ),
         row=1,
-        col=2,
+        col=3,
     )
-    figure.add_hline(y=0, line={"color": "#444", "width": 1}, row=1, col=1)
-    figure.update_xaxes(title_text="optimizer step")
-    figure.update_yaxes(title_text="nats", row=1, col=1)
-    figure.update_yaxes(range=[0, 1], row=1, col=2)
-    apply_layout(figure, 420)
-    return Panel("panel-lld", PANELS[7][1], note, figure_html(figure, "figure-lld"))
+    figure.add_hline(y=0, line={"color": "#444", "width": 1}, row=1, col=3)
+    figure.update_xaxes(title_text="GWHES (before the step)", row=1, col=3)
 
 
 def nthr_panel(data: RunData) -> Panel:

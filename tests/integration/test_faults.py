@@ -213,3 +213,23 @@ def test_a_sink_fault_is_one_warning_a_counted_status_at_once_and_training_is_bi
     at_once = snapshots[fault.fired_after_steps]
     assert any(r["type"] == "status" and r["sink_failures"][sink] == 1 for r in at_once)
     assert {r["step"] for r in records if r["type"] == "dynamics"} == {0, 1}
+
+
+def test_nan_weights_give_null_predictions_an_untrusted_step_with_the_cause_and_a_warning(tmp_path):
+    """A weight full of NaN: every prediction field is null (never 0.0, although NaN coefficients fall in no
+    gradient-sign cell), the step is untrusted with the non-finite cause named, one warning, counted in the status."""
+    trainer = _trainer("dpo", tmp_path)
+    with torch.no_grad():
+        next(p for name, p in trainer.model.named_parameters() if "mlp" in name).fill_(float("nan"))
+    trainer.add_callback(LearningDynamicsCallback(trainer, every_n_steps=1, attribution="sums", generate=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "dynamics" / "dynamics.jsonl").read_text().splitlines()]
+    dynamics = [r for r in records if r["type"] == "dynamics"]
+    assert dynamics
+    for record in dynamics:
+        assert record["predicted"] is None and record["predicted_current"] is None
+        assert record["trusted"] is False and "NaN or inf" in record["trust_reason"]
+    assert sum("is not trusted" in str(w.message) for w in caught) == 1
+    assert [r for r in records if r["type"] == "status"][-1]["untrusted_steps"] >= 1

@@ -20,6 +20,7 @@ full parameters; one process or DDP) or `sharded.ShardedBackend` (finite differe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Protocol
@@ -195,6 +196,9 @@ def explain_update(
     scale = check.clip_scale
     del raw
 
+    coeff_sq = sum((c.double().pow(2).sum() for c in coeffs), torch.zeros((), dtype=torch.float64))
+    coeff_norm = float(_dist.all_reduce(coeff_sq.to(device))) ** 0.5 * abs(scale)
+
     def prediction(name: str) -> Prediction:
         history_change = history_rows[name][0]
         if cell_rows[name]:
@@ -203,10 +207,10 @@ def explain_update(
             cells = history_change.new_zeros(0, history_change.shape[-1])
         residual = None if residual_rows is None else backend.reduce(residual_rows[name] * scale)
         current = cells.sum(0) if residual is None else cells.sum(0) + residual
+        if not math.isfinite(coeff_norm):  # NaN / inf coefficients fall in no cell: the split says nothing, not 0
+            current = torch.full_like(current, math.nan)
         return Prediction(current + history_change, current, history_change, cells, residual)
 
-    coeff_sq = sum((c.double().pow(2).sum() for c in coeffs), torch.zeros((), dtype=torch.float64))
-    coeff_norm = float(_dist.all_reduce(coeff_sq.to(device))) ** 0.5 * abs(scale)
     step_labels = concat_labels(labels)
     tokens_due = attribution == "tokens"
     return UpdateExplanation(

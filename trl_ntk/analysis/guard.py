@@ -90,6 +90,12 @@ def judge(check: GradientCheck, dtype: torch.dtype, issues: Sequence[SetupIssue]
         f"gradient check cosine {check.cosine:.9g} (needs >= {limits.min_cosine:.9g}), relative error "
         f"{check.relative_error:.3g} (needs <= {limits.max_relative_error:.3g}) for {_dtype_name(dtype)} gradients"
     )
+    if not finite:
+        return Verdict(
+            False,
+            f"{figures}: the gradient (or the weights) holds NaN or inf values, so the step cannot be explained; "
+            "check the learning rate, the loss scale and the data of this step",
+        )
     causes = "; ".join(i.detail for i in issues) if issues else "none of the known set-up causes was found"
     return Verdict(
         False, f"{figures}: the captured signal does not reconstruct the applied gradient. Possible causes: {causes}"

@@ -57,7 +57,8 @@ class SetupIssue:
     Args:
         name (`str`): short key (`"dropout"`, `"neftune"`, `"entropy_bonus"`, ...).
         detail (`str`): what was found and what it does to the explanation.
-        handled (`bool`): the analysis reproduces it (replayed randomness); named only when the check fails.
+        handled (`bool`): the analysis reproduces it (replayed randomness, the applied update of half-precision
+            weights); named only when the check fails.
     """
 
     name: str
@@ -134,8 +135,9 @@ def diagnose(trainer: Any, model: nn.Module, replays_randomness: bool) -> list[S
     Args:
         trainer: the TRL trainer (its `args` and attributes are read).
         model (`nn.Module`): the unwrapped model the trainer calls.
-        replays_randomness (`bool`): whether the analysis replays the training forward's dropout masks (then dropout
-            is a handled issue).
+        replays_randomness (`bool`): whether the analysis is the callback's, which replays the training forward's
+            dropout masks and predicts along the update the optimizer applied to half-precision weights (then
+            dropout, NEFTune and half-precision weights are handled issues).
     """
     args = getattr(trainer, "args", None)
     issues = []
@@ -182,8 +184,13 @@ def diagnose(trainer: Any, model: nn.Module, replays_randomness: bool) -> list[S
             SetupIssue(
                 "half_precision_weights",
                 "half-precision trainable weights: the optimizer's update is rounded to the weights' dtype, so the "
-                "observed change is dominated by rounding at small learning rates; train float32 weights (with "
-                "bf16=True autocast) for an exact analysis",
+                "observed change is dominated by rounding at small learning rates"
+                + (
+                    "; the prediction follows the update the optimizer applied"
+                    if replays_randomness
+                    else "; train float32 weights (with bf16=True autocast) for an exact analysis"
+                ),
+                handled=replays_randomness,
             )
         )
     return issues

@@ -393,10 +393,14 @@ def test_sft_bf16_weights_are_predicted_along_the_applied_update(tmp_path, optim
 
 
 def test_sft_bf16_weights_are_flagged_without_the_applied_update():
-    """Outside the callback (no applied update to predict along), half-precision weights stay an unhandled issue."""
+    """Without the applied update to predict along (outside the callback, or sharded parameters), half-precision
+    weights stay an unhandled issue; the callback's own diagnosis handles them."""
     model = tiny_model("llama").to(torch.bfloat16)
-    issues = guard.diagnose(None, model, replays_randomness=False)
+    handled = [i.handled for i in guard.diagnose(None, model, replays_randomness=True) if i.name.startswith("half")]
+    assert handled == [True]
+    issues = guard.diagnose(None, model, replays_randomness=True, applied_update=False)
     assert [i.handled for i in issues if i.name == "half_precision_weights"] == [False]
+    assert [i.handled for i in guard.diagnose(None, model, False) if i.name == "half_precision_weights"] == [False]
     from trl_ntk.analysis.results import GradientCheck
 
     verdict = guard.judge(GradientCheck(1.0, 0.0, 1.0), torch.bfloat16, issues)

@@ -53,11 +53,14 @@ def applied_update_jvps(
     """`name -> [M]` JVPs of each batch's target log-probs at `w_t` along `w_{t+1} - w_t`.
 
     The model holds `w_{t+1}`; `w_t` is copied into its parameters for the JVP and `w_{t+1}` copied back afterwards
-    (bit for bit, from a device copy of `w_{t+1}`: `P` more bytes while it runs). `path`: as `DenseBackend`.
+    (bit for bit, from a device copy of `w_{t+1}`: `P` more bytes while it runs). The JVP runs in eval mode (the
+    model's mode is restored). `path`: as `DenseBackend`.
     """
     direction = applied_update(model, before)
     params = trainable_parameters(model)
     after = {name: p.detach().clone() for name, p in params.items()}
+    was_training = model.training
+    model.eval()
     try:
         for name, p in params.items():
             p.copy_(before[name])
@@ -66,6 +69,7 @@ def applied_update_jvps(
     finally:
         for name, p in params.items():
             p.copy_(after[name])
+        model.train(was_training)
     return {name: value[0] for name, value in rows.items()}
 
 

@@ -204,10 +204,9 @@ class LearningDynamicsCallback(TrainerCallback):
         self._install()
         self.sharded = is_sharded(self._model())  # FSDP wraps the model when training starts
         if self.sharded:  # the applied update of half-precision weights is predicted on unsharded parameters only
-            self.setup_issues = [
-                replace(issue, handled=False) if issue.name == "half_precision_weights" else issue
-                for issue in self.setup_issues
-            ]
+            self.setup_issues = guard.diagnose(
+                self.trainer, self._model(), replays_randomness=True, applied_update=False
+            )
         if self.sharded and not getattr(self.trainer, "is_fsdp_enabled", False):
             raise ValueError(
                 "the model's parameters are distributed tensors but the trainer does not use FSDP (tensor "
@@ -572,18 +571,12 @@ class LearningDynamicsCallback(TrainerCallback):
     def _explain_applied(self, pending: _PendingAnalysis, probe_batch) -> dynamics.UpdateExplanation:
         """Half-precision weights: the explanation with its predictions along the update the optimizer applied
         (`applied.explain_applied`, JVPs at `w_t`; the model is left at `w_{t+1}` bit for bit)."""
-        model = self._model()
         extra = None if pending.lld_before is None else {"lld": pending.lld_before[0][0]}
-        was_training = model.training
-        model.eval()
-        try:
-            with self.capture.paused():
-                path = None if self.jvp_path == "auto" else self.jvp_path
-                return applied.explain_applied(
-                    model, pending.explanation, probe_batch, pending.weights_before, extra, path
-                )
-        finally:
-            model.train(was_training)
+        path = None if self.jvp_path == "auto" else self.jvp_path
+        with self.capture.paused():
+            return applied.explain_applied(
+                self._model(), pending.explanation, probe_batch, pending.weights_before, extra, path
+            )
 
     def _untrusted(self, step: int, reason: str) -> None:
         """Count a step whose explanation is not trusted; warn at the first one; raise under `strict=True`."""

@@ -57,7 +57,8 @@ class SetupIssue:
     Args:
         name (`str`): short key (`"dropout"`, `"neftune"`, `"entropy_bonus"`, ...).
         detail (`str`): what was found and what it does to the explanation.
-        handled (`bool`): the analysis reproduces it (replayed randomness); named only when the check fails.
+        handled (`bool`): the analysis reproduces it (replayed randomness, the applied update of half-precision
+            weights); named only when the check fails.
     """
 
     name: str
@@ -134,16 +135,22 @@ def dropout_modules(model: nn.Module) -> list[str]:
     return found
 
 
-def diagnose(trainer: Any, model: nn.Module, replays_randomness: bool) -> list[SetupIssue]:
+def diagnose(
+    trainer: Any, model: nn.Module, replays_randomness: bool, applied_update: bool | None = None
+) -> list[SetupIssue]:
     """What in the trainer's set-up makes the trained loss or forward differ from what the analysis computes.
 
     Args:
         trainer: the TRL trainer (its `args` and attributes are read).
         model (`nn.Module`): the unwrapped model the trainer calls.
-        replays_randomness (`bool`): whether the analysis replays the training forward's dropout masks (then dropout
-            is a handled issue).
+        replays_randomness (`bool`): whether the analysis replays the training forward's dropout masks and NEFTune
+            noise (then they are handled issues).
+        applied_update (`bool`, *optional*): whether it predicts along the update the optimizer applied to
+            half-precision weights (`analysis.applied`; then they are a handled issue). Defaults to
+            `replays_randomness` (the callback does both, on unsharded parameters).
     """
     args = getattr(trainer, "args", None)
+    applied_update = replays_randomness if applied_update is None else applied_update
     issues = []
     dropout = dropout_modules(model)
     if dropout:
@@ -188,8 +195,13 @@ def diagnose(trainer: Any, model: nn.Module, replays_randomness: bool) -> list[S
             SetupIssue(
                 "half_precision_weights",
                 "half-precision trainable weights: the optimizer's update is rounded to the weights' dtype, so the "
-                "observed change is dominated by rounding at small learning rates; train float32 weights (with "
-                "bf16=True autocast) for an exact analysis",
+                "observed change is dominated by rounding at small learning rates"
+                + (
+                    "; the prediction follows the update the optimizer applied"
+                    if applied_update
+                    else "; train float32 weights (with bf16=True autocast) for an exact analysis"
+                ),
+                handled=applied_update,
             )
         )
     return issues

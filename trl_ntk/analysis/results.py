@@ -44,9 +44,11 @@ class GradientCheck:
 class Prediction:
     """The predicted first-order change of every target of one token batch over the step, `[M]` each.
 
-    `predicted = current + history`; `current` = the sum of `cells` (`[K, M]`, the current-gradient part by
-    (sign, group) cell) plus `residual` (`[M]`, the part due to the logit residual of losses on the plain logits,
-    `None` when the step has none).
+    `predicted = current + history (+ rounding)`; `current` = the sum of `cells` (`[K, M]`, the current-gradient
+    part by (sign, group) cell) plus `residual` (`[M]`, the part due to the logit residual of losses on the plain
+    logits, `None` when the step has none). `rounding` (`[M]`, `None` for float32 weights): with half-precision
+    weights, the prediction along the update the optimizer applied (rounded to the weights' dtype) minus the one
+    along its float32 update (`analysis.applied`).
     """
 
     predicted: Tensor
@@ -54,6 +56,7 @@ class Prediction:
     history: Tensor
     cells: Tensor
     residual: Tensor | None = None
+    rounding: Tensor | None = None
 
 
 @dataclass(frozen=True)

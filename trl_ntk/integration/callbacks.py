@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 from trl_ntk import _dist
 from trl_ntk._model import input_device, is_sharded
-from trl_ntk.analysis import dense, dynamics, guard, memory, sharded
+from trl_ntk.analysis import applied, dense, dynamics, guard, memory, sharded
 from trl_ntk.batches import TokenLabels, concat_token_batches
 from trl_ntk.config import DynamicsConfig, check_optional_dependencies, check_writable_dir, follow_trainer_log_level
 from trl_ntk.integration.adapters import adapter_for, label_step
@@ -50,6 +50,7 @@ class _PendingAnalysis:
     explanation: dynamics.UpdateExplanation | None
     tokens: bool
     lld_before: Any = None
+    weights_before: Any = None  # half-precision weights: the trainable parameters at w_t (CPU copies)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -202,6 +203,10 @@ class LearningDynamicsCallback(TrainerCallback):
             return
         self._install()
         self.sharded = is_sharded(self._model())  # FSDP wraps the model when training starts
+        if self.sharded:  # the applied update of half-precision weights is predicted on unsharded parameters only
+            self.setup_issues = guard.diagnose(
+                self.trainer, self._model(), replays_randomness=True, applied_update=False
+            )
         if self.sharded and not getattr(self.trainer, "is_fsdp_enabled", False):
             raise ValueError(
                 "the model's parameters are distributed tensors but the trainer does not use FSDP (tensor "
@@ -463,6 +468,7 @@ class LearningDynamicsCallback(TrainerCallback):
             explanation=explanation,
             tokens=tokens,
             lld_before=None if lld is None else (lld[:2], lld_before, lld[2], lld_scores),
+            weights_before=applied.snapshot(model) if not self.sharded and applied.has_half_precision(model) else None,
         )
 
     def _explain(self, model, probe_batch, micro_batches, labels, group_names, optimizer, **options):
@@ -529,6 +535,8 @@ class LearningDynamicsCallback(TrainerCallback):
         encoded, before = pending.before
         after = self._score(encoded)
         step = pending.step
+        if pending.weights_before is not None:
+            pending.explanation = self._explain_applied(pending, encoded.batch)
         verdict = guard.judge(pending.explanation.gradient_check, self.gradient_dtype, self.setup_issues)
         trust = {"trusted": verdict.trusted, "trust_reason": verdict.reason}
         out = records.dynamics_records(
@@ -559,6 +567,16 @@ class LearningDynamicsCallback(TrainerCallback):
         logger.info("%s", records.one_line_summary(step, out, time.perf_counter() - pending.started))
         if not verdict.trusted:
             self._untrusted(step, verdict.reason)
+
+    def _explain_applied(self, pending: _PendingAnalysis, probe_batch) -> dynamics.UpdateExplanation:
+        """Half-precision weights: the explanation with its predictions along the update the optimizer applied
+        (`applied.explain_applied`, JVPs at `w_t`; the model is left at `w_{t+1}` bit for bit)."""
+        extra = None if pending.lld_before is None else {"lld": pending.lld_before[0][0]}
+        path = None if self.jvp_path == "auto" else self.jvp_path
+        with self.capture.paused():
+            return applied.explain_applied(
+                self._model(), pending.explanation, probe_batch, pending.weights_before, extra, path
+            )
 
     def _untrusted(self, step: int, reason: str) -> None:
         """Count a step whose explanation is not trusted; warn at the first one; raise under `strict=True`."""

@@ -80,6 +80,7 @@ def dynamics_records(
     }
     cells = _per_response(explanation.probe.cells, batch)
     residual = None if explanation.probe.residual is None else _per_response(explanation.probe.residual, batch)
+    rounding = None if explanation.probe.rounding is None else _per_response(explanation.probe.rounding, batch)
     totals = None if explanation.tokens is None else explanation.tokens.response_totals  # [B, L], tokens level
     contexts = _train_token_contexts(explanation) if totals is not None else []
     out = []
@@ -122,6 +123,8 @@ def dynamics_records(
         )
         if residual is not None:  # losses on the plain logits: the part beyond the trained tokens' log-probs
             record["logit_residual"] = float(residual[i].sum())
+        if rounding is not None:  # half-precision weights: the part due to rounding the update to their dtype
+            record["rounding"] = float(rounding[i].sum())
         if totals is not None:  # each training token's total push on this response
             record["attributed"] = float(totals[i].sum())
             record["top_up"] = _top_tokens(totals[i], explanation, contexts, tokenizer, top_k, largest=True)

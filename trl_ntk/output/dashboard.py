@@ -123,6 +123,9 @@ class StepPayloadSink(DashboardSink):
 
     @contextlib.contextmanager
     def _batch(self) -> Iterator[None]:
+        if self._batching:  # nested: the outer batch commits
+            yield
+            return
         self._batching = True
         try:
             yield

@@ -97,7 +97,7 @@ def _mean(values: Iterable[Any]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
-def _key_part(name: Any) -> str:
+def key_part(name: Any) -> str:
     return _KEY_UNSAFE.sub("_", str(name)) or "_"
 
 
@@ -130,7 +130,7 @@ def aggregate_scalars(records: Iterable[Mapping[str, Any]]) -> dict[int, dict[st
         kind_of = record.get("type")
         step = int(record.get("step", 0))
         bucket = samples[step]
-        kind = _key_part(record.get("kind", "unknown"))
+        kind = key_part(record.get("kind", "unknown"))
         if kind_of == "probe":
             for source, name in PROBE_SCALARS.items():
                 bucket[f"{name}/{kind}"].append(record.get(source))
@@ -138,9 +138,9 @@ def aggregate_scalars(records: Iterable[Mapping[str, Any]]) -> dict[int, dict[st
             for source, name in DYNAMICS_SCALARS.items():
                 bucket[f"{name}/{kind}"].append(record.get(source))
             for sign, value in (record.get("split") or {}).items():
-                bucket[f"ntk_split/{_key_part(sign)}/{kind}"].append(value)
+                bucket[f"ntk_split/{key_part(sign)}/{kind}"].append(value)
             for group, value in (record.get("groups") or {}).items():
-                bucket[f"ntk_split/group_{_key_part(group)}/{kind}"].append(value)
+                bucket[f"ntk_split/group_{key_part(group)}/{kind}"].append(value)
             _add_guard(bucket, record)
         elif kind_of == "lld":
             for name in LLD_SCALARS:
@@ -329,19 +329,42 @@ class Event:
         return [str(t) for t in np.asarray(tokens).tolist()]
 
     @cached_property
-    def heatmaps(self) -> dict[str, list[tuple[np.ndarray, str]]]:
-        """`ntk_attribution/<kind>` -> [(RGB image, caption)], at most `max_images_per_kind` probes per kind."""
-        images: dict[str, list[tuple[np.ndarray, str]]] = defaultdict(list)
+    def heatmap_inputs(self) -> dict[str, list[dict[str, Any]]]:
+        """probe kind -> at most `max_images_per_kind` probes, each `{"caption", "matrix" [M, L], "probe_tokens" (M),
+        "train_tokens" (L), "train_rows" (L, the training row of each token; None if unknown)}`."""
+        inputs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        rows = self.attributions.get("train.row") if self.attributions else None
+        train_rows = np.asarray(rows).astype(int).tolist() if rows is not None else None
         for kind, record, matrix in self._matrices():
-            key = f"ntk_attribution/{_key_part(kind)}"
-            if len(images[key]) >= self.max_images_per_kind or matrix.ndim != 2:
+            if len(inputs[kind]) >= self.max_images_per_kind or matrix.ndim != 2:
                 continue
             probe_key = (record.get("matrix") or {}).get("key", record.get("probe_id"))
-            probe_tokens = self._tokens(f"{probe_key}.tokens", matrix.shape[0])
-            train_tokens = self._tokens("train.tokens", matrix.shape[1])
-            caption = f"{record.get('probe_id')} ({kind}) step {record.get('step')}"
-            images[key].append((render_attribution_heatmap(matrix, probe_tokens, train_tokens, caption), caption))
-        return dict(images)
+            inputs[kind].append(
+                {
+                    "caption": f"{record.get('probe_id')} ({kind}) step {record.get('step')}",
+                    "matrix": matrix,
+                    "probe_tokens": self._tokens(f"{probe_key}.tokens", matrix.shape[0]),
+                    "train_tokens": self._tokens("train.tokens", matrix.shape[1]),
+                    "train_rows": train_rows if train_rows is not None and len(train_rows) == matrix.shape[1] else None,
+                }
+            )
+        return dict(inputs)
+
+    @cached_property
+    def heatmaps(self) -> dict[str, list[tuple[np.ndarray, str]]]:
+        """`ntk_attribution/<kind>` -> [(RGB image, caption)], at most `max_images_per_kind` probes per kind."""
+        return {
+            f"ntk_attribution/{key_part(kind)}": [
+                (
+                    render_attribution_heatmap(
+                        item["matrix"], item["probe_tokens"], item["train_tokens"], item["caption"]
+                    ),
+                    item["caption"],
+                )
+                for item in items
+            ]
+            for kind, items in self.heatmap_inputs.items()
+        }
 
     @cached_property
     def attribution_values(self) -> np.ndarray | None:
@@ -359,7 +382,7 @@ class Event:
         matrix)."""
         parts: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for kind, record, matrix in self._matrices():
-            key = f"ntk_attribution/tokens_{_key_part(kind)}"
+            key = f"ntk_attribution/tokens_{key_part(kind)}"
             if len(parts[key]) >= self.max_html_probes_per_kind or matrix.ndim != 2:
                 continue
             probe_key = (record.get("matrix") or {}).get("key", record.get("probe_id"))

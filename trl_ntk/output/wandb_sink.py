@@ -3,6 +3,7 @@ multi-line charts, the observed-vs-predicted scatter, the run summary and (opt-i
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -15,7 +16,7 @@ import numpy as np
 from trl_ntk.output.dashboard import StepPayloadSink, require
 from trl_ntk.output.files import LOCK_NAME
 from trl_ntk.output.schema import plain as _plain
-from trl_ntk.output.views import SECTIONS, Event, run_summary, series_by_suffix
+from trl_ntk.output.views import SECTIONS, Event, key_part, run_summary, series_by_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,9 @@ CHART_KEYS = {
 SPLIT_CHART_KEY = "ntk_charts/split_positive_negative"
 SCATTER_KEY = "ntk_charts/observed_vs_predicted"
 REPORT_KEY = "ntk_tables/report"
+INTERACTIVE_PREFIX = "ntk_attribution/interactive_"
+"""At `"tokens"` steps, `ntk_attribution/interactive_<kind>`: the report's plotly heat map of each probe kind's first
+attribution matrix as `wandb.Html` (hover: probe token, training token with its row, value). Needs plotly."""
 _KEPT_FIELDS = ("type", "step", "kind", "probe_id", "observed", "predicted", "delta_observed", "delta_predicted")
 _KEPT_FIELDS += ("delta_from_negative", "frac_downweighted", "tau", "eta", "s_neg_mean", "seconds")
 
@@ -76,6 +80,8 @@ class WandbSink(StepPayloadSink):
         self._history: dict[int, dict[str, float]] = {}
         self._records: list[dict[str, Any]] = []
         self._tables: dict[str, Any] = {}
+        self._interactive = importlib.util.find_spec("plotly") is not None
+        self._warned_no_plotly = False
 
     def _current_run(self) -> Any:
         run = self._wandb.run
@@ -97,10 +103,37 @@ class WandbSink(StepPayloadSink):
         run.log(payload)
 
     def write_event(self, event: Event) -> None:
-        super().write_event(event)
+        with self._batch():  # one payload per step with the other views of the event
+            super().write_event(event)
+            if event.heatmap_inputs:
+                self._log_interactive_heatmaps(event)
         for record in event.records:
             if record.get("type") in ("dynamics", "lld", "nthr"):
                 self._records.append({name: record[name] for name in _KEPT_FIELDS if name in record})
+
+    def _log_interactive_heatmaps(self, event: Event) -> None:
+        """`INTERACTIVE_PREFIX<kind>` at the event's step: the first probe of each kind (PNG only without plotly)."""
+        if not self._interactive:
+            if not self._warned_no_plotly:
+                logger.warning(
+                    "plotly is not installed: W&B gets the attribution heat maps as PNG images only, without the "
+                    "interactive ones; `pip install 'trl-ntk[report]'` adds them"
+                )
+                self._warned_no_plotly = True
+            return
+        from trl_ntk.report.attribution import attribution_block, attribution_figure_html
+
+        pages = {}
+        for kind, items in event.heatmap_inputs.items():
+            if items:
+                item = items[0]
+                block = attribution_block(
+                    item["matrix"], item["probe_tokens"], item["train_tokens"], item["train_rows"]
+                )
+                page = attribution_figure_html(block, item["caption"])
+                pages[f"{INTERACTIVE_PREFIX}{key_part(kind)}"] = self._wandb.Html(page, inject=False)
+        if pages:
+            self._stage(event.step, pages)
 
     def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         self._history.setdefault(int(step), {}).update(scalars)

@@ -7,7 +7,7 @@ import html
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,24 +94,46 @@ def _add_archive(
             if matrix.ndim != 2 or matrix.size == 0:
                 continue
             tokens = archive[f"{key}.tokens"].tolist() if f"{key}.tokens" in keys else None
-            rows = _top(np.abs(matrix).sum(axis=1), max_rows)
-            cols = _top(np.abs(matrix).sum(axis=0), max_cols)
-            block = matrix[np.ix_(rows, cols)]
-            y = [_plotly_label(tokens[i]) if tokens and i < len(tokens) else str(i) for i in rows]
-            x = [_plotly_label(train_tokens[j]) if train_tokens and j < len(train_tokens) else str(j) for j in cols]
-            row_of = [int(train_rows[j]) if train_rows and j < len(train_rows) else 0 for j in cols]
-            blocks[key] = {
-                "z": _rounded(block),
-                "y": y,
-                "x": x,
-                "row": row_of,
-                "shape": list(matrix.shape),
-                "total": float(f"{float(matrix.sum()):.4g}"),
-            }
+            blocks[key] = attribution_block(matrix, tokens, train_tokens, train_rows, max_rows, max_cols)
     for key, block in blocks.items():  # only once the whole archive was read
         entry = probes.setdefault(key, {"kind": kinds_by_probe.get(key, "?"), "steps": [], "by_step": {}})
         entry["steps"].append(step)
         entry["by_step"][str(step)] = block
+
+
+def attribution_block(
+    matrix: np.ndarray,
+    probe_tokens: Sequence[Any] | None,
+    train_tokens: Sequence[Any] | None,
+    train_rows: Sequence[int] | None,
+    max_rows: int = 96,
+    max_cols: int = 160,
+) -> dict[str, Any]:
+    """One heat-map block: the rows / columns of `matrix` with the largest total |a| (in their original order),
+    values to 4 significant digits, and the labels the hover shows.
+
+    Args:
+        matrix (`np.ndarray[M, L]`): the attribution matrix `a[m, l]`.
+        probe_tokens (length M), train_tokens (length L), train_rows (length L, the training row of each token):
+            labels; a missing or short one falls back to indices (row 0).
+
+    Returns:
+        `{"z": [[float]] (m x l), "y": probe labels, "x": training labels, "row": rows of x, "shape": [M, L],
+        "total": sum of a}`. Cost O(M L).
+    """
+    matrix = np.nan_to_num(np.asarray(matrix, dtype=np.float32))
+    rows = _top(np.abs(matrix).sum(axis=1), max_rows)
+    cols = _top(np.abs(matrix).sum(axis=0), max_cols)
+    probe_tokens, train_tokens = list(probe_tokens or []), list(train_tokens or [])
+    train_rows = list(train_rows or [])
+    return {
+        "z": _rounded(matrix[np.ix_(rows, cols)]),
+        "y": [_plotly_label(probe_tokens[i]) if i < len(probe_tokens) else str(i) for i in rows],
+        "x": [_plotly_label(train_tokens[j]) if j < len(train_tokens) else str(j) for j in cols],
+        "row": [int(train_rows[j]) if j < len(train_rows) else 0 for j in cols],
+        "shape": list(matrix.shape),
+        "total": float(f"{float(matrix.sum()):.4g}"),
+    }
 
 
 def _cells(path: Path, max_rows: int, max_cols: int) -> int:
@@ -134,6 +156,36 @@ def _json_for_script(value: Any) -> str:
     return json.dumps(value, separators=(",", ":")).replace("</", "<\\/")
 
 
+DRAW_SCRIPT = """
+function drawAttribution(target, block, heading, colorscale) {
+  var text = block.y.map(function (probeToken) {
+    return block.x.map(function (trainToken, j) {
+      return "probe token: " + probeToken + "<br>training token: " + trainToken + " (row " + block.row[j] + ")";
+    });
+  });
+  var index = function (n) { var out = []; for (var i = 0; i < n; i++) { out.push(i); } return out; };
+  var trace = {
+    type: "heatmap", z: block.z, x: index(block.x.length), y: index(block.y.length), text: text,
+    hovertemplate: "%{text}<br>a = %{z:.4g}<extra></extra>", colorscale: colorscale, zmid: 0,
+    colorbar: {title: {text: "a[m, l]"}}
+  };
+  var shown = block.z.length + " x " + block.x.length + " of " + block.shape[0] + " x " + block.shape[1];
+  var layout = {
+    template: "plotly_white",
+    title: {text: heading + "; sum of a: " + block.total + "; shown " + shown},
+    height: Math.max(320, 16 * block.y.length + 190),
+    margin: {l: 110, r: 30, t: 60, b: 120},
+    xaxis: {title: {text: "training token"}, tickvals: index(block.x.length), ticktext: block.x, tickangle: -90,
+            tickfont: {size: 9}},
+    yaxis: {title: {text: "probe token"}, tickvals: index(block.y.length), ticktext: block.y, autorange: "reversed",
+            tickfont: {size: 10}}
+  };
+  Plotly.react(target, [trace], layout, {displaylogo: false, responsive: true});
+}
+"""
+"""The one heat-map figure (JavaScript, drawn with plotly.js): `drawAttribution(div id, block, heading, colorscale)`
+with a block of `attribution_block`; the hover names the probe token, the training token with its row, and a."""
+
 _ATTRIBUTION_SCRIPT = """
 (function () {
   var data = JSON.parse(document.getElementById("attribution-data").textContent);
@@ -145,38 +197,41 @@ _ATTRIBUTION_SCRIPT = """
     slider.max = probe.steps.length - 1;
     if (+slider.value > probe.steps.length - 1) { slider.value = probe.steps.length - 1; }
     var step = probe.steps[+slider.value];
-    var block = probe.by_step[String(step)];
     label.textContent = "step " + step + " (" + (+slider.value + 1) + " of " + probe.steps.length + ")";
-    var text = block.y.map(function (probeToken) {
-      return block.x.map(function (trainToken, j) {
-        return "probe token: " + probeToken + "<br>training token: " + trainToken + " (row " + block.row[j] + ")";
-      });
-    });
-    var index = function (n) { var out = []; for (var i = 0; i < n; i++) { out.push(i); } return out; };
-    var trace = {
-      type: "heatmap", z: block.z, x: index(block.x.length), y: index(block.y.length), text: text,
-      hovertemplate: "%{text}<br>a = %{z:.4g}<extra></extra>", colorscale: data.colorscale, zmid: 0,
-      colorbar: {title: {text: "a[m, l]"}}
-    };
-    var shown = block.z.length + " x " + block.x.length + " of " + block.shape[0] + " x " + block.shape[1];
-    var layout = {
-      template: "plotly_white",
-      title: {text: select.value + " (" + probe.kind + "), step " + step + "; sum of a: " + block.total +
-                    "; shown " + shown},
-      height: Math.max(320, 16 * block.y.length + 190),
-      margin: {l: 110, r: 30, t: 60, b: 120},
-      xaxis: {title: {text: "training token"}, tickvals: index(block.x.length), ticktext: block.x, tickangle: -90,
-              tickfont: {size: 9}},
-      yaxis: {title: {text: "probe token"}, tickvals: index(block.y.length), ticktext: block.y, autorange: "reversed",
-              tickfont: {size: 10}}
-    };
-    Plotly.react("attribution-heatmap", [trace], layout, {displaylogo: false, responsive: true});
+    drawAttribution("attribution-heatmap", probe.by_step[String(step)],
+                    select.value + " (" + probe.kind + "), step " + step, data.colorscale);
   }
   select.addEventListener("change", draw);
   slider.addEventListener("input", draw);
   draw();
 })();
 """
+
+_STANDALONE_SCRIPT = """
+(function () {
+  var data = JSON.parse(document.getElementById("attribution-data").textContent);
+  drawAttribution("attribution-heatmap", data.block, data.heading, data.colorscale);
+})();
+"""
+
+
+def attribution_figure_html(block: Mapping[str, Any], heading: str) -> str:
+    """A self-contained HTML page (plotly.js inlined, no network) drawing one `attribution_block` with the report's
+    heat-map figure: hovering a cell shows the probe token, the training token with its row, and the value.
+
+    Requires plotly. About 4.7 MB (the plotly.js bundle) plus the block.
+    """
+    from plotly.colors import get_colorscale
+    from plotly.offline import get_plotlyjs
+
+    data = {"block": dict(block), "heading": heading, "colorscale": get_colorscale("PiYG")}
+    return (
+        '<!DOCTYPE html><html><head><meta charset="utf-8"></head><body style="margin:0;font-family:sans-serif">'
+        f"<script>{get_plotlyjs()}</script>"
+        '<div id="attribution-heatmap" class="plotly-graph-div"></div>'
+        f'<script type="application/json" id="attribution-data">{_json_for_script(data)}</script>'
+        f'<script id="attribution-draw">{DRAW_SCRIPT}{_STANDALONE_SCRIPT}</script></body></html>'
+    )
 
 
 def attribution_panel(data: RunData, attribution: dict[str, Any] | None) -> Panel:
@@ -199,7 +254,7 @@ def attribution_panel(data: RunData, attribution: dict[str, Any] | None) -> Pane
         f'value="{len(first["steps"]) - 1}" step="1"></label><span id="attribution-step-label"></span></div>'
         '<div id="attribution-heatmap" class="plot"></div>'
         f'<script type="application/json" id="attribution-data">{_json_for_script(attribution)}</script>'
-        f"<script>{_ATTRIBUTION_SCRIPT}</script>"
+        f"<script>{DRAW_SCRIPT}{_ATTRIBUTION_SCRIPT}</script>"
     )
     return Panel("panel-attribution", PANELS[5][1], note, body)
 

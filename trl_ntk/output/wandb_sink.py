@@ -57,7 +57,8 @@ class WandbSink(StepPayloadSink):
         max_table_rows, histogram_bins, skip_nthr_scalars: see `DashboardSink`.
 
     Keys start with one of `SECTIONS` (W&B makes one panel section per prefix). Tables are incremental
-    (`log_mode="INCREMENTAL"`, every step kept); a wandb without them gets a new table per step. At `close()` the
+    (`log_mode="INCREMENTAL"`, every step kept); a wandb without them gets a new table per step. At `"tokens"`
+    steps each probe kind also gets an interactive heat map (`INTERACTIVE_PREFIX<kind>`, needs plotly). At `close()` the
     sink adds the multi-line charts (`CHART_KEYS`, `SPLIT_CHART_KEY`), the scatter (`SCATTER_KEY`) and
     `run.summary` (`views.run_summary`).
     """

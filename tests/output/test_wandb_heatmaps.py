@@ -142,3 +142,16 @@ def test_wandb_sink_sees_plotly_as_missing_when_it_cannot_be_found(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "plotly" else real(name, *a))
     assert WandbSink()._interactive is False
+
+
+def test_interactive_heatmaps_can_be_switched_off_without_a_warning(monkeypatch, caplog):
+    """`TRL_NTK_WANDB_INTERACTIVE=0`: no interactive page is built (the PNGs stay) and no plotly warning is given."""
+    from trl_ntk.output.wandb_sink import WandbSink
+
+    monkeypatch.setenv("TRL_NTK_WANDB_INTERACTIVE", "0")
+    sink = WandbSink()
+    assert sink._interactive is False
+    sink._log_interactive_heatmaps(None)  # returns before reading the event
+    assert not [r for r in caplog.records if "plotly" in r.getMessage()]
+    monkeypatch.setenv("TRL_NTK_WANDB_INTERACTIVE", "1")
+    assert WandbSink()._interactive is True

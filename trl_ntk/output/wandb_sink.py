@@ -81,7 +81,9 @@ class WandbSink(StepPayloadSink):
         self._history: dict[int, dict[str, float]] = {}
         self._records: list[dict[str, Any]] = []
         self._tables: dict[str, Any] = {}
-        self._interactive = importlib.util.find_spec("plotly") is not None
+        # TRL_NTK_WANDB_INTERACTIVE=0 keeps the PNGs only (each interactive page inlines plotly.js, ~4.7 MB)
+        self._wanted = os.environ.get("TRL_NTK_WANDB_INTERACTIVE", "1").strip().lower() not in ("0", "false", "no")
+        self._interactive = self._wanted and importlib.util.find_spec("plotly") is not None
         self._warned_no_plotly = False
 
     def _current_run(self) -> Any:
@@ -114,6 +116,8 @@ class WandbSink(StepPayloadSink):
 
     def _log_interactive_heatmaps(self, event: Event) -> None:
         """`INTERACTIVE_PREFIX<kind>` at the event's step: the first probe of each kind (PNG only without plotly)."""
+        if not self._wanted:
+            return
         if not self._interactive:
             if not self._warned_no_plotly:
                 logger.warning(

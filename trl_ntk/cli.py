@@ -154,7 +154,7 @@ def _add_lookahead_parser(commands: argparse._SubParsersAction) -> None:
         ),
     )
     lookahead.add_argument("--trainer", choices=("dpo", "sft"), default="dpo", help="which TRL trainer's loss")
-    lookahead.add_argument("--output-dir", default="trl_ntk_lookahead", help="output folder")
+    lookahead.add_argument("-o", "--output-dir", default="trl_ntk_lookahead", help="output folder")
     lookahead.add_argument("--max-examples", type=_positive_int, default=None, help="score the first N rows only")
     lookahead.add_argument("--rows", type=_positive_int, default=64, help="toy training rows to build")
     lookahead.add_argument("--model-path", default=None, help="a local model folder instead of the toy model")

@@ -163,7 +163,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="trl-ntk report", description="Write the self-contained HTML report of a learning-dynamics run folder."
     )
     parser.add_argument("run_dir", help="folder with dynamics.jsonl (e.g. <output_dir>/dynamics)")
-    parser.add_argument("-o", "--output", default=None, help="report file (default: RUN_DIR/report.html)")
+    parser.add_argument(
+        "-o",
+        "--output-dir",
+        "--output",
+        dest="output",
+        default=None,
+        help="where the report goes: a folder (gets report.html) or an .html file (default: RUN_DIR/report.html)",
+    )
     parser.add_argument(
         "--max-heatmap-steps", type=_positive_int, default=40, help="attribution steps in the heat-map panel"
     )

@@ -15,6 +15,7 @@ LOWEST = "batches"
 # (importing module, imported module): upward imports kept on purpose, each inside a function
 EXCEPTIONS = {
     ("trl_ntk.output.wandb_sink", "trl_ntk.report.render"),  # the W&B sink attaches the HTML report at the end
+    ("trl_ntk.output.wandb_sink", "trl_ntk.report.attribution"),  # the report's heat map as interactive W&B media
     ("trl_ntk.integration.lookahead", "trl_ntk.demo"),  # `toy_trainer`: a trainer on the toy model
 }
 

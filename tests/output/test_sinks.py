@@ -152,8 +152,8 @@ def test_aggregate_scalars_are_means_per_kind_and_step_not_per_token():
             split={"positive": 0.2, "negative": -0.6},
             groups={"chosen": 0.1, "rejected": -0.5},
         ),
-        make_record("lld", 2, group=0, delta_observed=-0.2, delta_predicted=-0.1, delta_from_negative=-0.3),
-        make_record("lld", 2, group=1, delta_observed=0.4, delta_predicted=0.3, delta_from_negative=-0.1),
+        make_record("lld", 2, group=0, delta_observed=-0.2, delta_predicted=-0.1, delta_from_negative=-0.3, gwhes=2.0),
+        make_record("lld", 2, group=1, delta_observed=0.4, delta_predicted=0.3, delta_from_negative=-0.1, gwhes=None),
         make_record("nthr", 3, frac_downweighted=0.25, tau=0.5, eta=0.6, s_neg_mean=0.1, seconds=0.01),
         make_record("status", 3, analysis_failures=1, sink_failures={"jsonl": 0, "wandb": 2}, message="x"),
     ]
@@ -165,6 +165,7 @@ def test_aggregate_scalars_are_means_per_kind_and_step_not_per_token():
     assert at_2["ntk_split/positive/chosen"] == 0.2 and at_2["ntk_split/negative/chosen"] == -0.6
     assert at_2["ntk_split/group_rejected/chosen"] == -0.5
     assert at_2["ntk_lld/delta_observed"] == pytest.approx(0.1) and at_2["ntk_lld/frac_groups_negative"] == 0.5
+    assert at_2["ntk_lld/gwhes"] == 2.0  # mean over the groups that have one (a group that is not mixed has none)
     assert scalars[3] == {
         "ntk_nthr/frac_downweighted": 0.25,
         "ntk_nthr/tau": 0.5,

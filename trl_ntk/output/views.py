@@ -86,7 +86,7 @@ DYNAMICS_SCALARS = {
 ATTRIBUTION_HISTOGRAM_KEY = "ntk_attribution/values"
 STATUS_TEXT_KEY = "ntk_health/status"
 CONFIG_TEXT_KEY = "ntk_health/config"
-LLD_SCALARS = ("delta_observed", "delta_predicted", "delta_from_negative")
+LLD_SCALARS = ("delta_observed", "delta_predicted", "delta_from_negative", "gwhes")
 NTHR_SCALARS = ("frac_downweighted", "tau", "eta", "s_neg_mean", "seconds")
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
@@ -111,7 +111,8 @@ def aggregate_scalars(records: Iterable[Mapping[str, Any]]) -> dict[int, dict[st
             `ntk_change/history/<kind>`, `ntk_split/positive/<kind>`, `ntk_split/negative/<kind>`,
             `ntk_split/group_<group>/<kind>`;
         `lld` (mean over groups): `ntk_lld/delta_observed`, `ntk_lld/delta_predicted`, `ntk_lld/delta_from_negative`,
-            `ntk_lld/frac_groups_negative` (share of groups whose positive completions lost likelihood);
+            `ntk_lld/gwhes`, `ntk_lld/frac_groups_negative` (share of groups whose positive completions lost
+            likelihood);
         `nthr`: `ntk_nthr/frac_downweighted`, `ntk_nthr/tau`, `ntk_nthr/eta`, `ntk_nthr/s_neg_mean`,
             `ntk_nthr/seconds`;
         `status`: `ntk_health/analysis_failures`, `ntk_health/sink_failures` (summed over sinks),

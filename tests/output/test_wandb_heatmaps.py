@@ -9,13 +9,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.fixtures.synthetic_run import replay, synthetic_events
+from tests.output.test_trackers import _wandb_history
 from trl_ntk.output.group import SinkGroup
 from trl_ntk.output.sinks import JsonlSink, WandbSink
 from trl_ntk.output.views import Event
@@ -34,18 +34,6 @@ global.document = {getElementById: function () { return {textContent: data}; }};
 eval(draw);
 process.stdout.write(JSON.stringify(drawn));
 """
-
-
-def _history(run_dir: Path) -> list[dict]:
-    result = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
-    return [r["history"]["item"] for r in records if r["type"] == "history"]
 
 
 def _drawn(page: Path) -> dict:
@@ -71,7 +59,7 @@ def test_wandb_gets_interactive_heatmaps_with_hover_naming_probe_and_training_to
     finally:
         run.finish()
 
-    history = _history(run_dir)
+    history = _wandb_history(run_dir)
     token_steps = sorted(step for step, _, *arrays in events if arrays)
     key = "ntk_attribution/interactive_chosen"
     assert sorted(i["train/global_step"] for i in history if f"{key}._type" in i) == token_steps

@@ -267,8 +267,9 @@ class NTHRCallback(TrainerCallback):
     Args:
         trainer (`trl.GRPOTrainer`): the trainer; its instance methods are wrapped at construction (`remove()`
             undoes it).
-        beta (`float`, *optional*, defaults to `1.0`): threshold multiplier.
-        eta (`float` or `"auto"`, *optional*, defaults to `"auto"`): weight of the selected tokens.
+        beta (`float`, *optional*, defaults to `1.0`): threshold multiplier (the paper's main setting).
+        eta (`float` or `"auto"`, *optional*, defaults to `"auto"`): weight of the selected tokens; `"auto"` =
+            `2 |0.5 - p|`, the paper's training setting (defaults and their source: `docs/nthr.md`).
         vocab (`str`, *optional*, defaults to `"group"`): `"group"` or `"full"`.
         every_generation (`bool` or `int`, *optional*, defaults to `True`): reweight every generation batch, or
             every n-th.

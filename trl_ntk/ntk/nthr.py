@@ -326,7 +326,8 @@ def token_weights(
     chunk_size: int = 512,
     return_stats: bool = False,
 ) -> Tensor | tuple[Tensor, NTHRStats]:
-    """NTHR's per-token weights of the policy-gradient advantages, one group of `group_size` rows at a time.
+    """NTHR's per-token weights of the policy-gradient advantages, one group of `group_size` rows at a time
+    (the paper's Section 5.2 and Algorithm 1; `docs/nthr.md` maps every equation to the code).
 
     Per group (rows `g * group_size ... (g + 1) * group_size - 1`): `P` = completions with advantage `> 0`, `N` =
     with advantage `< 0`. With `s` the `hidden_reward` of the group (positives `P`),
@@ -350,9 +351,13 @@ def token_weights(
         completion_mask (`Tensor[B, T]`): 1 on completion tokens, 0 on padding.
         advantages (`Tensor[B]`): per-completion advantages.
         group_size (`int`): completions per prompt (TRL's `num_generations`).
-        beta (`float`, *optional*, defaults to `1.0`): threshold multiplier, `>= 0`.
+        beta (`float`, *optional*, defaults to `1.0`): threshold multiplier, `>= 0`. The paper's main setting
+            (appendix, implementation details; ablation in its Table 4).
         eta (`float` or `"auto"`, *optional*, defaults to `"auto"`): the weight of selected tokens, in `[0, 1]`.
-        vocab (`str`, *optional*, defaults to `"group"`): `"group"` or `"full"`, see `hidden_reward`.
+            `"auto"` is the paper's training setting (appendix, implementation details; ablation in its Table 5);
+            its one-step likelihood experiment (Section 5.3) uses `eta=0.0`.
+        vocab (`str`, *optional*, defaults to `"group"`): `"group"` or `"full"`, see `hidden_reward`; `"group"` is
+            the paper's restriction (appendix, complexity discussion).
         temperature (`float`, *optional*, defaults to `1.0`): the sampling temperature.
         chunk_size (`int`, *optional*, defaults to `512`): tokens per chunk.
         return_stats (`bool`, *optional*, defaults to `False`): also return the `NTHRStats`.

@@ -1,6 +1,6 @@
-"""GWHES in the `lld` records of a GRPO run, against `trl_ntk.ntk.gwhes.gwhes` computed directly from the model's
-own full forward (`output_hidden_states=True`) on the inputs the trainer's `compute_loss` received, at the same
-weights (before the optimizer step)."""
+"""GWHES in the `lld` records of a GRPO run, against the paper's `alpha`-weighted form (`trl_ntk.ntk.gwhes.gwhes`
+with `logits`) computed directly from the model's own full forward (`output_hidden_states=True`, its logits) on the
+inputs the trainer's `compute_loss` received, at the same weights (before the optimizer step)."""
 
 from __future__ import annotations
 
@@ -29,13 +29,21 @@ def _reference_scores(trainer, aggregation: str) -> list[list[dict[str, float]]]
                 output_hidden_states=True,
             )
         hidden = out.hidden_states[-1][:, prompt.shape[1] - 1 : -1]
+        logits = out.logits[:, prompt.shape[1] - 1 : -1].float()
         groups: dict[tuple, list[int]] = {}  # TRL shuffles the rows: a group is the rows of one prompt
         for row in range(prompt.shape[0]):
             groups.setdefault(tuple(prompt[row][inputs["prompt_mask"][row].bool()].tolist()), []).append(row)
         per_group = []
         for rows in groups.values():
             scores = gwhes.gwhes(
-                hidden[rows], mask[rows], inputs["advantages"][rows], len(rows), aggregation=aggregation
+                hidden[rows],
+                mask[rows],
+                inputs["advantages"][rows],
+                len(rows),
+                aggregation=aggregation,
+                logits=logits[rows],
+                completion_ids=completion[rows],
+                temperature=trainer.args.temperature,
             )
             names = ("gwhes", "gwhes_negative", "gwhes_positive")
             per_group.append(dict(zip(names, map(float, (scores.gwhes, scores.negative, scores.positive)))))

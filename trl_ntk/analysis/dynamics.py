@@ -343,18 +343,28 @@ def group_hidden_scores(
     model: nn.Module,
     micro_batches: list[CapturedMicroBatch],
     labels: list[TokenLabels],
-    aggregation: gwhes.Aggregation = "sequence_mean",
+    aggregation: gwhes.Aggregation = "token_sum",
+    temperature: float = 1.0,
 ) -> dict[int, dict[str, float | None]]:
     """GWHES (`trl_ntk.ntk.gwhes.gwhes`) of every GRPO group of the step, at the current weights, keyed by the
     group's `sequence_group`: `{"gwhes", "gwhes_negative", "gwhes_positive"}`, `None` where the group is not mixed.
 
-    The final-layer hidden states of the completions come from one no-grad forward per micro-batch through the
-    shared forward path (`logprobs.final_hidden`, the trainer's own inputs); each group's completions are packed
-    into `[n, T_max, d]` and scored with their advantages and `group_size = n`.
+    The score is the paper's `alpha`-weighted form (Deng et al. 2025, Theorem 4.4; `gwhes.gwhes` with the model's
+    head as `logits`, `alpha` over the group's token ids at the sampling `temperature`). The final-layer hidden
+    states of the completions come from one no-grad forward per micro-batch through the shared forward path
+    (`logprobs.final_hidden`, the trainer's own inputs); each group's completions are packed into `[n, T_max, d]`
+    with their sampled token ids and scored with their advantages and `group_size = n`.
 
-    Cost: one forward of the decoder body per micro-batch (no unembedding); memory `O(M d)`.
+    Cost: one forward of the decoder body per micro-batch, plus the head on about `3 n` rows per group (the NTHR
+    hidden reward); memory `O(M d)`.
     """
     hidden = torch.cat([logprobs.final_hidden(model, mb.batch).cpu() for mb in micro_batches])
+    token_ids = torch.cat([mb.batch.input_ids[:, 1:][mb.batch.target_mask[:, 1:]].cpu() for mb in micro_batches])
+    device = next(model.parameters()).device
+
+    def head(rows: torch.Tensor) -> torch.Tensor:
+        return logprobs.head_logits(model, rows.to(device)).cpu()
+
     advantages = torch.cat([target_advantages(mb) for mb in micro_batches])
     step_labels = concat_labels(labels)
     out = {}
@@ -363,11 +373,22 @@ def group_hidden_scores(
         rows = [in_group & (step_labels.example == e) for e in step_labels.example[in_group].unique().tolist()]
         length = max(int(row.sum()) for row in rows)
         packed = hidden.new_zeros(len(rows), length, hidden.shape[-1])
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
         mask = torch.zeros(len(rows), length, dtype=torch.bool)
         for k, row in enumerate(rows):
-            packed[k, : int(row.sum())], mask[k, : int(row.sum())] = hidden[row], True
+            n = int(row.sum())
+            packed[k, :n], ids[k, :n], mask[k, :n] = hidden[row], token_ids[row], True
         completion_advantages = torch.stack([advantages[row][0] for row in rows])
-        scores = gwhes.gwhes(packed, mask, completion_advantages, len(rows), aggregation=aggregation)
+        scores = gwhes.gwhes(
+            packed,
+            mask,
+            completion_advantages,
+            len(rows),
+            aggregation=aggregation,
+            logits=head,
+            completion_ids=ids,
+            temperature=temperature,
+        )
         values = (scores.gwhes, scores.negative, scores.positive)
         out[int(group)] = {
             name: None if bool(value.isnan().any()) else float(value[0])

@@ -514,7 +514,8 @@ class LearningDynamicsCallback(TrainerCallback):
             return None
         loss_type = getattr(self.trainer.args, "loss_type", "grpo")
         aggregation = "sequence_mean" if loss_type in ("grpo", "sapo") else "token_sum"
-        local = dynamics.group_hidden_scores(model, micro_batches, labels, aggregation)
+        temperature = float(getattr(self.trainer.args, "temperature", 1.0) or 1.0)
+        local = dynamics.group_hidden_scores(model, micro_batches, labels, aggregation, temperature)
         if not _dist.is_distributed():
             return local
         count = max((int(lab.sequence_group.max()) + 1 for lab in labels if lab.sequence_group.numel()), default=0)

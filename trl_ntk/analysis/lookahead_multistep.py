@@ -147,13 +147,14 @@ def linearised_training(
     lr: float,
     steps: int,
     relinearise_every: int | None = None,
+    chunk_size: int = 16,
 ) -> Trajectory:
     """The probes' predicted change over `steps` SGD steps of `loss_fn` on `train_batch`, from the eNTK at the start,
     re-linearised every `relinearise_every` steps when given (the model's weights are restored afterwards).
 
     Cost per linearisation: `K_tt` (`Mt` backwards and `Mt` JVPs of the training batch) and `K_pt` (`min(Mp, Mt)`
     of each), `Mt^2` numbers held; a re-linearisation adds one backward (`w += J^T a`). Meant for small candidate sets
-    (`Mt` up to a few thousand tokens).
+    (`Mt` up to a few thousand tokens). `chunk_size`: parameter-sized rows held at once by the kernels.
     """
     period = steps if relinearise_every is None else int(relinearise_every)
     if period < 1 and steps > 0:
@@ -169,8 +170,8 @@ def linearised_training(
             if done >= steps:
                 break
             offset = (_probe_objectives(model, probe_batch, weights) - start).double()
-            k_tt = logprob_kernel(model, train_batch, train_batch)
-            k_pt = weights.to(k_tt) @ logprob_kernel(model, probe_batch, train_batch)
+            k_tt = logprob_kernel(model, train_batch, train_batch, chunk_size=chunk_size)
+            k_pt = weights.to(k_tt) @ logprob_kernel(model, probe_batch, train_batch, chunk_size=chunk_size)
             count = min(period, steps - done)
             part = linearised_dynamics(k_tt, k_pt, z, loss_fn, lr=lr, steps=count)
             changes.extend(offset + part.probe_change[1:])

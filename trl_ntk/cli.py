@@ -153,7 +153,7 @@ def _add_lookahead_parser(commands: argparse._SubParsersAction) -> None:
             "one step on it (the trainer's own loss, one JVP per probe direction). Writes lookahead.jsonl."
         ),
     )
-    lookahead.add_argument("--trainer", choices=("dpo", "sft"), default="dpo", help="which TRL trainer's loss")
+    lookahead.add_argument("--trainer", choices=("dpo", "sft", "grpo"), default="dpo", help="which TRL trainer's loss")
     lookahead.add_argument("-o", "--output-dir", default="trl_ntk_lookahead", help="output folder")
     lookahead.add_argument("--max-examples", type=_positive_int, default=None, help="score the first N rows only")
     lookahead.add_argument("--rows", type=_positive_int, default=64, help="toy training rows to build")
@@ -163,6 +163,10 @@ def _add_lookahead_parser(commands: argparse._SubParsersAction) -> None:
     lookahead.add_argument("--lr", type=_positive_float, default=None, help="SGD view learning rate")
     lookahead.add_argument("--batch-size", type=_positive_int, default=1, help="examples per scored step")
     lookahead.add_argument("--by-probe", action="store_true", help="also score every probe response")
+    lookahead.add_argument(
+        "--num-generations", type=_positive_int, default=None, help="grpo: completions sampled per prompt (>= 2)"
+    )
+    lookahead.add_argument("--seed", type=int, default=0, help="grpo: sampling seed of the completion groups")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,12 +1,15 @@
 """Score every example of a TRL trainer's train dataset by the predicted effect of one step on it (look-ahead).
 
-The gradient signal `c_l` of each batch comes from the trainer's own `compute_loss` (every DPO `loss_type`, SFT as
-configured), read by `GradientCapture` during a backward that stops at the unembedding; no loss is re-implemented.
-The probe directions and the per-example sums are in `trl_ntk.analysis.lookahead`.
+The gradient signal `c_l` of each batch comes from the trainer's own `compute_loss` (every DPO and GRPO `loss_type`,
+SFT as configured), read by `GradientCapture` during a backward that stops at the unembedding; no loss is
+re-implemented. For GRPO an example is a prompt, stepped on with a group of completions the trainer samples and
+rewards itself (`trl_ntk.integration.lookahead_grpo`). The probe directions and the per-example sums are in
+`trl_ntk.analysis.lookahead`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -22,6 +25,7 @@ from torch import Tensor, nn
 from trl_ntk._model import trainable_parameters
 from trl_ntk.analysis import lookahead
 from trl_ntk.batches import TokenBatch, concat_token_batches
+from trl_ntk.integration import lookahead_grpo
 from trl_ntk.integration.adapters import adapter_for, label_step
 from trl_ntk.integration.capture import GradientCapture
 from trl_ntk.probes.probe_set import ProbeSet
@@ -49,6 +53,10 @@ class LookaheadConfig:
         text_chars (`int`, *optional*, defaults to `200`): length of the text excerpt of each example.
         rows (`list[int]`, *optional*): score these train-dataset rows (in this order) instead of the first
             `max_examples`.
+        num_generations (`int`, *optional*): GRPO only: completions sampled per prompt (default: the trainer's
+            `num_generations`); the effect is a Monte-Carlo estimate over them.
+        seed (`int`, *optional*, defaults to `0`): GRPO only: the sampling seed (a prompt's group depends on the seed
+            and its row only).
     """
 
     view: str = "sgd"
@@ -59,6 +67,8 @@ class LookaheadConfig:
     jvp_rows: int = 32
     text_chars: int = 200
     rows: list[int] | None = None
+    num_generations: int | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.view not in ("sgd", "adam", "adam_exact"):
@@ -227,18 +237,23 @@ def score_trainer(
     ```
 
     Args:
-        trainer (`SFTTrainer` or `DPOTrainer`): built by the user (its dataset, collator, loss type, optimizer).
+        trainer (`SFTTrainer`, `DPOTrainer` or `GRPOTrainer`): built by the user (its dataset, collator, loss type,
+            optimizer; for GRPO its generation settings and reward functions).
         probes (`ProbeSet`, *optional*): defaults to 8 prompts of the train dataset (as the callback builds them).
         config (`LookaheadConfig`, *optional*): options; keyword arguments override its fields.
 
+    GRPO: an example is a prompt; its effect is that of one step on a group of `num_generations` completions the
+    trainer samples (seeded) and rewards, a Monte-Carlo estimate of the expected effect (`lookahead_grpo`).
+
     Cost: `R` probe backwards, then per batch of `jvp_rows` sequences one trainer loss forward (+ a backward to the
-    unembedding) per scored step and one JVP per probe direction. The model's train/eval mode is restored.
+    unembedding) per scored step and one JVP per probe direction; GRPO adds the trainer's sampling of each group.
+    The model's train/eval mode is restored.
     """
     config = LookaheadConfig(**{**(asdict(config) if config else {}), **options})
     adapter = adapter_for(trainer)
     adapter.validate(trainer)
-    if adapter.kind not in ("sft", "dpo"):
-        raise ValueError(f"look-ahead scores SFT and DPO datasets; got a {adapter.kind} trainer")
+    if adapter.kind == "grpo":
+        lookahead_grpo.validate(trainer)
     model = trainer.accelerator.unwrap_model(trainer.model)
     device = next(model.parameters()).device
     tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
@@ -249,29 +264,63 @@ def score_trainer(
         probe_names, probe_rows = lookahead.probe_weights(encoded, by="probe")
         names, weights = names + probe_names, torch.cat([weights, probe_rows])
     rows = _rows(len(trainer.train_dataset), config)
+    steps = _StepInputs(trainer, adapter.kind, rows, config, device)
     was_training = model.training
     model.eval()
     capture = GradientCapture(model, temperature=adapter.temperature(trainer))
     try:
-        preconditioner, history, meta = _preconditioner(trainer, model, config)
-        if config.view == "adam_exact":
-            preconditioner = {name: torch.ones((), dtype=p.dtype) for name, p in preconditioner.items()}
-        directions = lookahead.probe_directions(
-            model, probe_batch, weights, names, preconditioner, view=config.view, params=list(preconditioner)
-        )
-        if history is not None:
-            change = lookahead.direction_effect(model, probe_batch, weights.to(device), history)
-            meta["history_effect"] = {name: float(v) for name, v in zip(names, change)}
-        if config.view == "adam_exact":
-            effects = _score_exact(trainer, model, directions, history, rows, device)
-        else:
-            effects = _score_rows(trainer, model, capture, adapter, directions, rows, config, device)
+        with steps.context():
+            preconditioner, history, meta = _preconditioner(trainer, model, config)
+            if config.view == "adam_exact":
+                preconditioner = {name: torch.ones((), dtype=p.dtype) for name, p in preconditioner.items()}
+            directions = lookahead.probe_directions(
+                model, probe_batch, weights, names, preconditioner, view=config.view, params=list(preconditioner)
+            )
+            if history is not None:
+                change = lookahead.direction_effect(model, probe_batch, weights.to(device), history)
+                meta["history_effect"] = {name: float(v) for name, v in zip(names, change)}
+            if config.view == "adam_exact":
+                effects = _score_exact(trainer, model, directions, history, steps)
+            else:
+                effects = _score_rows(trainer, model, capture, adapter, directions, steps, config)
     finally:
         capture.remove()
         model.train(was_training)
     meta.update(trainer=adapter.kind, batch_size=config.batch_size, num_examples=len(rows), first_order=True)
-    texts = [_excerpt(trainer.train_dataset[i], config.text_chars) for i in rows]
+    meta.update(steps.meta)
+    texts = [
+        {**_excerpt(trainer.train_dataset[i], config.text_chars), **steps.texts.get(p, {})} for p, i in enumerate(rows)
+    ]
     return LookaheadResult(effects=effects, indices=rows, texts=texts, meta=meta)
+
+
+class _StepInputs:
+    """The trainer's inputs of the step on the examples at given positions of `rows`: the collated rows (SFT, DPO),
+    or a group of completions per prompt sampled and rewarded by the trainer (GRPO, `rows_per_example = G`)."""
+
+    def __init__(self, trainer: Any, kind: str, rows: list[int], config: LookaheadConfig, device: torch.device):
+        self.trainer, self.kind, self.rows, self.config, self.device = trainer, kind, rows, config, device
+        self.rows_per_example = 1
+        self.meta: dict[str, Any] = {}
+        self.texts: dict[int, dict[str, str]] = {}
+        if kind == "grpo":
+            self.rows_per_example = lookahead_grpo.group_size(trainer, config.num_generations)
+            self.meta = lookahead_grpo.meta(trainer, self.rows_per_example, config.seed)
+
+    def context(self) -> Any:
+        if self.kind != "grpo":
+            return contextlib.nullcontext()
+        return lookahead_grpo.scoring_mode(self.trainer, self.rows_per_example)
+
+    def __call__(self, positions: list[int]) -> dict:
+        rows = [self.rows[p] for p in positions]
+        if self.kind != "grpo":
+            return _inputs(self.trainer, rows, self.device)
+        size, seed = self.rows_per_example, lookahead_grpo.group_seed(self.config.seed, rows)
+        inputs = lookahead_grpo.sample_groups(self.trainer, rows, size, seed)
+        texts = lookahead_grpo.group_texts(self.trainer, inputs, size, self.config.text_chars)
+        self.texts.update(zip(positions, texts))
+        return inputs
 
 
 def _rows(size: int, config: LookaheadConfig) -> list[int]:
@@ -290,12 +339,11 @@ def _score_rows(
     capture: GradientCapture,
     adapter: Any,
     directions: lookahead.ProbeDirections,
-    rows: list[int],
+    steps: _StepInputs,
     config: LookaheadConfig,
-    device: torch.device,
 ) -> lookahead.ExampleEffects:
     """Capture `c_l` batch by batch, join captured sequences up to `jvp_rows`, and JVP each joined batch. Examples
-    are numbered by their position in `rows`."""
+    are numbered by their position in `steps.rows` (a GRPO prompt owns `steps.rows_per_example` sequences)."""
     pending: list[tuple[TokenBatch, Tensor, Tensor]] = []
     parts: list[lookahead.ExampleEffects] = []
     first_pending = 0
@@ -316,15 +364,16 @@ def _score_rows(
         parts.append(total)
         pending, first_pending = [], upto
 
-    rows_pending, count = 0, len(rows)
+    rows_pending, count = 0, len(steps.rows)
     for start in range(0, count, config.batch_size):
         positions = list(range(start, min(start + config.batch_size, count)))
-        inputs = _inputs(trainer, [rows[p] for p in positions], device)
+        inputs = steps(positions)
         micro_batches = _capture_batch(trainer, model, capture, inputs)
         if capture.failures or not micro_batches:
             raise RuntimeError(capture.failures[0] if capture.failures else "no training forward was captured")
         for micro_batch, labels in zip(micro_batches, label_step(adapter, micro_batches)):
-            pending.append((micro_batch.batch, micro_batch.grad_coeffs, labels.example + start))
+            example = labels.example // steps.rows_per_example + start
+            pending.append((micro_batch.batch, micro_batch.grad_coeffs, example))
             rows_pending += micro_batch.batch.input_ids.shape[0]
         if rows_pending >= config.jvp_rows:
             flush(positions[-1] + 1)
@@ -338,17 +387,16 @@ def _score_exact(
     model: nn.Module,
     gradients: lookahead.ProbeDirections,
     baseline: dict[str, Tensor],
-    rows: list[int],
-    device: torch.device,
+    steps: _StepInputs,
 ) -> lookahead.ExampleEffects:
     """`view="adam_exact"`: per example, the trainer's gradient on it alone (one backward) stepped through the
     optimizer's exact update (`lookahead.exact_step_effect`). The sign split is not defined for a non-linear step:
     `positive` and `negative` are NaN."""
     named = {name: p for name, p in trainable_parameters(model).items() if name in baseline}
-    total = torch.zeros(len(rows), len(gradients.names), dtype=torch.float64)
-    for position, row in enumerate(rows):
+    total = torch.zeros(len(steps.rows), len(gradients.names), dtype=torch.float64)
+    for position in range(len(steps.rows)):
         with torch.enable_grad():
-            loss = trainer.compute_loss(model, _inputs(trainer, [row], device))
+            loss = trainer.compute_loss(model, steps([position]))
             grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
         gradient = {n: g if g is not None else torch.zeros_like(p) for (n, p), g in zip(named.items(), grads)}
         probes = gradients.directions
@@ -384,13 +432,16 @@ def summary_lines(result: LookaheadResult, objective: str, top: int = 5) -> list
 
 
 def toy_trainer(kind: str, output_dir: str | Path, *, num_rows: int = 64, model_path: str | None = None, **args: Any):
-    """A `DPOTrainer` or `SFTTrainer` on the offline toy preference data (its model, or the one at `model_path`),
-    with a plain-SGD-friendly configuration for scoring (no training is run here)."""
+    """A `DPOTrainer` or `SFTTrainer` on the offline toy preference data, or a `GRPOTrainer` on the toy arithmetic
+    prompts with their exact-answer reward (its model, or the one at `model_path`), with a plain-SGD-friendly
+    configuration for scoring (no training is run here)."""
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from trl_ntk.demo import toy
 
-    if model_path is None:
+    if model_path is None and kind == "grpo":
+        model, tokenizer = toy.model_and_tokenizer(warmup=True)
+    elif model_path is None:
         model, tokenizer = toy.model_and_tokenizer(warmup=True if kind == "dpo" else "pretrain")
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -410,14 +461,34 @@ def toy_trainer(kind: str, output_dir: str | Path, *, num_rows: int = 64, model_
     }
     if kind == "dpo":
         return DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=data, processing_class=tokenizer)
+    if kind == "grpo":
+        return _toy_grpo_trainer(model, tokenizer, num_rows, common)
     data = data.select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
     return SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer)
+
+
+def _toy_grpo_trainer(model: Any, tokenizer: Any, num_rows: int, common: dict[str, Any]) -> Any:
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_ntk.demo import toy
+
+    generations = int(common.pop("num_generations", 4))
+    settings = {"num_generations": generations, "max_completion_length": 24, "temperature": 1.0, **common}
+    settings["per_device_train_batch_size"] = generations
+    return GRPOTrainer(
+        model=model,
+        args=GRPOConfig(**settings),
+        train_dataset=toy.math_dataset(n=num_rows, seed=0),
+        processing_class=tokenizer,
+        reward_funcs=toy.math_reward,
+    )
 
 
 def run_cli(args: Any) -> int:
     """`trl-ntk lookahead`: score the toy (or `--model-path`) training rows and write `lookahead.jsonl`."""
     output_dir = Path(args.output_dir)
-    trainer = toy_trainer(args.trainer, output_dir, num_rows=args.rows, model_path=args.model_path)
+    extra = {"num_generations": args.num_generations} if args.trainer == "grpo" and args.num_generations else {}
+    trainer = toy_trainer(args.trainer, output_dir, num_rows=args.rows, model_path=args.model_path, **extra)
     if args.checkpoint:
         trainer.optimizer = load_optimizer_state(trainer, args.checkpoint)
     result = score_trainer(
@@ -427,6 +498,8 @@ def run_cli(args: Any) -> int:
         by_probe=args.by_probe,
         batch_size=args.batch_size,
         max_examples=args.max_examples,
+        num_generations=args.num_generations if args.trainer == "grpo" else None,
+        seed=args.seed,
     )
     path = result.write_jsonl(output_dir / "lookahead.jsonl")
     objective = "chosen" if "chosen" in result.effects.names else result.effects.names[0]

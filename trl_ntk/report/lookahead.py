@@ -115,6 +115,8 @@ def lookahead_panel(records: Sequence[Mapping[str, Any]], objective: str | None 
         f"{len(examples)} examples; objective <b>{html.escape(objective)}</b>: {negative} of {len(values)} "
         "examples are predicted to lower it.</p>"
     )
+    if header.get("estimate"):
+        summary += f'<p class="summary">{html.escape(str(header["estimate"]))}</p>'
     body = (
         summary
         + f"<h3>Most harmful for {html.escape(objective)}</h3>{_table(harmful, objective)}"

@@ -198,6 +198,29 @@ def test_grpo_demo_with_nthr_compares_two_runs(tmp_path, capsys):
     assert {"groups", "delta_observed_mean", "frac_groups_negative"} <= set(summary["lld"])
     printed = capsys.readouterr().out
     assert "GRPO + NTHR" in printed and "completion" in printed
+    _assert_grpo_arms(tmp_path, summary, printed)
+
+
+def _assert_grpo_arms(out, summary: dict, printed: str) -> None:
+    """arms.json lists both runs with the reward the trainer logged; the plain report's arms panel holds the table
+    of both arms; the share of groups with delta <= 0 matches a count over the run's own lld records."""
+    from trl_ntk.output.schema import read_records
+
+    manifest = json.loads((out / "arms.json").read_text())
+    assert [a["name"] for a in manifest["arms"]] == ["plain", "nthr"]
+    assert [a["run_dir"] for a in manifest["arms"]] == ["dynamics", "nthr/dynamics"]
+    table = manifest["table"]
+    for index, (arm, run) in enumerate(zip(manifest["arms"], (summary, summary["nthr_run"]), strict=True)):
+        assert arm["rewards"]["values"] == run["reward"]["values"]
+        assert run["reward"]["first"] == run["reward"]["values"][0]
+        deltas = [r["delta_observed"] for r in read_records(out / arm["run_dir"] / "dynamics.jsonl", ["lld"])]
+        row = dict(zip(table["columns"], table["rows"][index], strict=True))
+        assert row["share delta<=0"] == pytest.approx(sum(d <= 0 for d in deltas) / len(deltas))
+        assert row["reward last"] == run["reward"]["last"] and row["arm"] == arm["name"]
+    assert summary["arms"] == table and "The arms side by side" in printed
+    page = (out / "dynamics" / "report.html").read_text()
+    assert 'id="panel-arms"' in page and 'id="arms-table"' in page
+    assert 'id="panel-arms"' in (out / "nthr" / "dynamics" / "report.html").read_text()
 
 
 @pytest.mark.browser

@@ -243,3 +243,23 @@ def test_demo_report_renders_every_panel_in_headless_chromium(dpo_demo, tmp_path
     assert list(sections) == list(PANEL_IDS)
     for panel_id in ("panel-logp", "panel-squeezing", "panel-prediction", "panel-split"):
         assert 'class="main-svg"' in sections[panel_id], f"{panel_id} has no rendered plot"
+
+
+@pytest.mark.slow
+def test_dpo_demo_with_fixes_shows_the_arms_panel_with_each_arms_changes(tmp_path, capsys):
+    """`--fixes`: arms.json lists plain and both fixes; each row's chosen change is the arm's own summary's, and the
+    plain report's arms panel holds them."""
+    args = ["--steps", "2", "--every-n-steps", "1", "--probe-prompts", "2", "--rows", "32"]
+    assert cli.main(["demo", "--fixes", "-q", "--tokens-every-n-steps", "0", "--output-dir", str(tmp_path), *args]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    manifest = json.loads((tmp_path / "arms.json").read_text())
+    assert [a["name"] for a in manifest["arms"]] == ["plain", "sft_extension", "dpo_nthr"]
+    runs = [summary, summary["fixes"]["sft_extension"], summary["fixes"]["dpo_nthr"]]
+    page = (tmp_path / "dynamics" / "report.html").read_text()
+    assert 'id="panel-arms"' in page
+    for row, run, arm in zip(manifest["table"]["rows"], runs, manifest["arms"], strict=True):
+        chosen = summarize(tmp_path / arm["run_dir"])["kinds"]["chosen"]
+        assert row[1] == pytest.approx(chosen["logp_end"] - chosen["logp_start"])
+        assert row[1] == pytest.approx(run["kinds"]["chosen"]["logp_end"] - run["kinds"]["chosen"]["logp_start"])
+        assert f"{row[1]:+.3f}" in page
+    assert manifest["table"]["rows"][0][7] == 0.0  # plain's margin cost against itself

@@ -1,6 +1,7 @@
 """Lazy likelihood displacement (LLD) on the worked-arithmetic task, and what NTHR does about it, paired.
 
     python benchmarks/grpo_lld_task.py [--seeds 5] [--checkpoints 0,4,8] [--batches 2] [--json out.json]
+    python benchmarks/grpo_lld_task.py --optim sgd --lr 0.1 --seeds 3 --sweep 0.5:auto 2:auto 1:0 1:0.5
 
 Per seed, a plain GRPO run (TRL `GRPOTrainer`, `loss_type="grpo"`, beta 0, AdamW or `--optim`, 8 prompts x 8
 generations, sampling seed = the seed) on `trl_ntk.demo.reasoning` keeps the model and optimizer state at the
@@ -16,6 +17,11 @@ ln pi(y_i|x)]` over its correct completions (summed completion log-probs). Repor
 - `Delta(NTHR) - Delta(plain)` (paired) and the share of negative tokens NTHR down-weights;
 - the Pearson and Spearman correlation over groups of GWHES (`trl_ntk.ntk.gwhes`, at the checkpoint, on the batch)
   with Delta(plain) and with the displacement.
+
+`--sweep BETA:ETA ...` adds one NTHR arm per setting (same checkpoint, same batch), its token weights from
+`trl_ntk.ntk.nthr.token_weights` on the final hidden states of the batch (the tokens where this route's weights at
+beta 1, eta "auto" differ from the callback's are counted and printed); each is reported as its Delta<=0 share,
+mean Delta, `Delta(arm) - Delta(plain)` and the share of negative tokens it down-weights.
 
 NTHR's hyperparameters are the paper's defaults (Deng et al., "On the Effect of Negative Gradient in Group Relative
 Deep Reinforcement Optimization", NeurIPS 2025, the section defining NTHR: threshold `tau = beta * min_i mean_k
@@ -96,8 +102,36 @@ def completion_hidden(trainer, batch: dict[str, Any]) -> torch.Tensor:
     return hidden[:, start : start + batch["completion_ids"].shape[1]]
 
 
-def measure_checkpoint(trainer, measure, state, step: int, index: int, seed: int) -> list[dict[str, Any]]:
-    """One batch from one checkpoint: the three arms' per-group Delta, GWHES and NTHR's selection."""
+def parse_setting(text: str) -> tuple[float, float | str]:
+    """`"BETA:ETA"` (ETA a number in [0, 1] or `auto`) -> `(beta, eta)`."""
+    beta, _, eta = text.partition(":")
+    return float(beta), eta if eta == "auto" else float(eta)
+
+
+def arm_name(setting: tuple[float, float | str]) -> str:
+    """The arm key of an NTHR setting, e.g. `nthr_b0.5_eauto`."""
+    return f"nthr_b{setting[0]:g}_e{setting[1] if setting[1] == 'auto' else format(setting[1], 'g')}"
+
+
+def sweep_weights(trainer, batch, hidden, advantages, settings) -> dict[str, torch.Tensor]:
+    """`{arm: [B, T] NTHR token weights}` of each `(beta, eta)` setting, from the final `hidden` states `[B, T, d]`."""
+    from trl_ntk.integration.nthr import _PolicyHead
+    from trl_ntk.ntk.nthr import token_weights
+
+    head = _PolicyHead(trainer.model)
+    return {
+        arm_name((beta, eta)): token_weights(
+            hidden, head, batch["completion_ids"], batch["completion_mask"], advantages, GROUP_SIZE, beta=beta, eta=eta
+        )
+        for beta, eta in [(1.0, "auto"), *settings]
+    }
+
+
+def measure_checkpoint(
+    trainer, measure, state, step: int, index: int, seed: int, settings: tuple = ()
+) -> list[dict[str, Any]]:
+    """One batch from one checkpoint: the three arms' (and each sweep setting's) per-group Delta, GWHES and NTHR's
+    selection."""
     from trl_ntk.ntk.gwhes import gwhes
 
     trainer.model.load_state_dict(state[0])
@@ -109,12 +143,18 @@ def measure_checkpoint(trainer, measure, state, step: int, index: int, seed: int
     batch = trainer._generate_and_score_completions([prompts[i] for i in picks for _ in range(GROUP_SIZE)])
     plain = batch["advantages"]
     weights = measure.last_weights
-    scores = gwhes(completion_hidden(trainer, batch), batch["completion_mask"], plain, GROUP_SIZE)
+    hidden = completion_hidden(trainer, batch)
+    scores = gwhes(hidden, batch["completion_mask"], plain, GROUP_SIZE)
+    swept = sweep_weights(trainer, batch, hidden, plain, settings) if settings else {}
+    # tokens where the direct weights at beta 1, eta "auto" differ from the callback's (0 when they reproduce it)
+    mismatch = int((swept.pop(arm_name((1.0, "auto"))) != weights).sum()) if swept else 0
     deltas = {
         "plain": group_deltas(one_step_delta(trainer, state, batch, plain), plain),
         "nthr": group_deltas(one_step_delta(trainer, state, batch, plain[:, None] * weights), plain),
         "positive_only": group_deltas(one_step_delta(trainer, state, batch, plain.clamp_min(0)), plain),
     }
+    for arm, arm_weights in swept.items():
+        deltas[arm] = group_deltas(one_step_delta(trainer, state, batch, plain[:, None] * arm_weights), plain)
     rows = []
     for group in range(len(deltas["plain"])):
         if deltas["plain"][group] is None:
@@ -130,13 +170,15 @@ def measure_checkpoint(trainer, measure, state, step: int, index: int, seed: int
                 "success_rate": float((plain[span] > 0).float().mean()),
                 "negative_tokens": int(negative.sum()),
                 "downweighted": int((negative & (weights[span] != 1)).sum()),
+                **{f"downweighted_{arm}": int((negative & (w[span] != 1)).sum()) for arm, w in swept.items()},
+                "sweep_mismatch": mismatch if group == 0 else 0,
             }
         )
     return rows
 
 
 def run_seed(
-    seed: int, checkpoints: list[int], batches: int, lr: float, optim: str, workdir: str
+    seed: int, checkpoints: list[int], batches: int, lr: float, optim: str, workdir: str, settings: tuple = ()
 ) -> list[dict[str, Any]]:
     from trl_ntk.integration.nthr import NTHRCallback
 
@@ -149,7 +191,7 @@ def run_seed(
     rows = []
     for step, state in sorted(keeper.saved.items()):
         for index in range(batches):
-            rows += measure_checkpoint(trainer, measure, state, step, index, seed)
+            rows += measure_checkpoint(trainer, measure, state, step, index, seed, settings)
     measure.remove()
     return rows
 
@@ -168,9 +210,22 @@ def _pearson(x: list[float], y: list[float]) -> float:
     return statistics.correlation(x, y)
 
 
-def per_seed_stats(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The reported statistics of one seed's groups."""
-    out: dict[str, float] = {"groups": len(rows)}
+def sweep_stats(rows: list[dict[str, Any]], arms: list[str]) -> dict[str, float]:
+    """Per sweep arm: the Delta<=0 share, mean Delta, mean `Delta(arm) - Delta(plain)`, share down-weighted."""
+    out: dict[str, float] = {}
+    negative_tokens = max(1, sum(r["negative_tokens"] for r in rows))
+    for arm in arms:
+        values = [r[f"delta_{arm}"] for r in rows]
+        out[f"{arm}_frac_nonpositive"] = sum(v <= 0 for v in values) / len(values)
+        out[f"{arm}_mean"] = statistics.mean(values)
+        out[f"{arm}_minus_plain_mean"] = statistics.mean(v - r["delta_plain"] for v, r in zip(values, rows))
+        out[f"{arm}_frac_downweighted"] = sum(r[f"downweighted_{arm}"] for r in rows) / negative_tokens
+    return out
+
+
+def per_seed_stats(rows: list[dict[str, Any]], arms: list[str] = ()) -> dict[str, float]:
+    """The reported statistics of one seed's groups (and of the sweep `arms`)."""
+    out: dict[str, float] = {"groups": len(rows), **sweep_stats(rows, list(arms))}
     for arm in ("plain", "nthr", "positive_only"):
         values = [r[f"delta_{arm}"] for r in rows]
         out[f"{arm}_frac_nonpositive"] = sum(v <= 0 for v in values) / len(values)
@@ -201,7 +256,7 @@ def interval(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), T_95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def print_tables(per_seed: list[dict[str, float]]) -> None:
+def print_tables(per_seed: list[dict[str, float]], arms: list[str] = (), mismatches: int = 0) -> None:
     def row(label: str, key: str, digits: int = 4) -> None:
         mean, half = interval([s[key] for s in per_seed])
         cells = " ".join(f"{s[key]:>9.{digits}f}" for s in per_seed)
@@ -223,6 +278,14 @@ def print_tables(per_seed: list[dict[str, float]]) -> None:
     row("GWHES ~ Delta plain, Spearman", "gwhes_spearman_delta", 3)
     row("GWHES ~ displacement, Pearson", "gwhes_pearson_displacement", 3)
     row("GWHES ~ displacement, Spearman", "gwhes_spearman_displacement", 3)
+    if arms:
+        print(f"sweep: tokens whose weight differs from the callback's at beta 1, eta auto: {mismatches}")
+    for arm in arms:
+        print(f"-- sweep arm {arm}")
+        row(f"frac Delta<=0, {arm}", f"{arm}_frac_nonpositive", 3)
+        row(f"mean Delta, {arm}", f"{arm}_mean")
+        row(f"{arm} - plain, mean", f"{arm}_minus_plain_mean")
+        row(f"frac downweighted, {arm}", f"{arm}_frac_downweighted", 3)
 
 
 def main() -> None:
@@ -233,24 +296,27 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--optim", default="adamw_torch", help="TRL/transformers optimizer name, e.g. sgd")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sweep", nargs="*", default=[], help="extra NTHR arms, BETA:ETA (ETA in [0, 1] or auto)")
     parser.add_argument("--json", help="also write the per-group rows and per-seed statistics to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     checkpoints = [int(c) for c in args.checkpoints.split(",")]
+    settings = tuple(parse_setting(text) for text in args.sweep)
+    arms = [arm_name(setting) for setting in settings]
     rows, per_seed = [], []
     with tempfile.TemporaryDirectory() as workdir:
         for seed in range(args.seeds):
             started = time.perf_counter()
-            seed_rows = run_seed(seed, checkpoints, args.batches, args.lr, args.optim, workdir)
+            seed_rows = run_seed(seed, checkpoints, args.batches, args.lr, args.optim, workdir, settings)
             rows += seed_rows
-            per_seed.append(per_seed_stats(seed_rows))
+            per_seed.append(per_seed_stats(seed_rows, arms))
             print(f"seed {seed}: {len(seed_rows)} mixed groups, {time.perf_counter() - started:.0f} s", flush=True)
     print(
         f"\n== one-step LLD on the worked-arithmetic task: {args.optim} lr {args.lr}, checkpoints {checkpoints}, "
         f"{args.batches} batches x {PROMPTS_PER_STEP} groups of {GROUP_SIZE}; NTHR beta 1, eta auto =="
     )
-    print_tables(per_seed)
+    print_tables(per_seed, arms, sum(r.get("sweep_mismatch", 0) for r in rows))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": vars(args), "per_seed": per_seed, "rows": rows}, handle, indent=1)

@@ -34,3 +34,55 @@ def test_bench_gpu_tiny_cpu_mode_reports_every_level():
         assert math.isfinite(figures["multiple"]) and figures["multiple"] > 0
         assert figures["steady"] == (49 + figures["multiple"]) / 50
     assert any(line.startswith("tokens") for line in lines)
+
+
+def test_nthr_sweep_settings_and_per_arm_statistics():
+    task = _load("grpo_lld_task")
+    assert task.parse_setting("0.5:auto") == (0.5, "auto") and task.parse_setting("1:0") == (1.0, 0.0)
+    assert [task.arm_name(s) for s in [(0.5, "auto"), (1.0, 0.0), (2.0, 0.5)]] == [
+        "nthr_b0.5_eauto",
+        "nthr_b1_e0",
+        "nthr_b2_e0.5",
+    ]
+    rows = [
+        {"delta_plain": -0.2, "delta_nthr_b1_e0": 0.1, "negative_tokens": 10, "downweighted_nthr_b1_e0": 2},
+        {"delta_plain": 0.3, "delta_nthr_b1_e0": 0.0, "negative_tokens": 6, "downweighted_nthr_b1_e0": 2},
+    ]
+    stats = task.sweep_stats(rows, ["nthr_b1_e0"])
+    assert stats["nthr_b1_e0_frac_nonpositive"] == 0.5  # the zero change counts as displaced
+    assert stats["nthr_b1_e0_mean"] == 0.05
+    assert abs(stats["nthr_b1_e0_minus_plain_mean"] - ((0.1 + 0.2) + (0.0 - 0.3)) / 2) < 1e-12
+    assert stats["nthr_b1_e0_frac_downweighted"] == 4 / 16
+
+
+def _demo_summary(chosen, rejected, argmax, greedy):
+    """A demo summary's fields fix_arms reads: (start, end) of each figure."""
+    kinds = {
+        name: {"logp_start": start, "logp_end": end}
+        for name, (start, end) in (("chosen", chosen), ("rejected", rejected), ("greedy", greedy))
+    }
+    return {"kinds": kinds, "argmax_logp_start": argmax[0], "argmax_logp_end": argmax[1]}
+
+
+def test_fix_arms_tables_give_per_arm_and_paired_t_intervals():
+    fix_arms = _load("fix_arms")
+    summaries = {}
+    plain_chosen = [(-5.0, -6.0), (-5.0, -5.5), (-6.0, -7.5)]
+    fix_chosen = [(-5.0, -5.8), (-5.0, -5.0), (-6.0, -7.4)]
+    for seed, (p, f) in enumerate(zip(plain_chosen, fix_chosen, strict=True)):
+        plain = _demo_summary(p, (-18.0, -25.0), (-3.0, -2.5), (-4.0, -3.0))
+        fix = _demo_summary(f, (-18.0, -24.0), (-3.0, -2.7), (-4.0, -3.5))
+        summaries[seed] = {**plain, "fixes": {"dpo_nthr": fix}}
+    table = fix_arms.tables("dpo", summaries)
+    line = next(row for row in table.splitlines() if row.startswith("| chosen end-start"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # plain changes -1, -0.5, -1.5: mean -1, sd 0.5, half-width t(2) * 0.5 / sqrt(3)
+    assert cells[1] == f"-1.000 ± {4.303 * 0.5 / math.sqrt(3):.3f}"
+    # paired fix - plain: +0.2, +0.5, +0.1
+    differences = [0.2, 0.5, 0.1]
+    mean = sum(differences) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 2)
+    assert cells[3] == f"{mean:+.3f} ± {4.303 * sd / math.sqrt(3):.3f}"
+    # seed 0 margin change: plain (-6 + 25) - 13 = 6, fix (-5.8 + 24) - 13 = 5.2
+    assert "seed 0 plain: chosen end-start -1.000" in table and "margin change +6.000" in table
+    assert "seed 0 dpo_nthr: chosen end-start -0.800" in table and "margin change +5.200" in table

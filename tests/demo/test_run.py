@@ -198,6 +198,29 @@ def test_grpo_demo_with_nthr_compares_two_runs(tmp_path, capsys):
     assert {"groups", "delta_observed_mean", "frac_groups_negative"} <= set(summary["lld"])
     printed = capsys.readouterr().out
     assert "GRPO + NTHR" in printed and "completion" in printed
+    _assert_grpo_arms(tmp_path, summary, printed)
+
+
+def _assert_grpo_arms(out, summary: dict, printed: str) -> None:
+    """arms.json lists both runs with the reward the trainer logged; the plain report's arms panel holds the table
+    of both arms; the share of groups with delta <= 0 matches a count over the run's own lld records."""
+    from trl_ntk.output.schema import read_records
+
+    manifest = json.loads((out / "arms.json").read_text())
+    assert [a["name"] for a in manifest["arms"]] == ["plain", "nthr"]
+    assert [a["run_dir"] for a in manifest["arms"]] == ["dynamics", "nthr/dynamics"]
+    table = manifest["table"]
+    for index, (arm, run) in enumerate(zip(manifest["arms"], (summary, summary["nthr_run"]), strict=True)):
+        assert arm["rewards"]["values"] == run["reward"]["values"]
+        assert run["reward"]["first"] == run["reward"]["values"][0]
+        deltas = [r["delta_observed"] for r in read_records(out / arm["run_dir"] / "dynamics.jsonl", ["lld"])]
+        row = dict(zip(table["columns"], table["rows"][index], strict=True))
+        assert row["share delta<=0"] == pytest.approx(sum(d <= 0 for d in deltas) / len(deltas))
+        assert row["reward last"] == run["reward"]["last"] and row["arm"] == arm["name"]
+    assert summary["arms"] == table and "The arms side by side" in printed
+    page = (out / "dynamics" / "report.html").read_text()
+    assert 'id="panel-arms"' in page and 'id="arms-table"' in page
+    assert 'id="panel-arms"' in (out / "nthr" / "dynamics" / "report.html").read_text()
 
 
 @pytest.mark.browser
@@ -220,3 +243,23 @@ def test_demo_report_renders_every_panel_in_headless_chromium(dpo_demo, tmp_path
     assert list(sections) == list(PANEL_IDS)
     for panel_id in ("panel-logp", "panel-squeezing", "panel-prediction", "panel-split"):
         assert 'class="main-svg"' in sections[panel_id], f"{panel_id} has no rendered plot"
+
+
+@pytest.mark.slow
+def test_dpo_demo_with_fixes_shows_the_arms_panel_with_each_arms_changes(tmp_path, capsys):
+    """`--fixes`: arms.json lists plain and both fixes; each row's chosen change is the arm's own summary's, and the
+    plain report's arms panel holds them."""
+    args = ["--steps", "2", "--every-n-steps", "1", "--probe-prompts", "2", "--rows", "32"]
+    assert cli.main(["demo", "--fixes", "-q", "--tokens-every-n-steps", "0", "--output-dir", str(tmp_path), *args]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    manifest = json.loads((tmp_path / "arms.json").read_text())
+    assert [a["name"] for a in manifest["arms"]] == ["plain", "sft_extension", "dpo_nthr"]
+    runs = [summary, summary["fixes"]["sft_extension"], summary["fixes"]["dpo_nthr"]]
+    page = (tmp_path / "dynamics" / "report.html").read_text()
+    assert 'id="panel-arms"' in page
+    for row, run, arm in zip(manifest["table"]["rows"], runs, manifest["arms"], strict=True):
+        chosen = summarize(tmp_path / arm["run_dir"])["kinds"]["chosen"]
+        assert row[1] == pytest.approx(chosen["logp_end"] - chosen["logp_start"])
+        assert row[1] == pytest.approx(run["kinds"]["chosen"]["logp_end"] - run["kinds"]["chosen"]["logp_start"])
+        assert f"{row[1]:+.3f}" in page
+    assert manifest["table"]["rows"][0][7] == 0.0  # plain's margin cost against itself

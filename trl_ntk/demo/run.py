@@ -32,6 +32,7 @@ from trl_ntk.config import (
 )
 from trl_ntk.demo import toy, toy_model
 from trl_ntk.demo.summary import (
+    arms_manifest,
     checks,
     fix_comparison,
     format_checks,
@@ -61,6 +62,9 @@ TrainerName = Literal["dpo", "sft", "grpo"]
 TRAINERS: tuple[TrainerName, ...] = ("dpo", "sft", "grpo")
 REPORT_TO = ("none", "wandb", "tensorboard", "trackio")
 SUMMARY_NAME = "summary.json"
+ARMS_NAME = "arms.json"
+"""Written beside `summary.json` when the demo runs several arms (`--fixes`, `--nthr`): the arms' run folders and
+table, which the plain arm's report shows in its arms panel (`trl_ntk.report.arms`)."""
 
 
 @dataclass
@@ -455,9 +459,22 @@ def _announce_toy_build(warmup: bool | str, stream: Any) -> None:
         )
 
 
+def write_arms(out: Path, trainer: str, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Write `out/arms.json` for the arms panel (`summary.arms_manifest`) and return it. `summaries` maps each arm's
+    subfolder of `out` (`""` for the plain arm, first) to its summary; the plain arm is named `"plain"`."""
+    manifest = arms_manifest(
+        trainer,
+        {name or "plain": summary for name, summary in summaries.items()},
+        {name or "plain": f"{name}/dynamics" if name else "dynamics" for name in summaries},
+    )
+    (out / ARMS_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
 def run_demo(config: DemoConfig, stream: Any = None) -> dict[str, Any]:
     """Train, write `report.html` and `summary.json` under `config.out`, print the table to `stream`; returns the
-    summary (with `--nthr`, the baseline's, and the NTHR run's under `"nthr_run"`)."""
+    summary (with `--nthr`, the baseline's, and the NTHR run's under `"nthr_run"`). With several arms (`--nthr`,
+    `--fixes`) also `arms.json`, and the arms' table under `"arms"`."""
     stream = stream if stream is not None else sys.stdout
     config = config.resolved()
     check_demo_requirements(config)
@@ -474,22 +491,24 @@ def run_demo(config: DemoConfig, stream: Any = None) -> dict[str, Any]:
             run_out = out / name if name else out
             fix = name if name in DPO_FIXES else None
             timing = train_one(config, run_out, nthr=nthr, fix=fix)
-            start = time.perf_counter()
-            report = build_report(run_out / "dynamics", progress=False)
             summary = summarize(run_out / "dynamics")
             summary.update(
                 trainer=config.trainer,
                 nthr=nthr,
                 fix=fix,
                 config={k: v for k, v in asdict(config).items() if k != "progress"},
-                report=str(report),
                 steps=timing["steps"],
                 train_seconds=round(timing["train_seconds"], 1),
-                report_seconds=round(time.perf_counter() - start, 1),
             )
             if config.trainer == "grpo":
                 summary["reward"] = reward_summary(timing["log_history"])
             summaries[name] = summary
+        (out / ARMS_NAME).unlink(missing_ok=True)  # a single run has no arms panel, whatever ran here before
+        manifest = write_arms(out, config.trainer, summaries) if len(runs) > 1 else None
+        for name, summary in summaries.items():  # after arms.json: the plain arm's report shows the arms panel
+            start = time.perf_counter()
+            summary["report"] = str(build_report((out / name if name else out) / "dynamics", progress=False))
+            summary["report_seconds"] = round(time.perf_counter() - start, 1)
     summary = summaries[""]
     if config.nthr:
         summary["nthr_run"] = summaries["nthr"]
@@ -497,6 +516,8 @@ def run_demo(config: DemoConfig, stream: Any = None) -> dict[str, Any]:
     if config.fixes:
         summary["fixes"] = {fix: summaries[fix] for fix in DPO_FIXES}
         summary["fix_comparison"] = fix_comparison(summary, summary["fixes"])
+    if manifest is not None:
+        summary["arms"] = manifest["table"]
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary, stream)
     return summary

@@ -78,6 +78,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
             "groups": len(lld),
             "delta_observed_mean": _mean(observed_deltas),
             "frac_groups_negative": _mean([float(d < 0) for d in observed_deltas]),
+            "frac_groups_nonpositive": _mean([float(d <= 0) for d in observed_deltas]),
             "delta_predicted_mean": _mean([r["delta_predicted"] for r in lld if r.get("delta_predicted") is not None]),
             "delta_from_negative_mean": _mean(
                 [r["delta_from_negative"] for r in lld if r.get("delta_from_negative") is not None]
@@ -89,6 +90,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
             "batches": len(nthr),
             "frac_downweighted_mean": _mean([r["frac_downweighted"] for r in nthr]),
             "seconds": float(sum(r.get("seconds") or 0.0 for r in nthr)),
+            "paths": {path: sum(r.get("path") == path for r in nthr) for path in sorted({r.get("path") for r in nthr})},
         }
     summary["checks"] = checks(summary, data.of("run")[-1].get("trainer") if data.of("run") else None)
     return summary
@@ -265,10 +267,111 @@ def format_checks(checks_: Mapping[str, bool]) -> str:
 
 
 def reward_summary(log_history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    rewards = [entry["reward"] for entry in log_history if "reward" in entry]
-    if not rewards:
+    """The trainer's logged mean reward: first, middle (the logging step nearest half the run), last, mean over the
+    logging steps, and the curve (`steps`, `values`). Each logged value is TRL's mean over the steps since the last
+    log; with the demo's 0/1 reward it is the sampled accuracy."""
+    logged = [(int(entry.get("step", i)), entry["reward"]) for i, entry in enumerate(log_history) if "reward" in entry]
+    if not logged:
         return {}
-    return {"first": rewards[0], "last": rewards[-1], "mean": _mean(rewards)}
+    steps, rewards = [s for s, _ in logged], [r for _, r in logged]
+    middle = min(range(len(steps)), key=lambda i: abs(steps[i] - steps[-1] / 2))
+    return {
+        "first": rewards[0],
+        "middle": rewards[middle],
+        "middle_step": steps[middle],
+        "last": rewards[-1],
+        "mean": _mean(rewards),
+        "steps": steps,
+        "values": rewards,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ arms
+
+ARM_COLUMNS = {
+    "dpo": [
+        "arm",
+        "chosen change",
+        "rejected change",
+        "argmax change",
+        "greedy change",
+        "chosen end",
+        "margin change",
+        "margin cost",
+    ],
+    "grpo": [
+        "arm",
+        "groups",
+        "mean delta",
+        "share delta<=0",
+        "delta from negatives",
+        "reward first",
+        "reward middle",
+        "reward last",
+        "reward mean",
+        "negative tokens down-weighted",
+        "train seconds",
+    ],
+}
+
+
+def arm_row(trainer: str, name: str, summary: Mapping[str, Any], plain: Mapping[str, Any]) -> list[Any]:
+    """One arm's row of `ARM_COLUMNS[trainer]` (DPO: end - start of each figure, `squeeze_figures`; the margin cost
+    is plain's margin change minus the arm's)."""
+    if trainer == "grpo":
+        lld, reward = summary.get("lld") or {}, summary.get("reward") or {}
+        stats = summary.get("nthr_stats") or {}
+        return [
+            name,
+            lld.get("groups"),
+            lld.get("delta_observed_mean"),
+            lld.get("frac_groups_nonpositive"),
+            lld.get("delta_from_negative_mean"),
+            reward.get("first"),
+            reward.get("middle"),
+            reward.get("last"),
+            reward.get("mean"),
+            stats.get("frac_downweighted_mean"),
+            summary.get("train_seconds"),
+        ]
+    figures, base = squeeze_figures(summary), squeeze_figures(plain)
+    greedy = _change(summary["kinds"], "greedy")
+    cost = base["margin_change"] - figures["margin_change"] if figures and base else None
+    changes = [figures.get(k) for k in ("chosen_change", "rejected_change", "argmax_gain")]
+    return [name, *changes, greedy, figures.get("chosen_end"), figures.get("margin_change"), cost]
+
+
+def format_arms(table: Mapping[str, Any]) -> str:
+    """The arms table (`arms_manifest(...)["table"]`) as plain text, one row per arm."""
+    widths = [max(len(column), 9) for column in table["columns"]]
+    lines = ["  ".join(f"{c:>{w}}" for c, w in zip(table["columns"], widths, strict=True))]
+    for row in table["rows"]:
+        cells = [str(row[0]), *(_optional(v) if isinstance(v, float) else str(v or "") for v in row[1:])]
+        lines.append("  ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
+    return "\n".join(lines) + "\n" + table["note"]
+
+
+def arms_manifest(trainer: str, summaries: Mapping[str, Mapping[str, Any]], run_dirs: Mapping[str, str]) -> dict:
+    """The `arms.json` content the report's arms panel reads (`trl_ntk.report.arms`): each arm's run folder
+    (relative), its reward curve (GRPO) and the table of `arm_row`s. `summaries` maps arm names to summaries, the
+    plain arm first."""
+    plain = next(iter(summaries.values()))
+    arms = []
+    for name, summary in summaries.items():
+        reward = summary.get("reward") or {}
+        entry: dict[str, Any] = {"name": name, "run_dir": run_dirs[name]}
+        if reward.get("steps"):
+            entry["rewards"] = {"steps": reward["steps"], "values": reward["values"]}
+        arms.append(entry)
+    note = (
+        "Changes are end - start of each arm's run (summed log-probs, nats, mean over the probe prompts); "
+        "sft_extension starts DPO from the model after its SFT stage, so compare 'chosen end' too."
+        if trainer == "dpo"
+        else "delta: change over one step of the correct completions' summed log-likelihood per mixed group, over "
+        "the analysed steps; reward: the trainer's logged mean (the sampled accuracy)."
+    )
+    rows = [arm_row(trainer, name, summary, plain) for name, summary in summaries.items()]
+    return {"trainer": trainer, "arms": arms, "table": {"columns": ARM_COLUMNS[trainer], "rows": rows, "note": note}}
 
 
 def print_summary(summary: Mapping[str, Any], stream: Any) -> None:
@@ -300,6 +403,9 @@ def print_summary(summary: Mapping[str, Any], stream: Any) -> None:
                 f"(mean over {stats['batches']} generation batches, {stats['seconds']:.1f} s)\n"
             )
         stream.write(f"\nNTHR report: {nthr['report']}\n")
+    if "arms" in summary:
+        stream.write("\nThe arms side by side (also in the report's arms panel):\n")
+        stream.write(format_arms(summary["arms"]) + "\n")
     stream.write(f"\nreport: {summary['report']}\n")
     stream.flush()
 

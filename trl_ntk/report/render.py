@@ -1,7 +1,9 @@
 """A self-contained HTML report of one run folder (`dynamics.jsonl` and `attributions/*.npz`).
 
 One file, plotly.js inlined: it opens from disk, offline, with no server. `trl-ntk report RUN_DIR` calls `main`.
-Every panel sits in a `<section id="panel-...">` (see `PANEL_IDS`); a panel without data says so instead.
+Every panel sits in a `<section id="panel-...">` (see `PANEL_IDS`); a panel without data says so instead. A run that
+is one arm of a comparison (an `arms.json` beside it lists it, see `trl_ntk.report.arms`) also gets the arms panel,
+`panel-arms`, after the run panel.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trl_ntk.output.schema import SchemaError
+from trl_ntk.report.arms import Arms, arms_panel, find_arms, load_arms
 from trl_ntk.report.attribution import attribution_data, attribution_panel, top_tokens_panel
 from trl_ntk.report.figures import PANEL_IDS, PANELS, kind_means, step_means
 from trl_ntk.report.load import KIND_ORDER, RunData, find_jsonl, load_run
@@ -77,13 +80,16 @@ pre { font-size: 12px; background: #f6f7f9; padding: 8px; overflow: auto; max-he
 """
 
 
-def render_report(data: RunData, max_heatmap_steps: int = 40, progress: bool = True) -> str:
-    """The report page of `data` as one HTML string (plotly.js inlined)."""
+def render_report(data: RunData, max_heatmap_steps: int = 40, progress: bool = True, arms: Arms | None = None) -> str:
+    """The report page of `data` as one HTML string (plotly.js inlined); `arms`, the comparison `data` is one arm of,
+    adds the arms panel."""
     from plotly.offline import get_plotlyjs
 
     attribution = attribution_data(data, max_steps=max_heatmap_steps, progress=progress)
+    compared = arms_panel(arms)
     panels = [
         run_panel(data),
+        *([compared] if compared is not None else []),
         logp_panel(data),
         squeezing_panel(data),
         prediction_panel(data),
@@ -125,6 +131,9 @@ def build_report(
             (evenly spaced over the run, last included).
         progress (`bool`, *optional*, defaults to `True`): show progress bars.
 
+    An `arms.json` in the run folder's parent or grandparent that lists the run as one of several arms adds the arms
+    panel (`trl_ntk.report.arms`).
+
     Returns:
         `Path`: the report file.
     """
@@ -134,7 +143,9 @@ def build_report(
     out = Path(out_path) if out_path is not None else data.run_dir / "report.html"
     if out.is_dir():
         out = out / "report.html"
-    page = render_report(data, max_heatmap_steps=max_heatmap_steps, progress=progress)
+    manifest = find_arms(data.run_dir)
+    arms = load_arms(manifest) if manifest is not None else None
+    page = render_report(data, max_heatmap_steps=max_heatmap_steps, progress=progress, arms=arms)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     try:

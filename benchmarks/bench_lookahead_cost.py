@@ -21,7 +21,9 @@ training sequences of ~100 tokens made of several toy answers). CPU, one thread;
 process (`time.process_time`), steadier than wall time on a shared machine.
 
     python benchmarks/bench_lookahead_cost.py --model toy --sizes 8 32 --kinds 1 4
-    python benchmarks/bench_lookahead_cost.py --model llama --sizes 8 32 --kinds 1 4
+    python benchmarks/bench_lookahead_cost.py --model llama --sizes 8 32 --kinds 1 4 --peers naive kronfluence
+
+(dattri at the llama size needs several GB per batch of examples and ~30x the package's time: leave it out there.)
 """
 
 from __future__ import annotations

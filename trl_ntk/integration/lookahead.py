@@ -207,14 +207,11 @@ def _preconditioner(trainer: Any, model: nn.Module, config: LookaheadConfig) -> 
 
 
 def _capture_batch(trainer: Any, model: nn.Module, capture: GradientCapture, inputs: dict) -> list:
-    """Run the trainer's loss on `inputs` and a backward to the unembedding only; return the captured micro-batches."""
-    capture.arm()
-    capture.begin_loss_call(inputs)
-    with torch.enable_grad():
-        loss = trainer.compute_loss(model, inputs)
-        head = model.get_output_embeddings().weight
-        torch.autograd.grad(loss, [head], allow_unused=True)
-    return capture.disarm()
+    """Run the trainer's loss on `inputs` and the backward from the loss to the model's outputs only (not through
+    the model: `trl_ntk.integration.signal.capture_signal`); return the captured micro-batches."""
+    from trl_ntk.integration.signal import capture_signal
+
+    return capture_signal(trainer, model, capture, inputs)
 
 
 def _inputs(trainer: Any, rows: list[int], device: torch.device) -> dict:

@@ -206,3 +206,32 @@ def test_tokenizer_fingerprint_is_remembered_until_the_template_changes(toy_mode
     assert tokenizer_fingerprint(tokenizer) == first
     tokenizer.chat_template = tokenizer.chat_template + " "
     assert tokenizer_fingerprint(tokenizer) != first
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_mixed_batch_of_shared_single_and_contextless_rows_matches_unpadded_forwards(monkeypatch, arch):
+    """Three responses to one prompt, one to another prompt (scored plainly), one scored from its second token."""
+    model = _random_model(arch, 48)
+    generator = torch.Generator().manual_seed(3)
+    prompt_a, prompt_b = (
+        torch.randint(0, 48, (6,), generator=generator),
+        torch.randint(0, 48, (4,), generator=generator),
+    )
+    rows = [(prompt_a, 2), (prompt_b, 7), (prompt_a, 9), (prompt_a[:1], 5), (prompt_a, 5)]
+    sequences = [torch.cat([p, torch.randint(0, 48, (n,), generator=generator)]) for p, n in rows]
+    width = max(len(s) for s in sequences)
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    attention_mask, target_mask = torch.zeros_like(input_ids), torch.zeros_like(input_ids, dtype=torch.bool)
+    for row, (sequence, (context, _)) in enumerate(zip(sequences, rows)):
+        input_ids[row, : len(sequence)], attention_mask[row, : len(sequence)] = sequence, 1
+        target_mask[row, len(context) : len(sequence)] = True
+    batch = TokenBatch(input_ids, attention_mask, target_mask)
+    assert prefix.group_prefixes(batch).shared_rows == [0, 2, 4]
+    spy = _Spy(monkeypatch)
+    scores = score_responses(model, batch, batch_size=2)
+    assert spy.calls >= 1
+    with torch.no_grad():
+        for row, (sequence, (context, _)) in enumerate(zip(sequences, rows)):
+            logits = model(input_ids=sequence[None]).logits[0, len(context) - 1 : -1].double()
+            expected = logits.log_softmax(-1).gather(-1, sequence[len(context) :, None])[:, 0]
+            torch.testing.assert_close(scores.token_logps[row].double(), expected, atol=1e-5, rtol=0)

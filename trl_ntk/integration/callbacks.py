@@ -36,7 +36,7 @@ from trl_ntk.output import records
 from trl_ntk.output.sinks import make_sinks
 from trl_ntk.probes.datasets import default_probes
 from trl_ntk.probes.encoding import encode_extended, encode_tracked
-from trl_ntk.probes.generation import generation_cap
+from trl_ntk.probes.generation import GreedyDrafts, generation_cap
 from trl_ntk.probes.probe_set import ProbeSet, sample_responses
 from trl_ntk.probes.scoring import score_responses
 
@@ -116,6 +116,7 @@ class LearningDynamicsCallback(TrainerCallback):
         self.sampled_step: int | None = None
         self.pending: _PendingAnalysis | None = None
         self.last_scored_step: int | None = None
+        self.greedy_drafts = GreedyDrafts()  # the last greedy answers, checked first at the next generation
         self.analysis_failures = 0
         self.untrusted_steps = 0
         self.last_failure = ""
@@ -389,6 +390,7 @@ class LearningDynamicsCallback(TrainerCallback):
                         max_new_tokens=generation_cap(self.trainer, self.config.max_new_tokens),
                         seed=self.config.seed + step,
                         synced_gpus=self.sharded and self.trainer.accelerator.num_processes > 1,
+                        drafts=self.greedy_drafts,
                     )
             except Exception as exception:
                 if self.trainer.accelerator.num_processes <= 1:

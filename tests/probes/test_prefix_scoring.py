@@ -34,6 +34,7 @@ def _random_model(arch: str, vocab_size: int):
     configs = {
         "llama": ("LlamaConfig", "LlamaForCausalLM", {"num_attention_heads": 4, "num_key_value_heads": 2}),
         "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"num_attention_heads": 4, "num_key_value_heads": 2}),
+        "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"num_attention_heads": 4}),  # learned absolute positions
         "mistral_sliding": (
             "MistralConfig",
             "MistralForCausalLM",
@@ -208,7 +209,7 @@ def test_tokenizer_fingerprint_is_remembered_until_the_template_changes(toy_mode
     assert tokenizer_fingerprint(tokenizer) != first
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_mixed_batch_of_shared_single_and_contextless_rows_matches_unpadded_forwards(monkeypatch, arch):
     """Three responses to one prompt, one to another prompt (scored plainly), one scored from its second token."""
     model = _random_model(arch, 48)

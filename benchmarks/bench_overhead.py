@@ -1,19 +1,21 @@
-"""Training-time overhead of `LearningDynamicsCallback` on the toy DPO and GRPO runs, per attribution level.
+"""Training-time overhead of `LearningDynamicsCallback` on the toy DPO, GRPO and SFT runs, per level and period.
 
-    python benchmarks/bench_overhead.py [--threads 1] [--repeats 3] [--steps 50] [--every-n-steps 50]
+    python benchmarks/bench_overhead.py [--threads 1] [--repeats 2] [--steps 50] [--every-n-steps 10 50]
+        [--levels none sums] [--trainers dpo grpo sft]
 
 The same training (toy model and data, the demo recipes' batch sizes and optimizers, fixed seed) runs without the
-callback and with it at each level (`"none"`, `"sums"`, `"tokens"`), all other callback options at their defaults.
-Runs are interleaved (plain, none, sums, tokens, then again) so that machine load hits all alike; ratios are taken
-against the plain run of the same round and the median over rounds is printed, for wall and process-CPU time (the
-CPU column is the robust one on a shared machine).
+callback and with it at each level (`"none"`, `"sums"`, `"tokens"`) and each `every_n_steps`, all other callback
+options at their defaults. Runs are interleaved (plain, then every level x period, then again) so that machine load
+hits all alike; ratios are taken against the plain run of the same round and the median over rounds is printed,
+for wall and process-CPU time (the CPU column is the robust one on a shared machine).
 
-Besides whole runs, the callback's events are timed one by one, giving the cost of one analysis step as a multiple
-of a plain step (`1 + callback seconds in that step / median plain step`), the end-of-training scoring, and where
-the analysis time goes (generation, probe scoring, the update analysis, the token matrix). From the analysis step
-at `global_step >= every_n_steps` (step 0 has an empty optimizer history) comes the steady-state projection
-`(every_n_steps - 1 + a) / every_n_steps`.
-Targets at the defaults (`every_n_steps=50`): tracking ("none") <= 1.05x, "sums" <= 1.15x, "tokens" <= 1.5x.
+Besides whole runs, the callback's events are timed one by one: the cost of one analysis step (for `"none"`: one
+scoring event, i.e. greedy generation of the probe prompts, encoding, probe forwards and records) in plain steps,
+`callback CPU seconds in that step / median plain step`, median over the analysed steps after step 0 (step 0 also
+pays one-time costs); the end-of-training scoring; and where the time goes (generation, probe scoring, the update
+analysis, the token matrix). The steady-state projection of a long run is `1 + event / every_n_steps`.
+Targets: a scoring event ("none") <= 0.5 plain steps, so that tracking every 10 steps is <= 1.05x; at every 50
+steps "none" <= 1.05x, "sums" <= 1.15x, "tokens" <= 1.5x.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 LEVELS = ("none", "sums", "tokens")
 TARGETS = {"none": 1.05, "sums": 1.15, "tokens": 1.5}
+"""Whole-run targets at every 50 steps ("none": also at every 10 steps)."""
+EVENT_TARGET = 0.5
+"""A scoring event ("none") in plain training steps."""
 EVENTS = ("on_train_begin", "on_step_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_train_end")
 PARTS = ("generation", "probe scoring", "update analysis", "token matrix")
 
@@ -102,7 +107,20 @@ def grpo_trainer(output_dir: str, steps: int):
     )
 
 
-TRAINERS: dict[str, Callable[[str, int], Any]] = {"dpo": dpo_trainer, "grpo": grpo_trainer}
+def sft_trainer(output_dir: str, steps: int):
+    """The demo's SFT recipe: pretrain-warm toy model, 16 prompt-completion rows per step, AdamW 1e-3."""
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_ntk.demo import toy
+
+    model, tokenizer = toy.model_and_tokenizer(warmup="pretrain")
+    data = toy.preference_dataset(n=288, seed=0)
+    train = data.select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
+    args = SFTConfig(**_training_args(output_dir, steps, 16, 1e-3, "adamw_torch"), max_length=128)
+    return SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+
+
+TRAINERS: dict[str, Callable[[str, int], Any]] = {"dpo": dpo_trainer, "grpo": grpo_trainer, "sft": sft_trainer}
 
 
 def _clock() -> tuple[float, float]:
@@ -231,71 +249,112 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def measure(kind: str, args: argparse.Namespace, parts: _PartTimer) -> dict[str | None, list[RunTimes]]:
+RunKey = tuple[str, int] | None
+"""`(level, every_n_steps)` of a run with the callback, `None` for the plain run."""
+
+
+def measure(kind: str, args: argparse.Namespace, parts: _PartTimer) -> dict[RunKey, list[RunTimes]]:
     run_once(kind, "sums", 2, 1, parts)  # warm-up, not timed: first trainer, dataset caches, first JVP
-    runs: dict[str | None, list[RunTimes]] = {None: [], **{level: [] for level in args.levels}}
+    keys: list[RunKey] = [None] + [(level, every) for level in args.levels for every in args.every_n_steps]
+    runs: dict[RunKey, list[RunTimes]] = {key: [] for key in keys}
     for round_index in range(args.repeats):
-        for level in runs:
-            if level == "tokens" and round_index >= args.tokens_repeats:
+        for key in keys:
+            if key is not None and key[0] == "tokens" and round_index >= args.tokens_repeats:
                 continue
             start = time.perf_counter()
-            runs[level].append(run_once(kind, level, args.steps, args.every_n_steps, parts))
-            print(
-                f"  [{kind} round {round_index + 1}: {level or 'plain'} {time.perf_counter() - start:.1f} s]",
-                flush=True,
-            )
+            level, every = key if key is not None else (None, args.every_n_steps[0])
+            runs[key].append(run_once(kind, level, args.steps, every, parts))
+            name = "plain" if key is None else f"{level} @{every}"
+            print(f"  [{kind} round {round_index + 1}: {name} {time.perf_counter() - start:.1f} s]", flush=True)
     return runs
 
 
-def report(kind: str, runs: dict[str | None, list[RunTimes]], args: argparse.Namespace) -> None:
+def _event_multiple(level_runs: list[RunTimes], plain_step: float) -> tuple[float, dict[int, float]]:
+    """`(median event cost after step 0, per analysed step)` in plain steps (callback CPU s / plain step CPU s)."""
+    per_step = {
+        step: _median([run.events[step][1] for run in level_runs]) / plain_step for step in level_runs[0].scoring_steps
+    }
+    later = [value for step, value in per_step.items() if step > 0] or list(per_step.values())
+    return _median(later), per_step
+
+
+def report(kind: str, runs: dict[RunKey, list[RunTimes]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Print the trainer's tables; return one summary row per level and period."""
     plain_runs = runs[None]
     plain_step = [_median([s[i] for run in plain_runs for s in run.steps[1:]]) for i in range(2)]
     print(
-        f"\n{kind.upper()}: {args.steps} steps, every_n_steps {args.every_n_steps}; plain step (median) "
-        f"{plain_step[0] * 1e3:.0f} ms wall, {plain_step[1] * 1e3:.0f} ms CPU; plain run "
-        f"{_median([r.train[0] for r in plain_runs]):.1f} s wall"
+        f"\n{kind.upper()}: {args.steps} steps; plain step (median) {plain_step[0] * 1e3:.0f} ms wall, "
+        f"{plain_step[1] * 1e3:.0f} ms CPU; plain run {_median([r.train[0] for r in plain_runs]):.1f} s wall"
     )
-    header = (
-        f"{'level':<8}{'runs':>5}{'run ratio wall':>16}{'CPU':>7}{'analysis step (x plain)':>25}"
-        f"{'steady state @' + str(args.every_n_steps):>18}{'target':>8}{'end score (x)':>15}{'set-up s':>10}"
+    print(
+        f"{'level':<8}{'every':>6}{'runs':>5}{'event (x plain step)':>22}{'run ratio wall':>16}{'CPU':>7}"
+        f"{'steady state':>14}{'target':>9}{'end score (x)':>15}"
     )
-    print(header)
-    for level in args.levels:
-        level_runs = runs[level]
+    summary = []
+    for key, level_runs in runs.items():
+        if key is None:
+            continue
+        level, every = key
         ratios = [
-            [level_run.train[i] / plain_run.train[i] for level_run, plain_run in zip(level_runs, plain_runs)]
-            for i in range(2)
+            _median([run.train[i] / plain.train[i] for run, plain in zip(level_runs, plain_runs)]) for i in range(2)
         ]
-        analysis = {step: _median([run.events[step][1] for run in level_runs]) for step in level_runs[0].scoring_steps}
-        later = [value for step, value in analysis.items() if step >= args.every_n_steps] or list(analysis.values())
-        multiple = 1 + _median(later) / plain_step[1]
-        steady = (args.every_n_steps - 1 + multiple) / args.every_n_steps
+        event, per_step = _event_multiple(level_runs, plain_step[1])
+        steady = 1 + event / every
         end = _median([run.events["on_train_end"][1] for run in level_runs]) / plain_step[1]
-        construct = _median([run.construct[0] for run in level_runs])
-        per_step = ", ".join(f"{step}: {1 + v / plain_step[1]:.1f}" for step, v in analysis.items())
-        verdict = "met" if steady <= TARGETS[level] else "MISSED"
+        target = TARGETS[level] if every >= 50 or level == "none" else None
+        verdict = "" if target is None else ("met" if ratios[1] <= target else "MISSED")
+        if level == "none":
+            verdict += f", event {'met' if event <= EVENT_TARGET else 'MISSED'} (<= {EVENT_TARGET})"
         print(
-            f"{level:<8}{len(level_runs):>5}{_median(ratios[0]):>16.3f}{_median(ratios[1]):>7.3f}"
-            f"{multiple:>25.1f}{steady:>18.3f}{'<= ' + str(TARGETS[level]):>8}{end:>15.1f}{construct:>10.2f}"
-            f"   {verdict} (per analysed step: {per_step})"
+            f"{level:<8}{every:>6}{len(level_runs):>5}{event:>22.2f}{ratios[0]:>16.3f}{ratios[1]:>7.3f}"
+            f"{steady:>14.3f}{'' if target is None else '<= ' + str(target):>9}{end:>15.2f}   {verdict}"
+            f" (per analysed step: {', '.join(f'{step}: {value:.2f}' for step, value in per_step.items())})"
         )
+        summary.append(
+            {"trainer": kind, "level": level, "every": every, "event": event, "wall": ratios[0], "cpu": ratios[1]}
+        )
+    _report_parts(kind, runs)
+    return summary
+
+
+def _report_parts(kind: str, runs: dict[RunKey, list[RunTimes]]) -> None:
     print(f"\n{kind.upper()}: where an analysis step's callback time goes (CPU seconds, median over runs)")
-    print(f"{'level':<8}{'step':>6}" + "".join(f"{part:>18}" for part in PARTS) + f"{'other':>10}{'total':>10}")
-    for level in args.levels:
-        level_runs = runs[level]
+    print(
+        f"{'level':<8}{'every':>6}{'step':>6}"
+        + "".join(f"{part:>18}" for part in PARTS)
+        + f"{'other':>10}{'total':>10}"
+    )
+    for key, level_runs in runs.items():
+        if key is None:
+            continue
         for step in level_runs[0].scoring_steps:
             values = [_median([run.parts[(step, part)][1] for run in level_runs]) for part in PARTS]
             total = _median([run.events[step][1] for run in level_runs])
             # the token matrix runs inside the update analysis: report the analysis without it
             values[2] -= values[3]
             other = total - sum(values)
-            print(f"{level:<8}{step:>6}" + "".join(f"{v:>18.3f}" for v in values) + f"{other:>10.3f}{total:>10.3f}")
+            print(
+                f"{key[0]:<8}{key[1]:>6}{step:>6}"
+                + "".join(f"{v:>18.3f}" for v in values)
+                + f"{other:>10.3f}{total:>10.3f}"
+            )
+
+
+def _print_summary(rows: list[dict[str, Any]]) -> None:
+    """One side-by-side table of every trainer, level and period (markdown, for benchmarks/README.md)."""
+    print("\n| trainer | level | every | event (x plain step) | whole run wall / CPU |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['trainer'].upper()} | {row['level']} | {row['every']} | {row['event']:.2f} | "
+            f"{row['wall']:.3f} / {row['cpu']:.3f} |"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of interleaved runs (default 3)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of interleaved runs (default 2)")
     parser.add_argument(
         "--tokens-repeats",
         type=int,
@@ -303,16 +362,12 @@ def main() -> None:
         help="rounds that include the 'tokens' level (default 1: its cost "
         "is far above the machine noise and dominates the benchmark's run time)",
     )
+    parser.add_argument("--steps", type=int, default=50, help="optimizer steps per run (default 50)")
     parser.add_argument(
-        "--steps",
-        type=int,
-        default=50,
-        help="optimizer steps per run (default 50: one analysis period; 100 adds "
-        "an analysis step with optimizer history)",
+        "--every-n-steps", type=int, nargs="+", default=[10, 50], help="the callback's every_n_steps (default 10 50)"
     )
-    parser.add_argument("--every-n-steps", type=int, default=50, help="the callback's every_n_steps (default 50)")
     parser.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=list(TRAINERS))
-    parser.add_argument("--levels", nargs="+", default=list(LEVELS), choices=list(LEVELS))
+    parser.add_argument("--levels", nargs="+", default=["none", "sums"], choices=list(LEVELS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
@@ -327,9 +382,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, torch.set_num_threads({args.threads}), {os.cpu_count()} CPUs")
     parts = _PartTimer()
     start = time.perf_counter()
+    summary = []
     for kind in args.trainers:
         runs = measure(kind, args, parts)
-        report(kind, runs, args)
+        summary += report(kind, runs, args)
+    _print_summary(summary)
     print(f"\ntotal benchmark time {time.perf_counter() - start:.0f} s")
 
 

@@ -35,8 +35,8 @@ from trl_ntk.integration.validation import (
 from trl_ntk.output import records
 from trl_ntk.output.sinks import make_sinks
 from trl_ntk.probes.datasets import default_probes
-from trl_ntk.probes.encoding import encode_tracked
-from trl_ntk.probes.generation import generation_cap
+from trl_ntk.probes.encoding import encode_extended, encode_tracked
+from trl_ntk.probes.generation import GreedyDrafts, generation_cap
 from trl_ntk.probes.probe_set import ProbeSet, sample_responses
 from trl_ntk.probes.scoring import score_responses
 
@@ -116,6 +116,7 @@ class LearningDynamicsCallback(TrainerCallback):
         self.sampled_step: int | None = None
         self.pending: _PendingAnalysis | None = None
         self.last_scored_step: int | None = None
+        self.greedy_drafts = GreedyDrafts()  # the last greedy answers, checked first at the next generation
         self.analysis_failures = 0
         self.untrusted_steps = 0
         self.last_failure = ""
@@ -341,18 +342,19 @@ class LearningDynamicsCallback(TrainerCallback):
             self.sampled = self._sample_or_keep_fixed(step)
             self.sampled_step = step
             if self.sampled:
-                encoded = ProbeSet.from_responses(self.probes.responses() + self.sampled).encode(
-                    self.tokenizer, max_length=self.max_length
-                )
+                encoded = self._with_sampled()
                 self._emit(step, [records.probes_record(step, encoded, self.tokenizer)])
                 return encoded
         if self.sampled:
-            return ProbeSet.from_responses(self.probes.responses() + self.sampled).encode(
-                self.tokenizer, max_length=self.max_length
-            )
+            return self._with_sampled()
         if self.encoded is None:
             raise RuntimeError("no probe responses to score: the model generated none for the probe prompts")
         return self.encoded
+
+    def _with_sampled(self):
+        """The fixed probes and the sampled ones, grouped by prompt; only the sampled ones are tokenized."""
+        responses = ProbeSet.from_responses(self.probes.responses() + self.sampled).responses()
+        return encode_extended(self.encoded, responses, self.tokenizer, max_length=self.max_length)
 
     def _sample_or_keep_fixed(self, step: int) -> list:
         """`_sample_on_main`; when generation fails (non-strict, with fixed probes to score) the failure is counted
@@ -388,6 +390,7 @@ class LearningDynamicsCallback(TrainerCallback):
                         max_new_tokens=generation_cap(self.trainer, self.config.max_new_tokens),
                         seed=self.config.seed + step,
                         synced_gpus=self.sharded and self.trainer.accelerator.num_processes > 1,
+                        drafts=self.greedy_drafts,
                     )
             except Exception as exception:
                 if self.trainer.accelerator.num_processes <= 1:

@@ -6,8 +6,10 @@ targets are the response tokens only; `EncodedProbes.validate` checks it against
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +82,56 @@ def encode_responses(
         context_ids.append(full_ids[:start])
         response_ids.append(full_ids[start:])
 
+    return _assemble(responses, context_ids, response_ids, pad_token_id, tokenizer_fingerprint(tokenizer))
+
+
+def encode_extended(
+    encoded: EncodedProbes | None,
+    responses: Sequence[ProbeResponse],
+    tokenizer: Any,
+    *,
+    max_length: int | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> EncodedProbes:
+    """`encode_responses(responses, tokenizer, ...)`, tokenizing only the responses `encoded` does not hold.
+
+    A response of `responses` equal to one of `encoded` (same probe id, prompt and response) reuses its tokens;
+    the others are encoded here. Rows follow `responses`, so the result equals encoding all of them at once when
+    `encoded` came from the same tokenizer, `chat_template_kwargs` and `max_length` (its tokenizer fingerprint is
+    checked). Use: the fixed probes encoded once, plus the responses generated at each scoring step.
+
+    Cost: the chat template and the tokenizer run on the new responses only.
+    """
+    responses = list(responses)
+    known = {}
+    if encoded is not None:
+        known = {r.probe_id: (r, c, t) for r, c, t in zip(encoded.responses, encoded.context_ids, encoded.response_ids)}
+    new = [r for r in responses if r.probe_id not in known or known[r.probe_id][0] != r]
+    if encoded is None or (new and not known):
+        return encode_responses(responses, tokenizer, max_length=max_length, chat_template_kwargs=chat_template_kwargs)
+    if new:
+        fresh = encode_responses(new, tokenizer, max_length=max_length, chat_template_kwargs=chat_template_kwargs)
+        if fresh.tokenizer_fingerprint != encoded.tokenizer_fingerprint:
+            raise ValueError("the new responses were encoded with a different tokenizer than the reused ones")
+        known.update({r.probe_id: (r, c, t) for r, c, t in zip(fresh.responses, fresh.context_ids, fresh.response_ids)})
+    rows = [known[r.probe_id] for r in responses]
+    return _assemble(
+        responses,
+        [list(c) for _, c, _ in rows],
+        [list(t) for _, _, t in rows],
+        _pad_token_id(tokenizer),
+        encoded.tokenizer_fingerprint,
+    )
+
+
+def _assemble(
+    responses: list[ProbeResponse],
+    context_ids: list[list[int]],
+    response_ids: list[list[int]],
+    pad_token_id: int,
+    fingerprint: str,
+) -> EncodedProbes:
+    """The right-padded `EncodedProbes` of rows `context_ids[n] + response_ids[n]` (targets: the response)."""
     length = max(len(c) + len(r) for c, r in zip(context_ids, response_ids))
     input_ids = torch.full((len(responses), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(responses), length), dtype=torch.long)
@@ -94,7 +146,7 @@ def encode_responses(
         responses=responses,
         context_ids=context_ids,
         response_ids=response_ids,
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        tokenizer_fingerprint=fingerprint,
     )
 
 
@@ -132,6 +184,13 @@ class EncodedProbes:
         shows exactly what is scored; `tokens` decodes each response token on its own.
         """
         records = []
+        token_text: dict[int, str] = {}  # each distinct token decoded once
+
+        def decode_token(token_id: int) -> str:
+            if token_id not in token_text:
+                token_text[token_id] = tokenizer.decode([token_id])
+            return token_text[token_id]
+
         for probe_response, context, response in zip(self.responses, self.context_ids, self.response_ids):
             records.append(
                 {
@@ -141,7 +200,7 @@ class EncodedProbes:
                     "prompt": tokenizer.decode(context),
                     "response": tokenizer.decode(response),
                     "num_tokens": len(response),
-                    "tokens": [tokenizer.decode([token_id]) for token_id in response],
+                    "tokens": [decode_token(token_id) for token_id in response],
                 }
             )
         return records
@@ -179,13 +238,29 @@ class EncodedProbes:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of what decides tokenization: vocabulary, special tokens and chat template."""
+    """A hash of what decides tokenization: vocabulary, special tokens and chat template.
+
+    Remembered per tokenizer object while its size, special tokens and chat template stay the same (hashing a
+    150k-token vocabulary takes a noticeable fraction of a second)."""
+    key = (len(tokenizer), str(tokenizer.special_tokens_map), str(getattr(tokenizer, "chat_template", None)))
+    try:
+        remembered = _FINGERPRINTS.get(tokenizer)
+    except TypeError:  # not weakly referenceable
+        remembered = None
+    if remembered is not None and remembered[0] == key:
+        return remembered[1]
     state = {
         "vocab": sorted(tokenizer.get_vocab().items()),
         "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
         "chat_template": getattr(tokenizer, "chat_template", None),
     }
-    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+    fingerprint = hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+    with contextlib.suppress(TypeError):  # not weakly referenceable: not remembered
+        _FINGERPRINTS[tokenizer] = (key, fingerprint)
+    return fingerprint
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _chat_token_ids(tokenizer: Any, messages: Conversation, **kwargs: Any) -> list[int]:

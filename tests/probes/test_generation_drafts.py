@@ -1,0 +1,75 @@
+"""Greedy generation that checks the previous greedy answers first gives exactly what plain generation gives."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from trl_ntk.demo import toy
+from trl_ntk.probes.generation import GreedyDrafts, sample_responses
+from trl_ntk.probes.probe_set import ProbeSet
+
+
+@pytest.fixture(scope="module")
+def model_tokenizer_prompts():
+    model, tokenizer = toy.model_and_tokenizer(warmup=True)
+    prompts = ProbeSet.from_preference_dataset(toy.preference_dataset(12, seed=0), num_prompts=4, seed=0).prompts()
+    return model, tokenizer, prompts
+
+
+def _texts(responses):
+    return [(r.probe_id, r.response[0]["content"]) for r in responses]
+
+
+class _GenerateCounter:
+    def __init__(self, model, monkeypatch):
+        self.calls = 0
+        original = model.generate
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(model, "generate", counted)
+
+
+def test_unchanged_answers_come_from_one_forward_and_equal_plain_generation(model_tokenizer_prompts, monkeypatch):
+    model, tokenizer, prompts = model_tokenizer_prompts
+    drafts = GreedyDrafts()
+    plain = sample_responses(model, tokenizer, prompts, max_new_tokens=48)
+    assert _texts(sample_responses(model, tokenizer, prompts, max_new_tokens=48, drafts=drafts)) == _texts(plain)
+    assert len(drafts.tokens) == len(prompts)
+    counter = _GenerateCounter(model, monkeypatch)
+    again = sample_responses(model, tokenizer, prompts, max_new_tokens=48, drafts=drafts)
+    assert counter.calls == 0  # every draft was still the greedy answer
+    assert _texts(again) == _texts(plain)
+
+
+@pytest.mark.parametrize("noise", [1e-3, 3e-2, 0.3])
+def test_after_the_model_changes_the_answers_equal_plain_generation(model_tokenizer_prompts, noise):
+    model, tokenizer, prompts = model_tokenizer_prompts
+    drafts = GreedyDrafts()
+    sample_responses(model, tokenizer, prompts, max_new_tokens=48, drafts=drafts)
+    changed = copy.deepcopy(model)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for parameter in changed.parameters():
+            parameter.add_(noise * parameter.abs().mean() * torch.randn_like(parameter))
+    expected = _texts(sample_responses(changed, tokenizer, prompts, max_new_tokens=48))
+    assert _texts(sample_responses(changed, tokenizer, prompts, max_new_tokens=48, drafts=drafts)) == expected
+
+
+def test_wrong_or_overlong_drafts_still_give_the_greedy_answers(model_tokenizer_prompts):
+    model, tokenizer, prompts = model_tokenizer_prompts
+    drafts = GreedyDrafts()
+    sample_responses(model, tokenizer, prompts, max_new_tokens=48, drafts=drafts)
+    keys = list(drafts.tokens)
+    drafts.tokens[keys[0]] = [7] * 60  # longer than the budget, no eos
+    drafts.tokens[keys[1]] = drafts.tokens[keys[1]][:3] + [5, 5, 5]  # right start, then wrong
+    drafts.tokens[keys[2]] = [drafts.tokens[keys[2]][0]]  # right first token only
+    for max_new_tokens in (48, 6):
+        expected = _texts(sample_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens))
+        got = sample_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, drafts=copy.deepcopy(drafts))
+        assert _texts(got) == expected

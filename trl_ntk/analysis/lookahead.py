@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from trl_ntk._model import ParamSelection, TensorDict, select_params, trainable_parameters
-from trl_ntk.batches import TokenBatch
+from trl_ntk.batches import TokenBatch, select_rows, target_rows
 from trl_ntk.ntk.kernels import logprob_grad, logprob_jvp
 from trl_ntk.ntk.optim import StepSplit, optimizer_step_split, sgd_preconditioner, unwrap_optimizer
 from trl_ntk.probes.probe_set import EncodedProbes
@@ -180,15 +180,24 @@ def probe_directions(
 ) -> ProbeDirections:
     """`v_r = P * sum_m weights[r, m] grad lp~_m` for every row of `weights [R, Mp]`.
 
-    Cost: one probe forward + backward per row (`R` parameter-sized tangents are kept).
+    Each row back-propagates only the probe sequences it weighs (a row per probe kind touches that kind's rows), so
+    the `R` rows together cost about one forward + backward of the probe batch, not `R`.
+
+    Cost: one forward + backward of the weighted probe rows per row (`R` parameter-sized tangents are kept).
     """
     if weights.shape != (len(names), probe_batch.num_targets):
         raise ValueError(
             f"weights must have shape [R, Mp] = [{len(names)}, {probe_batch.num_targets}], got {tuple(weights.shape)}"
         )
     directions = []
+    rows_of_targets = target_rows(probe_batch).cpu()
     for row in weights:
-        gradient = logprob_grad(model, probe_batch, row, params=params)
+        used = torch.zeros(probe_batch.input_ids.shape[0], dtype=torch.bool)
+        used[rows_of_targets[row.cpu() != 0]] = True
+        if bool(used.all()) or not bool(used.any()) or probe_batch.model_kwargs:
+            gradient = logprob_grad(model, probe_batch, row, params=params)
+        else:
+            gradient = logprob_grad(model, select_rows(probe_batch, used), row[used[rows_of_targets]], params=params)
         missing = [name for name in gradient if name not in preconditioner]
         if missing:
             raise ValueError(f"the preconditioner has no entry for parameters {missing[:5]}")

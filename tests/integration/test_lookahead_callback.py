@@ -92,14 +92,15 @@ def test_a_failing_scoring_is_counted_and_training_goes_on(tmp_path, monkeypatch
     assert trainer.state.global_step == 2 and callback.failures == 3
 
 
-def _grpo(tmp_path, **overrides):
+def _grpo(tmp_path, noisy: bool = True, **overrides):
     from tests.trainer_factory import grpo_trainer
 
     args = {"optim": "adamw_torch", "learning_rate": 1e-5, "lr_scheduler_type": "constant", "max_steps": 2}
     args.update({"num_generations": 4, "per_device_train_batch_size": 4, "max_completion_length": 12})
     trainer = grpo_trainer(tmp_path, n=6, **{**args, **overrides})
     trainer.model.to(torch.float64)
-    trainer.reward_funcs = [_noisy_math_reward]  # rewards that draw from Python's and numpy's RNG too
+    if noisy:
+        trainer.reward_funcs = [_noisy_math_reward]  # rewards that draw from Python's and numpy's RNG too
     return trainer
 
 
@@ -135,11 +136,11 @@ def test_grpo_is_served_and_its_training_is_identical_with_the_callback(tmp_path
 
 
 def test_grpo_scores_are_a_fresh_lookahead_at_the_current_weights(tmp_path):
-    watched = _grpo(tmp_path / "watched", max_steps=1)
+    watched = _grpo(tmp_path / "watched", noisy=False, max_steps=1)
     callback = LookaheadCallback(watched, every_n_steps=1, sample_size=3, strict=True)
     watched.add_callback(callback)
     watched.train()
-    fresh = _grpo(tmp_path / "fresh", max_steps=1)
+    fresh = _grpo(tmp_path / "fresh", noisy=False, max_steps=1)
     fresh.train()
     reference = score_trainer(fresh, callback.probes, view="adam", rows=callback.rows, seed=0)
     assert callback.previous.indices == callback.rows and len(callback.rows) == 3
@@ -161,3 +162,22 @@ def test_unsupported_grpo_configurations_are_refused_before_training(tmp_path, o
     with pytest.raises(ValueError, match=f"LookaheadCallback cannot follow this GRPOTrainer: .*{message}"):
         LookaheadCallback(trainer, every_n_steps=1, **options)
     assert trainer.state.global_step == 0
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "message"),
+    [
+        ("use_vllm", True, "use_vllm=True"),
+        ("rollout_func", lambda *args, **kwargs: None, "rollout_func"),
+        ("environment_factories", [object], "tool environments"),
+    ],
+    ids=["vllm", "rollout_func", "environments"],
+)
+def test_grpo_generation_it_cannot_reproduce_is_refused_before_training(tmp_path, attribute, value, message):
+    from tests.trainer_factory import grpo_trainer
+
+    trainer = grpo_trainer(tmp_path, n=2)
+    LookaheadCallback(trainer, every_n_steps=1)  # the plain trainer is served
+    setattr(trainer, attribute, value)
+    with pytest.raises(ValueError, match=f"LookaheadCallback cannot follow this GRPOTrainer: .*{message}"):
+        LookaheadCallback(trainer, every_n_steps=1)

@@ -3,6 +3,9 @@ same weights and optimizer state, and its drift figures match independent rank s
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
@@ -14,7 +17,7 @@ from trl_ntk.integration.lookahead import score_trainer
 from trl_ntk.integration.lookahead_callback import LookaheadCallback
 from trl_ntk.output.schema import read_records
 
-_TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+_TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "step_time")
 
 
 def _trainer(tmp_path, **overrides):
@@ -89,8 +92,92 @@ def test_a_failing_scoring_is_counted_and_training_goes_on(tmp_path, monkeypatch
     assert trainer.state.global_step == 2 and callback.failures == 3
 
 
-def test_grpo_is_refused(tmp_path):
+def _grpo(tmp_path, noisy: bool = True, **overrides):
     from tests.trainer_factory import grpo_trainer
 
-    with pytest.raises(ValueError, match="SFT and DPO"):
-        LookaheadCallback(grpo_trainer(tmp_path), every_n_steps=1)
+    args = {"optim": "adamw_torch", "learning_rate": 1e-5, "lr_scheduler_type": "constant", "max_steps": 2}
+    args.update({"num_generations": 4, "per_device_train_batch_size": 4, "max_completion_length": 12})
+    trainer = grpo_trainer(tmp_path, n=6, **{**args, **overrides})
+    trainer.model.to(torch.float64)
+    if noisy:
+        trainer.reward_funcs = [_noisy_math_reward]  # rewards that draw from Python's and numpy's RNG too
+    return trainer
+
+
+def _noisy_math_reward(**kwargs):
+    from trl_ntk.demo import toy
+
+    exact = toy.math_reward(**kwargs)
+    return [r + 0.1 * random.random() + 0.1 * float(np.random.rand()) for r in exact]
+
+
+def test_grpo_is_served_and_its_training_is_identical_with_the_callback(tmp_path):
+    """Scoring samples groups with the trainer's own generation between steps; the RNGs, logs and buffers it touches
+    are restored, so losses, rewards, completions and weights are bit-identical to training without it."""
+    plain = _grpo(tmp_path / "plain")
+    plain.train()
+    watched = _grpo(tmp_path / "watched")
+    callback = LookaheadCallback(watched, every_n_steps=1, sample_size=4, top_k=2, strict=True, num_generations=4)
+    watched.add_callback(callback)
+    watched.train()
+    assert _history(watched) == _history(plain)  # loss, reward, completion lengths, ... bit for bit
+    assert list(watched._logs["completion"]) == list(plain._logs["completion"])
+    for (name, p), q in zip(plain.model.named_parameters(), watched.model.parameters()):
+        assert torch.equal(p, q), name
+    records = read_records(tmp_path / "watched" / "lookahead" / "dynamics.jsonl", types=["lookahead"])
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert [r["view"] for r in records] == ["sgd", "adam", "adam"]
+    for record in records:
+        assert record["num_examples"] == 4 and record["num_generations"] == 4 and record["seed"] == 0
+        assert "Monte-Carlo" in record["estimate"] and "G=4" in record["estimate"]
+        for name in record["objectives"]:
+            assert record["quantiles"][name][-1] - record["quantiles"][name][0] > 0  # four prompts, real scores
+    assert all(-1 <= v <= 1 for v in records[2]["spearman"].values())
+
+
+def test_grpo_scores_are_a_fresh_lookahead_at_the_current_weights(tmp_path):
+    watched = _grpo(tmp_path / "watched", noisy=False, max_steps=1)
+    callback = LookaheadCallback(watched, every_n_steps=1, sample_size=3, strict=True)
+    watched.add_callback(callback)
+    watched.train()
+    fresh = _grpo(tmp_path / "fresh", noisy=False, max_steps=1)
+    fresh.train()
+    reference = score_trainer(fresh, callback.probes, view="adam", rows=callback.rows, seed=0)
+    assert callback.previous.indices == callback.rows and len(callback.rows) == 3
+    assert reference.effects.total.abs().max() > 0
+    torch.testing.assert_close(callback.previous.effects.total, reference.effects.total, rtol=1e-9, atol=0)
+    assert [t["completions"] for t in callback.previous.texts] == [t["completions"] for t in reference.texts]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"entropy_coef": 0.01}, "entropy bonus"), ({"num_generations": 1}, "at least 2 completions")],
+    ids=["entropy-bonus", "one-completion"],
+)
+def test_unsupported_grpo_configurations_are_refused_before_training(tmp_path, overrides, message):
+    from tests.trainer_factory import grpo_trainer
+
+    options = {k: overrides.pop(k) for k in list(overrides) if k == "num_generations"}
+    trainer = grpo_trainer(tmp_path, n=2, **overrides)
+    with pytest.raises(ValueError, match=f"LookaheadCallback cannot follow this GRPOTrainer: .*{message}"):
+        LookaheadCallback(trainer, every_n_steps=1, **options)
+    assert trainer.state.global_step == 0
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "message"),
+    [
+        ("use_vllm", True, "use_vllm=True"),
+        ("rollout_func", lambda *args, **kwargs: None, "rollout_func"),
+        ("environment_factories", [object], "tool environments"),
+    ],
+    ids=["vllm", "rollout_func", "environments"],
+)
+def test_grpo_generation_it_cannot_reproduce_is_refused_before_training(tmp_path, attribute, value, message):
+    from tests.trainer_factory import grpo_trainer
+
+    trainer = grpo_trainer(tmp_path, n=2)
+    LookaheadCallback(trainer, every_n_steps=1)  # the plain trainer is served
+    setattr(trainer, attribute, value)
+    with pytest.raises(ValueError, match=f"LookaheadCallback cannot follow this GRPOTrainer: .*{message}"):
+        LookaheadCallback(trainer, every_n_steps=1)

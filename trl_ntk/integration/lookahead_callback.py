@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import random
 import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
 from trl_ntk._model import trainable_parameters
 from trl_ntk.analysis import lookahead
+from trl_ntk.integration import lookahead_grpo
 from trl_ntk.integration.adapters import adapter_for
 from trl_ntk.integration.lookahead import LookaheadConfig, LookaheadResult, _default_probes, score_trainer
 from trl_ntk.output import schema
@@ -40,20 +43,28 @@ class LookaheadCallback(TrainerCallback):
 
     The view is the optimizer's (`lookahead.adam_view`: AdamW's preconditioner, SGD's momentum) once it has state,
     the SGD view at the current learning rate before. Scoring runs between steps (`on_step_end`) with its own gradient
-    capture and `torch.autograd.grad` (no `.grad` is touched), in eval mode, with the RNG state and the trainer's
-    logged metrics restored: training is the same with and without it. A failure is counted and warned about,
-    never raised (unless `strict`).
+    capture and `torch.autograd.grad` (no `.grad` is touched), in eval mode, with the RNG states (torch CPU and CUDA,
+    numpy, Python) and the trainer's logged metrics and buffers restored: training is the same with and without it.
+    A failure is counted and warned about, never raised (unless `strict`).
+
+    GRPO: an example is a prompt, and each scoring samples and rewards a group of `num_generations` completions per
+    candidate prompt with the trainer's own generation (`lookahead_grpo`), seeded with `seed` at every scoring (the
+    same random numbers each time, so the drift is not sampling noise alone). The effect is a Monte-Carlo estimate;
+    the records state `G` and the seed. Each prompt costs a generation, so the candidates are a fixed sample of
+    `sample_size` prompts (default 8). Configurations the look-ahead cannot predict (vLLM, a `rollout_func`, an
+    entropy bonus, a MoE router loss, tool environments, `G < 2`) are refused here, before training.
 
     Args:
-        trainer (`SFTTrainer` or `DPOTrainer`): the trainer to follow (single process).
+        trainer (`SFTTrainer`, `DPOTrainer` or `GRPOTrainer`): the trainer to follow (single process).
         probes (`ProbeSet`, *optional*): defaults to 8 prompts of the train dataset.
         every_n_steps (`int`, *optional*, defaults to `50`): scoring period in optimizer steps (and before step 1).
-        sample_size (`int`, *optional*): score a fixed random sample of this many rows (default: every row).
+        sample_size (`int`, *optional*): score a fixed random sample of this many rows (default: every row; GRPO: 8).
         top_k (`int`, *optional*, defaults to `10`): size of the harmful set compared between scorings and logged.
         output_dir (`str`, *optional*): run folder, default `<args.output_dir>/lookahead`.
         report_to (`str` or `list[str]`, *optional*): the sinks, default `"none"` (the JSONL file only).
-        seed, strict: sample seed; raise scoring failures (tests).
-        **options: `LookaheadConfig` fields (`batch_size`, `jvp_rows`, `by_probe`, `text_chars`).
+        seed, strict: sample seed (and GRPO sampling seed); raise scoring failures (tests).
+        **options: `LookaheadConfig` fields (`batch_size`, `jvp_rows`, `by_probe`, `text_chars`, GRPO:
+            `num_generations`).
     """
 
     def __init__(
@@ -73,12 +84,15 @@ class LookaheadCallback(TrainerCallback):
         if every_n_steps < 1 or top_k < 1 or (sample_size is not None and sample_size < 1):
             raise ValueError("every_n_steps, top_k and sample_size must be >= 1")
         adapter = adapter_for(trainer)
-        if adapter.kind not in ("sft", "dpo"):
-            raise ValueError(f"look-ahead scores SFT and DPO datasets; got a {adapter.kind} trainer")
+        if adapter.kind not in ("sft", "dpo", "grpo"):
+            raise ValueError(f"look-ahead scores SFT, DPO and GRPO datasets; got a {adapter.kind} trainer")
         if getattr(trainer.args, "world_size", 1) > 1:
             raise ValueError("LookaheadCallback runs in a single process (it scores on the unwrapped model)")
         self.trainer, self.every_n_steps, self.top_k, self.strict = trainer, every_n_steps, top_k, strict
-        self.config = LookaheadConfig(**options)
+        self.config = LookaheadConfig(**{**options, "seed": seed})
+        if adapter.kind == "grpo":
+            _validate_grpo(trainer, self.config)
+            sample_size = 8 if sample_size is None else sample_size
         size = len(trainer.train_dataset)
         rows = list(range(size))
         if sample_size is not None and sample_size < size:
@@ -142,23 +156,59 @@ def _live_view(optimizer: Any, model: nn.Module, default_lr: float) -> tuple[str
     return ("adam" if isinstance(inner, torch.optim.SGD) else "sgd"), lr
 
 
+def _validate_grpo(trainer: Any, config: LookaheadConfig) -> None:
+    """Refuse, before training, the GRPO configurations `score_trainer` would refuse at the first scoring
+    (`lookahead_grpo.validate`, `G < 2`), and tool environments (their instances keep state across rollouts that a
+    scoring would change and this callback cannot restore)."""
+    try:
+        lookahead_grpo.validate(trainer)
+        if getattr(trainer, "environment_factories", None) is not None:
+            raise ValueError("GRPO look-ahead cannot score with tool environments (their state would change)")
+        lookahead_grpo.group_size(trainer, config.num_generations)
+    except ValueError as error:
+        raise ValueError(f"LookaheadCallback cannot follow this GRPOTrainer: {error}") from None
+
+
 @contextlib.contextmanager
 def _untouched_trainer(trainer: Any) -> Iterator[None]:
-    """Restore the RNG states and the trainer's metric buffers (`compute_loss` appends to them) afterwards."""
+    """Restore afterwards every state a scoring can touch: the RNGs (torch CPU and CUDA, numpy, Python; GRPO sampling
+    draws from them), the trainer's metric and completion-log buffers (`compute_loss` and the GRPO sampling append
+    to them), its buffered generation batches and step counter, its eval group size and token count."""
     cpu = torch.random.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    saved = {name: copy.deepcopy(getattr(trainer, name)) for name in _METRIC_BUFFERS if hasattr(trainer, name)}
+    python, numpy = random.getstate(), np.random.get_state()
+    saved = {name: copy.deepcopy(getattr(trainer, name)) for name in _TRAINER_STATE if hasattr(trainer, name)}
+    tokens = getattr(trainer.state, "num_input_tokens_seen", None)
     try:
         yield
     finally:
         torch.random.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+        random.setstate(python)
+        np.random.set_state(numpy)
         for name, value in saved.items():
             setattr(trainer, name, value)
+        if tokens is not None:
+            trainer.state.num_input_tokens_seen = tokens
 
 
-_METRIC_BUFFERS = ("_metrics", "_total_train_tokens", "_stored_metrics")
+# Trainer attributes a scoring may change: metric buffers (every trainer), and GRPO's completion logs, generation
+# buffer and step counter, eval group size, entropy-bonus state.
+_TRAINER_STATE = (
+    "_metrics",
+    "_total_train_tokens",
+    "_stored_metrics",
+    "_logs",
+    "_pending_extra_logs",
+    "_pending_metrics",
+    "_buffered_inputs",
+    "_step",
+    "num_generations_eval",
+    "entropy_coef",
+    "_entropy_window_stats",
+    "_last_world_entropy",
+)
 
 
 def drift_record(
@@ -166,7 +216,8 @@ def drift_record(
 ) -> dict[str, Any]:
     """The `lookahead` record of one scoring: per objective, the Spearman correlation and the top-`k` harmful
     overlap with the previous scoring (None the first time), the `top_k` most harmful rows, the effect quantiles
-    (0, 10, 50, 90, 100%) and the fraction of negative effects."""
+    (0, 10, 50, 90, 100%) and the fraction of negative effects; for GRPO, the Monte-Carlo estimate (`estimate`,
+    `num_generations` = G, `seed`)."""
     effects, names = result.effects, result.effects.names
     spearman, overlap, harmful, quantiles, negative = {}, {}, {}, {}, {}
     levels = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
@@ -196,4 +247,9 @@ def drift_record(
         optimizer_step=result.meta.get("optimizer_step"),
         lr=result.meta.get("lr"),
         seconds=seconds,
+        **{key: result.meta[key] for key in _GRPO_FIELDS if key in result.meta},
     )
+
+
+# The Monte-Carlo estimate of a GRPO scoring, stated in its record (`lookahead_grpo.meta`).
+_GRPO_FIELDS = ("estimate", "num_generations", "seed", "loss_type", "temperature")

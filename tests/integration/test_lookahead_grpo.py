@@ -5,7 +5,9 @@ SGD step on each prompt's sampled group."""
 from __future__ import annotations
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
@@ -133,10 +135,11 @@ def test_grpo_scoring_is_seeded_and_leaves_the_trainer_untouched(tmp_path):
     trainer = _trainer(tmp_path, n=3)
     probes = _default_probes(trainer, "grpo").select(KINDS)
     torch.manual_seed(123)
-    state = torch.random.get_rng_state()
+    state, python_state, numpy_state = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
     metrics, logs, group = repr(trainer._metrics), repr(trainer._logs), trainer.num_generations_eval
     first = score_trainer(trainer, probes, lr=1e-3, rows=[2, 0])
-    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(torch.random.get_rng_state(), state) and random.getstate() == python_state
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state, strict=True))
     assert repr(trainer._metrics) == metrics and repr(trainer._logs) == logs
     assert trainer.num_generations_eval == group
     again = score_trainer(trainer, probes, lr=1e-3, rows=[0, 2])
@@ -146,6 +149,23 @@ def test_grpo_scoring_is_seeded_and_leaves_the_trainer_untouched(tmp_path):
     assert other.texts[0]["completions"] != again.texts[0]["completions"] or not torch.equal(
         other.effects.total, again.effects.total
     )
+
+
+def test_a_reward_drawing_from_python_and_numpy_rngs_gets_the_same_group_whatever_their_state(tmp_path):
+    """The group's rewards come from the seeded RNGs, not from the global state at scoring time."""
+
+    def noisy_reward(completions, **kwargs):
+        return [float(random.random() < 0.5) + float(np.random.rand()) for _ in completions]
+
+    trainer = _trainer(tmp_path, n=2)
+    trainer.reward_funcs[0] = noisy_reward
+    probes = _default_probes(trainer, "grpo").select(KINDS)
+    random.seed(1), np.random.seed(1)
+    first = score_trainer(trainer, probes, lr=1e-3, rows=[0])
+    random.seed(2), np.random.seed(2)
+    again = score_trainer(trainer, probes, lr=1e-3, rows=[0])
+    assert first.texts[0]["advantages"] == again.texts[0]["advantages"]
+    torch.testing.assert_close(first.effects.total, again.effects.total, rtol=0, atol=0)
 
 
 def test_grpo_configurations_it_cannot_predict_are_refused(tmp_path):

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -80,16 +82,24 @@ def sample_groups(trainer: Any, rows: Sequence[int], num_generations: int, seed:
     """The trainer's training inputs for one step on the prompts `rows`: `num_generations` completions each, sampled
     with the trainer's generation settings from the RNG seeded with `seed`, rewarded and turned into advantages by
     the trainer (`_generate_and_score_completions`). Rows are prompt-major: completion `j` belongs to prompt
-    `j // num_generations`. The global RNG state is left as it was.
+    `j // num_generations`. Python's and numpy's RNGs are seeded too (a reward function may draw from them); every
+    global RNG state is left as it was.
 
     Call inside `scoring_mode` with the model in eval mode.
     """
     device = trainer.accelerator.device
     examples = [copy.deepcopy(trainer.train_dataset[int(r)]) for r in rows for _ in range(num_generations)]
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        return trainer._generate_and_score_completions(examples)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            random.seed(seed)  # reward functions may draw from Python's or numpy's RNG
+            np.random.seed(seed % 2**32)
+            return trainer._generate_and_score_completions(examples)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def group_seed(seed: int, rows: Sequence[int]) -> int:

@@ -86,6 +86,8 @@ def test_fix_arms_tables_give_per_arm_and_paired_t_intervals():
     # seed 0 margin change: plain (-6 + 25) - 13 = 6, fix (-5.8 + 24) - 13 = 5.2
     assert "seed 0 plain: chosen end-start -1.000" in table and "margin change +6.000" in table
     assert "seed 0 dpo_nthr: chosen end-start -0.800" in table and "margin change +5.200" in table
+
+
 def test_bench_lookahead_cost_routes_agree_on_a_small_untied_llama():
     """Every route of the look-ahead cost benchmark computes the same scores: the package against one backward per
     example, dattri grad-dot, and (on the `nn.Linear` parameters) kronfluence's identity pairwise scores."""

@@ -277,10 +277,10 @@ def real_size_child(peer: str, args: argparse.Namespace, out: str) -> dict:
             "kernel (linear)": lambda: kernels.logprob_kernel(model, probe, train, params=linear),
             "dattri grad-dot": lambda: dattri_grad_dot(model, probe, train, args.peer_batch_size),
             "kronfluence identity": lambda: KronfluenceIdentity(model, folder)(probe, train, args.peer_batch_size),
-            "bergson projected": lambda: bergson_scores(
-                model, probe, train, args.projection_dim, args.peer_batch_size, folder
-            ),
+            "bergson projected": lambda: bergson_scores(model, probe, train, dim, args.peer_batch_size, folder),
         }
+        peer, _, dim = peer.partition(":")  # "bergson projected:<per-module dim>"
+        dim = int(dim or 0)
         baseline = bench_gpu.rss_peak_reset()
         wall, cpu, value = timed(fns[peer])
         peak = bench_gpu.rss_peak() - baseline
@@ -299,7 +299,10 @@ def real_size(args: argparse.Namespace) -> None:
     gib = 2**30
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        for peer in args.real_peers:
+        peers = []
+        for name in args.real_peers:
+            peers += [f"{name}:{d}" for d in args.projection_dim] if name == "bergson projected" else [name]
+        for peer in peers:
             out = f"{folder}/{len(rows)}.pt"
             command = [sys.executable, __file__, "--real-child", peer, out, *sys.argv[1:]]
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -323,7 +326,7 @@ def real_size(args: argparse.Namespace) -> None:
     print(f"{'method':<24}{'projected':>11}{'rel. error':>12}{'corr.':>8}{'CPU s':>9}{'wall s':>9}{'peak RSS MiB':>14}")
     for name, figures, value in rows:
         exact_ref = reference.get("kernel" if name in ("kernel", "dattri grad-dot") else "kernel (linear)")
-        projected = f"d={args.projection_dim}" if name == "bergson projected" else "no"
+        projected = f"{name.partition(':')[2]}^2/module" if name.startswith("bergson") else "no"
         error = relative_error(value, exact_ref) if exact_ref is not None else float("nan")
         corr = correlation(value, exact_ref) if exact_ref is not None else float("nan")
         print(
@@ -360,7 +363,9 @@ def main() -> None:
     parser.add_argument("--real-probe-targets", type=int, default=16, help="--real-size: Mp (default 16)")
     parser.add_argument("--real-train-targets", type=int, default=256, help="--real-size: Mt (default 256)")
     parser.add_argument("--budget-gib", type=float, default=4.0, help="--real-size: stated memory budget")
-    parser.add_argument("--projection-dim", type=int, default=16, help="--real-size: Bergson's per-module dim")
+    parser.add_argument(
+        "--projection-dim", type=int, nargs="+", default=[16, 64], help="--real-size: Bergson's per-module dims"
+    )
     parser.add_argument("--real-peers", nargs="+", default=list(REAL_PEERS), choices=list(REAL_PEERS))
     parser.add_argument("--real-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()

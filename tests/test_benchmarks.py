@@ -34,3 +34,59 @@ def test_bench_gpu_tiny_cpu_mode_reports_every_level():
         assert math.isfinite(figures["multiple"]) and figures["multiple"] > 0
         assert figures["steady"] == (49 + figures["multiple"]) / 50
     assert any(line.startswith("tokens") for line in lines)
+
+
+def test_bench_gpu_tiny_lora_reconstructs_the_applied_gradient_and_measures_rss():
+    """LoRA mode trains the adapters only, and the captured signal reconstructs the gradient the optimizer applies;
+    on Linux the CPU mode reports the peak RSS of a step."""
+    bench_gpu = _load("bench_gpu")
+    size = bench_gpu.SIZES["tiny"]
+    results = bench_gpu.measure(size, torch.device("cpu"), torch.float32, ["sums"], log=lambda _: None, lora_rank=2)
+    h, i, kv = size.hidden, size.intermediate, size.kv_heads * size.hidden // size.heads
+    in_out = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # q k v o gate up down
+    assert results["num_params"] == 2 * size.layers * sum(a + b for a, b in in_out)  # rank x (in + out) each
+    check = results["explanations"]["sums"].gradient_check
+    assert check.relative_error < 1e-4 and check.cosine > 1 - 1e-6
+    if Path("/proc/self/clear_refs").exists():
+        assert results["plain_peak"] > 0
+
+
+def test_bench_long_finite_difference_path_agrees_with_the_exact_path():
+    """The two paths bench_long.py compares, on the same step: the finite-difference prediction and cells agree with
+    the exact JVPs, and each explanation records the path that ran."""
+    bench_gpu = _load("bench_gpu")
+    bench_long = _load("bench_long")
+    size = bench_long.long_size(64)
+    runs = {
+        path: bench_gpu.measure(
+            size, torch.device("cpu"), torch.float32, ["sums"], log=lambda _: None, path=path, repeats=1,
+            warm_analysis=False,
+        )["explanations"]["sums"]
+        for path in bench_long.PATHS
+    }  # fmt: skip
+    exact, fd = runs["auto"], runs["finite_difference"]
+    assert (exact.path, fd.path) == ("func", "finite_difference")
+    assert bench_long.relative_max_error(fd.probe.cells, exact.probe.cells) < 1e-2
+    assert bench_long.relative_max_error(fd.probe.history, exact.probe.history) < 1e-2
+
+
+def test_bench_peer_bergson_without_projection_matches_the_kernel():
+    """Bergson's per-example gradients of one-target examples give the exact token-pair kernel over nn.Linear."""
+    if importlib.util.find_spec("bergson") is None:
+        import pytest
+
+        pytest.skip("bergson not installed (optional benchmark dependency)")
+    import tempfile
+
+    from trl_ntk.ntk import kernels
+
+    bench_peer = _load("bench_peer")
+    torch.manual_seed(0)
+    model = bench_peer.untied_toy_model()
+    probe = bench_peer.token_batch(1, 24, 4, seed=1)
+    train = bench_peer.token_batch(2, 48, 6, seed=2)
+    with tempfile.TemporaryDirectory() as folder:
+        scores = bench_peer.bergson_scores(model, probe, train, 0, 8, folder)
+    reference = kernels.logprob_kernel(model, probe, train, params=bench_peer.linear_parameter_names(model))
+    assert scores.shape == reference.shape == (4, 12)
+    assert bench_peer.relative_error(scores, reference) < 1e-4

@@ -331,6 +331,57 @@ def report(results: dict, log: Callable = print) -> None:
         )
 
 
+def long_size(size: Size, length: int) -> Size:
+    """`size`'s model on one preference pair and 2 probe responses of `length` tokens (half prompt, half response)."""
+    half = length // 2
+    return Size(
+        size.hidden, size.intermediate, size.layers, size.heads, size.kv_heads, size.vocab, 1, half, length - half,
+        2, half, length - half, 2, family=size.family,
+    )  # fmt: skip
+
+
+def long_comparison(size: Size, device: torch.device, dtype: torch.dtype, length: int, log: Callable = print) -> dict:
+    """One "sums" analysis step at `length` tokens on the exact path and on the finite-difference path (same
+    seeds): per path the step in plain steps and its peak above a plain step; the finite-difference prediction's
+    and cells' `max |fd - exact| / max |exact|`."""
+    runs = {
+        path: measure(
+            long_size(size, length), device, dtype, ["sums"], log=log, path=path, repeats=1, warm_analysis=False
+        )
+        for path in ("auto", "finite_difference")
+    }
+    exact = runs["auto"]["explanations"]["sums"].probe
+    approx = runs["finite_difference"]["explanations"]["sums"].probe
+
+    def error(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+    out = {"length": length, "param_bytes": runs["auto"]["param_bytes"], "paths": {}}
+    for path, r in runs.items():
+        figures = r["levels"]["sums"]
+        out["paths"][path] = {
+            "path": r["explanations"]["sums"].path,
+            "multiple": figures["multiple"],
+            "extra": figures["peak"] - r["plain_peak"],
+        }
+    out["predicted_error"] = error(approx.predicted, exact.predicted)
+    out["cells_error"] = error(approx.cells, exact.cells)
+    return out
+
+
+def report_long(results: dict, log: Callable = print) -> None:
+    log(f'long sequences, T = {results["length"]}, one "sums" step:')
+    for figures in results["paths"].values():
+        log(
+            f"  {figures['path']:<18}{figures['multiple']:>8.1f} x plain step, peak above a plain step "
+            f"{figures['extra'] / 2**20:>9.0f} MiB = {figures['extra'] / results['param_bytes']:.2f} P"
+        )
+    log(
+        f"  finite differences vs exact: prediction {results['predicted_error']:.1e}, "
+        f"cells {results['cells_error']:.1e} (max error / max entry)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -339,6 +390,10 @@ def main() -> None:
     parser.add_argument("--levels", nargs="+", default=list(LEVELS), choices=list(LEVELS))
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU runs)")
     parser.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (default 0: full)")
+    parser.add_argument(
+        "--long", type=int, help="length of the exact vs finite-difference comparison (default 4096 on CUDA, "
+        "64 on CPU; 0: skip)"
+    )  # fmt: skip
     parser.add_argument("--path", default="auto", choices=["auto", "finite_difference"], help="JVP path")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -347,7 +402,14 @@ def main() -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}")
-    report(measure(SIZES[args.size], device, dtype, args.levels, lora_rank=args.lora_rank, path=args.path))
+    results = measure(SIZES[args.size], device, dtype, args.levels, lora_rank=args.lora_rank, path=args.path)
+    report(results)
+    if "none" in results["levels"]:
+        event = results["levels"]["none"]["analysis_seconds"] / results["plain_step"]
+        print(f"one scoring event (probe scoring before and after the step) = {event:.2f} plain steps")
+    length = args.long if args.long is not None else (4096 if device.type == "cuda" else 64)
+    if length:
+        report_long(long_comparison(SIZES[args.size], device, dtype, length, log=lambda _: None))
 
 
 if __name__ == "__main__":

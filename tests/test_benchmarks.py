@@ -51,23 +51,16 @@ def test_bench_gpu_tiny_lora_reconstructs_the_applied_gradient_and_measures_rss(
         assert results["plain_peak"] > 0
 
 
-def test_bench_long_finite_difference_path_agrees_with_the_exact_path():
-    """The two paths bench_long.py compares, on the same step: the finite-difference prediction and cells agree with
-    the exact JVPs, and each explanation records the path that ran."""
+def test_long_comparison_finite_difference_path_agrees_with_the_exact_path():
+    """The exact vs finite-difference comparison of bench_gpu.py / bench_long.py on one step: each explanation
+    records the path that ran, and the finite-difference prediction and cells agree with the exact JVPs."""
     bench_gpu = _load("bench_gpu")
-    bench_long = _load("bench_long")
-    size = bench_long.long_size(64)
-    runs = {
-        path: bench_gpu.measure(
-            size, torch.device("cpu"), torch.float32, ["sums"], log=lambda _: None, path=path, repeats=1,
-            warm_analysis=False,
-        )["explanations"]["sums"]
-        for path in bench_long.PATHS
-    }  # fmt: skip
-    exact, fd = runs["auto"], runs["finite_difference"]
-    assert (exact.path, fd.path) == ("func", "finite_difference")
-    assert bench_long.relative_max_error(fd.probe.cells, exact.probe.cells) < 1e-2
-    assert bench_long.relative_max_error(fd.probe.history, exact.probe.history) < 1e-2
+    lines: list[str] = []
+    results = bench_gpu.long_comparison(bench_gpu.SIZES["tiny"], torch.device("cpu"), torch.float32, 64, log=print)
+    bench_gpu.report_long(results, log=lines.append)
+    assert [figures["path"] for figures in results["paths"].values()] == ["func", "finite_difference"]
+    assert results["cells_error"] < 1e-2 and results["predicted_error"] < 1e-2
+    assert any("finite differences vs exact" in line for line in lines)
 
 
 def test_bench_peer_bergson_without_projection_matches_the_kernel():

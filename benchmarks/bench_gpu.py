@@ -1,7 +1,7 @@
 """Analysis cost at LLM scale, as one short prepared run: a ~0.5B Qwen2 with random weights, DPO-like steps.
 
     python benchmarks/bench_gpu.py                              # cuda, ~0.5B parameters, bf16 (a few minutes)
-    python benchmarks/bench_gpu.py --device cpu --size tiny     # the same script in reduced size (seconds)
+    python benchmarks/bench_gpu.py --device cpu --size tiny     # the same script in reduced size (a minute)
 
 The model is built from a Qwen2.5-0.5B-shaped config (hidden 896, 24 layers, 14 heads / 2 KV heads, intermediate
 4864, vocabulary 151,936, tied embeddings: 494M parameters) with random weights, in bf16, trained with SDPA
@@ -14,7 +14,11 @@ step (`"none"`), plus `dynamics.explain_update` (`"sums"`), plus the token matri
 
 Printed per level: the analysis step as a multiple of a plain step, the steady-state ratio at `every_n_steps=50`
 (`(49 + a) / 50`) against the targets (<= 1.05, 1.15, 1.5), the seconds of the analysis, and on CUDA the peak
-memory the analysis allocates above the training state, in units of the trainable parameter bytes.
+memory the analysis allocates above the training state, in units of the trainable parameter bytes (on CPU the
+step's peak RSS, `rss_peak`). Then the scoring event alone in plain steps, and `long_comparison`: one "sums" step
+at `--long` tokens (default 4096 on CUDA) on the exact JVP path and on the finite-difference path, with their
+time, peak memory above a plain step and the finite-difference error. `--lora-rank` trains LoRA adapters (peft)
+instead of every weight; `--path finite_difference` runs every level's JVPs by finite differences.
 """
 
 from __future__ import annotations

@@ -308,7 +308,7 @@ def real_size(args: argparse.Namespace) -> None:
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
             done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
             if done.returncode != 0:
-                print(f"{peer}: failed\n{done.stderr[-2000:]}", flush=True)
+                print(f"{peer}: failed (return code {done.returncode})\n{done.stderr[-2000:]}", flush=True)
                 continue
             figures = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append((peer, figures, torch.load(out)))

@@ -100,6 +100,11 @@ def linear_parameter_names(model: nn.Module) -> list[str]:
     ]
 
 
+def correlation(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """Pearson correlation of the entries."""
+    return float(torch.corrcoef(torch.stack([value.flatten().double(), reference.flatten().double()]))[0, 1])
+
+
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value.double() - reference.double()).norm() / reference.double().norm())
 
@@ -187,6 +192,39 @@ class KronfluenceIdentity:
         return self.analyzer.load_pairwise_scores(name)["all_modules"]
 
 
+def bergson_scores(
+    model: nn.Module, probe: TokenBatch, train: TokenBatch, projection_dim: int, batch_size: int, folder: str
+) -> torch.Tensor:
+    """`[Mp, Mt]` by Bergson: per-example gradients of every `nn.Linear` (weights and biases, `lm_head` included)
+    collected in memory (`InMemoryCollector`, one-target examples, summed NLL), randomly projected to
+    `projection_dim x projection_dim` per module when `projection_dim > 0`, then `G_probe @ G_train^T`."""
+    probe_grads = _bergson_gradients(model, probe, projection_dim, batch_size, f"{folder}/probe")
+    train_grads = _bergson_gradients(model, train, projection_dim, batch_size, f"{folder}/train")
+    return probe_grads @ train_grads.T
+
+
+def _bergson_gradients(model: nn.Module, batch: TokenBatch, projection_dim: int, batch_size: int, run: str):
+    from bergson import GradientProcessor, IndexConfig, InMemoryCollector
+    from bergson.collector.collector import CollectorComputer
+    from datasets import Dataset
+
+    ids, masks = one_target_examples(batch).tensors
+    labels = torch.where(masks.bool(), ids, torch.full_like(ids, -100))  # the NLL of this example's target only
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    Path(run + ".part").mkdir(parents=True, exist_ok=True)
+    cfg = IndexConfig(
+        run_path=run, projection_dim=projection_dim, include_bias=True, loss_reduction="sum", attribute_tokens=False
+    )
+    processor = GradientProcessor(projection_dim=projection_dim or None, include_bias=True)
+    collector = InMemoryCollector(model=model, data=data, cfg=cfg, processor=processor)
+    batches = [list(range(i, min(i + batch_size, len(data)))) for i in range(0, len(data), batch_size)]
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bars
+        CollectorComputer(
+            model=model, data=data, collector=collector, cfg=cfg, batches=batches
+        ).run_with_collector_hooks()
+    return torch.cat([collector.gradients[name].float() for name in collector.gradients], dim=1)
+
+
 # ---------------------------------------------------------------------------------------------------- timing
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]:
     wall, cpu = time.perf_counter(), time.process_time()
@@ -199,6 +237,107 @@ def available(module: str) -> bool:
         print(f"skipping {module}: not installed (see benchmarks/README.md for the install commands)")
         return False
     return True
+
+
+# ---------------------------------------------------------------------------------------------------- real size
+REAL_PEERS = ("kernel", "kernel (linear)", "dattri grad-dot", "kronfluence identity", "bergson projected")
+
+
+def real_size_model(hidden: int, layers: int, seed: int = 0) -> Qwen2ForCausalLM:
+    """The toy Qwen2 widened (intermediate `2.75 x hidden`, `hidden / 64` heads, 2 KV heads), untied head."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=int(2.75 * hidden),
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 64, 2),
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+def real_size_child(peer: str, args: argparse.Namespace, out: str) -> dict:
+    """One peer in this process: `[Mp, Mt]` saved to `out`; returns its CPU / wall seconds and peak RSS above the
+    RSS once the model and batches exist (`bench_gpu.rss_peak_reset`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_gpu
+
+    torch.set_num_threads(args.threads)
+    bench_gpu.low_malloc_threshold()
+    model = real_size_model(args.hidden, args.layers)
+    probe = token_batch(max(1, args.real_probe_targets // PROBE_TARGETS), 24, min(args.real_probe_targets, 16), 1)
+    train = token_batch(args.real_train_targets // TRAIN_TARGETS, TRAIN_LENGTH, TRAIN_TARGETS, seed=2)
+    linear = linear_parameter_names(model)
+    with tempfile.TemporaryDirectory() as folder:
+        fns = {
+            "kernel": lambda: kernels.logprob_kernel(model, probe, train),
+            "kernel (linear)": lambda: kernels.logprob_kernel(model, probe, train, params=linear),
+            "dattri grad-dot": lambda: dattri_grad_dot(model, probe, train, args.peer_batch_size),
+            "kronfluence identity": lambda: KronfluenceIdentity(model, folder)(probe, train, args.peer_batch_size),
+            "bergson projected": lambda: bergson_scores(model, probe, train, dim, args.peer_batch_size, folder),
+        }
+        peer, _, dim = peer.partition(":")  # "bergson projected:<per-module dim>"
+        dim = int(dim or 0)
+        baseline = bench_gpu.rss_peak_reset()
+        wall, cpu, value = timed(fns[peer])
+        peak = bench_gpu.rss_peak() - baseline
+    torch.save(value.detach().float(), out)
+    params = sum(p.numel() for p in model.parameters())
+    linear_params = sum(p.numel() for n, p in model.named_parameters() if n in linear)
+    return {"wall": wall, "cpu": cpu, "peak": peak, "params": params, "linear_params": linear_params}
+
+
+def real_size(args: argparse.Namespace) -> None:
+    """Every peer in its own subprocess at a size where per-target gradients exceed `--budget-gib`."""
+    import json
+    import os
+    import subprocess
+
+    gib = 2**30
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        peers = []
+        for name in args.real_peers:
+            peers += [f"{name}:{d}" for d in args.projection_dim] if name == "bergson projected" else [name]
+        for peer in peers:
+            out = f"{folder}/{len(rows)}.pt"
+            command = [sys.executable, __file__, "--real-child", peer, out, *sys.argv[1:]]
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+            done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+            if done.returncode != 0:
+                print(f"{peer}: failed (return code {done.returncode})\n{done.stderr[-2000:]}", flush=True)
+                continue
+            figures = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append((peer, figures, torch.load(out)))
+            print(f"  [{peer} done: {json.dumps(figures)}]", flush=True)
+    reference = {name: value for name, _, value in rows if name.startswith("kernel")}
+    first = rows[0][1]
+    targets = args.real_probe_targets + args.real_train_targets
+    store = targets * first["params"] * 4
+    print(
+        f"\nQwen2 hidden {args.hidden}, {args.layers} layers, vocab {VOCAB}, untied head: {first['params']:,} "
+        f"parameters (P = {first['params'] * 4 / 2**20:.1f} MiB, {first['linear_params']:,} in nn.Linear); Mp = "
+        f"{args.real_probe_targets}, Mt = {args.real_train_targets}: per-target gradients (Mp + Mt) x P = "
+        f"{store / gib:.1f} GiB against a budget of {args.budget_gib} GiB"
+    )
+    print(f"{'method':<24}{'projected':>11}{'rel. error':>12}{'corr.':>8}{'CPU s':>9}{'wall s':>9}{'peak RSS MiB':>14}")
+    for name, figures, value in rows:
+        exact_ref = reference.get("kernel" if name in ("kernel", "dattri grad-dot") else "kernel (linear)")
+        projected = f"{name.partition(':')[2]}^2/module" if name.startswith("bergson") else "no"
+        error = relative_error(value, exact_ref) if exact_ref is not None else float("nan")
+        corr = correlation(value, exact_ref) if exact_ref is not None else float("nan")
+        print(
+            f"{name:<24}{projected:>11}{error:>12.1e}{corr:>8.3f}{figures['cpu']:>9.2f}{figures['wall']:>9.2f}"
+            f"{figures['peak'] / 2**20:>14.0f}"
+        )
+    linear_store = targets * first["linear_params"] * 4
+    print(
+        f"bergson without projection would hold (Mp + Mt) x P_linear = {linear_store / gib:.1f} GiB of gradients "
+        f"in memory ({'over' if linear_store > args.budget_gib * gib else 'within'} the budget): not run"
+    )
 
 
 def main() -> None:
@@ -218,7 +357,28 @@ def main() -> None:
         "takes about 0.1 CPU s per training target on the toy model)",
     )
     parser.add_argument("--dattri-repeats", type=int, default=1, help="timed dattri runs per Mt (default 1)")
+    parser.add_argument("--real-size", action="store_true", help="the comparison at real size (see above)")
+    parser.add_argument("--hidden", type=int, default=512, help="--real-size: hidden size (default 512)")
+    parser.add_argument("--layers", type=int, default=4, help="--real-size: decoder layers (default 4)")
+    parser.add_argument("--real-probe-targets", type=int, default=16, help="--real-size: Mp (default 16)")
+    parser.add_argument("--real-train-targets", type=int, default=256, help="--real-size: Mt (default 256)")
+    parser.add_argument("--budget-gib", type=float, default=4.0, help="--real-size: stated memory budget")
+    parser.add_argument(
+        "--projection-dim", type=int, nargs="+", default=[16, 64], help="--real-size: Bergson's per-module dims"
+    )
+    parser.add_argument("--real-peers", nargs="+", default=list(REAL_PEERS), choices=list(REAL_PEERS))
+    parser.add_argument("--real-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.real_child:
+        warnings.filterwarnings("ignore")
+        logging.disable(logging.WARNING)
+        import json
+
+        print(json.dumps(real_size_child(args.real_child[0], args, args.real_child[1])))
+        return
+    if args.real_size:
+        real_size(args)
+        return
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -247,6 +407,14 @@ def main() -> None:
             kronfluence = KronfluenceIdentity(model, str(Path(output_dir) / "kronfluence"))
             peers["kronfluence identity"] = (
                 lambda p, t: kronfluence(p, t, args.peer_batch_size),
+                linear_names,
+                max(args.train_targets),
+                args.repeats,
+            )
+        if available("bergson"):
+            runs = iter(range(10**6))
+            peers["bergson (no projection)"] = (
+                lambda p, t: bergson_scores(model, p, t, 0, args.peer_batch_size, f"{output_dir}/b{next(runs)}"),
                 linear_names,
                 max(args.train_targets),
                 args.repeats,

@@ -116,6 +116,24 @@ def jvp_bytes(shape: ModelShape, rows: int, length: int, path: str) -> int:
     return 2 * forward_bytes(shape, rows, length, scores=True)
 
 
+def jvp_tangents(shape: ModelShape, rows: int, length: int, path: str, chunk_size: int, budget: int) -> int:
+    """Tangents per batched JVP of a `rows x length` batch (the "tokens" level): the most, between 1 and
+    `chunk_size`, whose estimated activations (`jvp_bytes` each) fit in `budget` bytes."""
+    per_tangent = max(jvp_bytes(shape, rows, length, path), 1)
+    return max(1, min(chunk_size, budget // per_tangent))
+
+
+def jvp_budget(shape: ModelShape, mode: str, chunk_size: int, free: int) -> int:
+    """Bytes the activations of one batched JVP of the "tokens" level may take: `mode="buffer"`, one
+    parameter-sized buffer (`B`, the step then within `(chunk + 1) B` plus one tangent's activations); `"auto"`,
+    what is left of `SAFETY x free` once the chunk of gradients and the split are set aside, and at least `B`."""
+    if mode == "buffer":
+        return shape.buffer
+    if mode != "auto":
+        raise ValueError(f"unknown jvp_chunk_size mode {mode!r}; expected an int, 'auto' or 'buffer'")
+    return max(shape.buffer, int(SAFETY * free) - (chunk_size + 1) * shape.buffer)
+
+
 @dataclass(frozen=True)
 class Workload:
     """The batches of one analysis step: rows x longest length of a training micro-batch and of the probe batch

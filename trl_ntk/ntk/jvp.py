@@ -200,6 +200,21 @@ class Backward:
         )
         return dict(zip(self.names, grads, strict=True))
 
+    def accumulate(self, weights: Tensor, into: TensorDict) -> None:
+        """`into[name] += sum_m weights[m] grad f_m` in place, one backward (the graph freed): autograd adds each
+        parameter's gradient into `into` as it is produced, so no second parameter-sized dict is ever alive (one
+        parameter's gradient at a time). `into` must hold tensors of the parameters' dtypes and shapes."""
+        for name, leaf in zip(self.names, self.leaves, strict=True):
+            leaf.grad = into[name]
+        try:
+            torch.autograd.backward(self.outputs, grad_tensors=weights.to(self.outputs), inputs=self.leaves)
+            for name, leaf in zip(self.names, self.leaves, strict=True):
+                if leaf.grad is not into[name]:  # autograd replaced it instead of adding in place
+                    into[name].copy_(leaf.grad)
+        finally:
+            for leaf in self.leaves:
+                leaf.grad = None
+
     def single(self, weights: Tensor) -> TensorDict:
         """`weights [M]` -> `name -> [*shape]` (one backward, the graph freed)."""
         grads = torch.autograd.grad(
@@ -243,10 +258,13 @@ def contract(
     preconditioner: Mapping[str, Tensor] | None,
     path: JvpPath,
     fd_step: float,
+    jvp_chunk_size: int | None = None,
 ) -> Tensor:
     """`[R, Mc]`: `sum_a W[r, a] <grad f_a(row batch), P grad f_b(column batch)>`, `W` given in row chunks.
 
-    One batched backward per chunk of `W` rows, then one batched JVP of the column batch per chunk. A chunk whose
+    One batched backward per chunk of `W` rows, then batched JVPs of the column batch along that chunk's
+    gradients, `jvp_chunk_size` tangents per JVP (`None`: the whole chunk in one). Memory: one chunk of
+    parameter-sized gradients plus the activations of one JVP, which grow with its tangents. A chunk whose
     weights touch at most half of the row batch's sequences (a few probe tokens, one response) runs its forward
     and backward on those sequences only; the other chunks share one forward of the whole row batch. Never forms
     the kernel when `W` is not the identity.
@@ -269,7 +287,11 @@ def contract(
                 shared = Backward(score_fn(model, row_batch, output), values, model)
             grads = shared(weights)
         tangents = precondition(grads, preconditioner)
+        count = next(iter(tangents.values())).shape[0]
+        step = count if jvp_chunk_size is None else jvp_chunk_size
         with forward_mode_attention(model, path):  # the backward forwards above keep the model's own attention
-            rows.append(jvp_rows(column_score, values, tangents, path, fd_step))
+            for start in range(0, count, step):  # views of the chunk, no copies
+                part = {name: tangent[start : start + step] for name, tangent in tangents.items()}
+                rows.append(jvp_rows(column_score, values, part, path, fd_step))
         del grads, tangents  # one chunk of parameter-sized tangents alive at a time
     return torch.cat(rows)

@@ -5,11 +5,18 @@ An analysis step holds, on top of training, parameter-sized buffers (float32, or
 
     level    buffers alive at the peak                                activations (largest of)
     none     0                                                        no-grad forward of a probe scoring batch
-    sums     3 B: running raw gradient + one cell's gradient          backward graph of one training micro-batch;
-             (preconditioned in place) + the next micro-batch's       JVP of the probe batch (one direction)
-             gradient while it is added (`dynamics.explain_update`)
-    tokens   (chunk + 1) B: one chunk of per-target gradients and     backward graph of the probe batch;
-             the optimizer split read per parameter                   `chunk` JVPs of a training micro-batch
+    sums     1 B: one direction at a time (history; the raw gradient  backward graph of one training micro-batch;
+             of the gradient check; one cell's gradient,              JVP of the probe batch (one direction)
+             preconditioned in place), micro-batch backwards added
+             into it in place (`dynamics.explain_update`); + P for a
+             parameter dtype narrower than the buffers
+    tokens   chunk B: one chunk of per-target gradients (the          backward graph of a training micro-batch;
+             optimizer split read per parameter)                      the probe batch's backward graph plus
+                                                                      `t` JVPs of a training micro-batch
+
+with `t` tangents per batched JVP (`Workload.jvp_chunk_size`, the whole chunk by default; see
+`dense.DenseBackend`). Measured on CPU (`benchmarks/bench_memory.py`): the buffers as counted here, the
+activations within the estimate.
 
 Activations of a decoder with hidden size `h`, MLP width `i`, `L` layers, `H` heads, vocabulary `V`, for `R` rows
 of `T` tokens at `e` bytes an element (the model's dtype; the log-softmax in float32):
@@ -32,7 +39,7 @@ back to finite differences along the update direction when only those fit.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -145,6 +152,7 @@ class Workload:
     probe_length: int
     score_rows: int = 32
     chunk_size: int = 16
+    jvp_chunk_size: int | None = None  # tangents per batched JVP ("tokens"); None: the whole chunk
 
 
 @dataclass(frozen=True)
@@ -173,12 +181,15 @@ def estimate(shape: ModelShape, level: str, work: Workload, path: str = "func") 
     train_graph = backward_bytes(shape, work.train_rows, work.train_length)
     if level == "sums":
         probe_jvp = jvp_bytes(shape, work.probe_rows, work.probe_length, path)
-        return Estimate(level, path, (3 + int(fd)) * shape.buffer, max(train_graph, probe_jvp, scoring))
-    chunk = 1 if fd else work.chunk_size  # finite differences run one tangent at a time
-    train_jvps = chunk * jvp_bytes(shape, work.train_rows, work.train_length, path)
+        narrow = shape.parameters if shape.param_bytes < shape.buffer_bytes else 0  # a gradient while it is added
+        buffers = (1 + int(fd)) * shape.buffer + narrow
+        return Estimate(level, path, buffers, max(train_graph, probe_jvp, scoring))
+    tangents = min(work.jvp_chunk_size or work.chunk_size, work.chunk_size)
+    tangents = 1 if fd else tangents  # finite differences run one tangent at a time
+    train_jvps = tangents * jvp_bytes(shape, work.train_rows, work.train_length, path)
     probe_graph = backward_bytes(shape, work.probe_rows, work.probe_length)
-    buffers = (work.chunk_size + 1 + int(fd)) * shape.buffer
-    return Estimate(level, path, buffers, max(train_graph, probe_graph, train_jvps, scoring))
+    buffers = (work.chunk_size + int(fd)) * shape.buffer
+    return Estimate(level, path, buffers, max(train_graph, probe_graph + train_jvps, scoring))
 
 
 def pending_training_bytes(model: nn.Module, optimizer: object | None) -> int:
@@ -237,8 +248,9 @@ class Plan:
 
 def plan(shape: ModelShape, level: str, work: Workload, free: int, *, low_memory: bool = False) -> Plan:
     """The highest level not above `level` whose estimate fits in `SAFETY x free`; at each level the exact JVP
-    path first, then finite differences (only these with `low_memory`). `level="none"` or nothing fitting: the
-    returned plan is `"none"`, with a message when `level` was higher."""
+    path first (for "tokens", with whole chunks per JVP, then one tangent per JVP: `dense.DenseBackend` picks
+    the tangents that fit when it runs), then finite differences (only these with `low_memory`). `level="none"`
+    or nothing fitting: the returned plan is `"none"`, with a message when `level` was higher."""
     budget = int(SAFETY * free)
     requested = LEVELS.index(level)
     needed = estimate(shape, level, work).total
@@ -246,6 +258,8 @@ def plan(shape: ModelShape, level: str, work: Workload, free: int, *, low_memory
     for candidate in reversed(LEVELS[1 : requested + 1]):
         for path in paths:
             guess = estimate(shape, candidate, work, "func" if path == "auto" else path)
+            if guess.total > budget and candidate == "tokens" and path == "auto":  # fewer tangents per JVP
+                guess = estimate(shape, candidate, replace(work, jvp_chunk_size=1), "func")
             if guess.total <= budget:
                 message = "" if (candidate == level and path in ("auto", paths[0])) else _message(level, guess, free)
                 return Plan(candidate, path, guess, free, message, needed)

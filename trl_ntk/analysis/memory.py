@@ -10,12 +10,10 @@ An analysis step holds, on top of training, parameter-sized buffers (float32, or
              preconditioned in place), micro-batch backwards added
              into it in place (`dynamics.explain_update`); + P for a
              parameter dtype narrower than the buffers
-    tokens   chunk B: one chunk of per-target gradients (the          backward graph of a training micro-batch;
-             optimizer split read per parameter)                      the probe batch's backward graph plus
-                                                                      `t` JVPs of a training micro-batch
-
-with `t` tangents per batched JVP (`Workload.jvp_chunk_size`, the whole chunk by default; see
-`dense.DenseBackend`). Measured on CPU (`benchmarks/bench_memory.py`): the buffers as counted here, the
+    tokens   t B: `t` per-target gradients, `t` the tangents per      backward graph of a training micro-batch;
+             batched JVP (`Workload.jvp_chunk_size`, the whole        the probe batch's backward graph plus
+             chunk by default; see `dense.DenseBackend`)              `t` JVPs of a training micro-batch
+ Measured on CPU (`benchmarks/bench_memory.py`): the buffers as counted here, the
 activations within the estimate.
 
 Activations of a decoder with hidden size `h`, MLP width `i`, `L` layers, `H` heads, vocabulary `V`, for `R` rows
@@ -125,20 +123,19 @@ def jvp_bytes(shape: ModelShape, rows: int, length: int, path: str) -> int:
 
 def jvp_tangents(shape: ModelShape, rows: int, length: int, path: str, chunk_size: int, budget: int) -> int:
     """Tangents per batched JVP of a `rows x length` batch (the "tokens" level): the most, between 1 and
-    `chunk_size`, whose estimated activations (`jvp_bytes` each) fit in `budget` bytes."""
-    per_tangent = max(jvp_bytes(shape, rows, length, path), 1)
-    return max(1, min(chunk_size, budget // per_tangent))
+    `chunk_size`, whose gradients and estimated JVP activations (`B + jvp_bytes` each) fit in `budget` bytes."""
+    per_tangent = shape.buffer + jvp_bytes(shape, rows, length, path)
+    return max(1, min(chunk_size, budget // max(per_tangent, 1)))
 
 
 def jvp_budget(shape: ModelShape, mode: str, chunk_size: int, free: int) -> int:
-    """Bytes the activations of one batched JVP of the "tokens" level may take: `mode="buffer"`, one
-    parameter-sized buffer (`B`, the step then within `(chunk + 1) B` plus one tangent's activations); `"auto"`,
-    what is left of `SAFETY x free` once the chunk of gradients and the split are set aside, and at least `B`."""
-    if mode == "buffer":
-        return shape.buffer
-    if mode != "auto":
+    """Bytes the tangents of one batched JVP of the "tokens" level and its activations may take: `mode="buffer"`,
+    one chunk of parameter-sized buffers plus one (`(chunk_size + 1) B`); `"auto"`, `SAFETY x free`, and at
+    least that."""
+    if mode not in ("auto", "buffer"):
         raise ValueError(f"unknown jvp_chunk_size mode {mode!r}; expected an int, 'auto' or 'buffer'")
-    return max(shape.buffer, int(SAFETY * free) - (chunk_size + 1) * shape.buffer)
+    floor = (chunk_size + 1) * shape.buffer
+    return floor if mode == "buffer" else max(floor, int(SAFETY * free))
 
 
 @dataclass(frozen=True)
@@ -188,7 +185,7 @@ def estimate(shape: ModelShape, level: str, work: Workload, path: str = "func") 
     tangents = 1 if fd else tangents  # finite differences run one tangent at a time
     train_jvps = tangents * jvp_bytes(shape, work.train_rows, work.train_length, path)
     probe_graph = backward_bytes(shape, work.probe_rows, work.probe_length)
-    buffers = (work.chunk_size + int(fd)) * shape.buffer
+    buffers = (tangents + int(fd)) * shape.buffer
     return Estimate(level, path, buffers, max(train_graph, probe_graph + train_jvps, scoring))
 
 

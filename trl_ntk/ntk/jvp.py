@@ -262,9 +262,11 @@ def contract(
 ) -> Tensor:
     """`[R, Mc]`: `sum_a W[r, a] <grad f_a(row batch), P grad f_b(column batch)>`, `W` given in row chunks.
 
-    One batched backward per chunk of `W` rows, then batched JVPs of the column batch along that chunk's
-    gradients, `jvp_chunk_size` tangents per JVP (`None`: the whole chunk in one). Memory: one chunk of
-    parameter-sized gradients plus the activations of one JVP, which grow with its tangents. A chunk whose
+    One forward per chunk of `W` rows, then, `jvp_chunk_size` rows at a time (`None`: the whole chunk), a batched
+    backward of that forward's graph and a batched JVP of the column batch along the resulting gradients. Memory:
+    `jvp_chunk_size` (or chunk) parameter-sized gradients plus the activations of one JVP along them, both growing
+    with it, plus the chunk's backward graph. (Tangents are never views into a larger chunk: forward-mode AD would
+    copy the whole chunk's storage for each.) A chunk whose
     weights touch at most half of the row batch's sequences (a few probe tokens, one response) runs its forward
     and backward on those sequences only; the other chunks share one forward of the whole row batch. Never forms
     the kernel when `W` is not the identity.
@@ -279,19 +281,19 @@ def contract(
         sequences[row_of_target[(weights != 0).any(0).to(row_of_target.device)]] = True
         touched = int(sequences.sum())
         if not row_batch.model_kwargs and 0 < touched <= num_sequences // 2:
-            sliced = Backward(score_fn(model, select_rows(row_batch, sequences), output), values, model)
-            grads = sliced(weights[:, sequences[row_of_target].to(weights.device)])
-            del sliced
+            backward = Backward(score_fn(model, select_rows(row_batch, sequences), output), values, model)
+            weights = weights[:, sequences[row_of_target].to(weights.device)]
         else:  # also an all-zero chunk: zero gradients, zero rows, as without slicing
             if shared is None:
                 shared = Backward(score_fn(model, row_batch, output), values, model)
-            grads = shared(weights)
-        tangents = precondition(grads, preconditioner)
-        count = next(iter(tangents.values())).shape[0]
-        step = count if jvp_chunk_size is None else jvp_chunk_size
-        with forward_mode_attention(model, path):  # the backward forwards above keep the model's own attention
-            for start in range(0, count, step):  # views of the chunk, no copies
-                part = {name: tangent[start : start + step] for name, tangent in tangents.items()}
-                rows.append(jvp_rows(column_score, values, part, path, fd_step))
-        del grads, tangents  # one chunk of parameter-sized tangents alive at a time
+            backward = shared
+        step = weights.shape[0] if jvp_chunk_size is None else jvp_chunk_size
+        for start in range(0, weights.shape[0], step):  # one backward of the chunk's graph per `step` rows
+            tangents = precondition(backward(weights[start : start + step]), preconditioner)
+            if start + step >= weights.shape[0] and backward is not shared:
+                backward = None  # a sliced graph is freed before its last JVP
+            with forward_mode_attention(model, path):  # the backward forwards above keep the model's attention
+                rows.append(jvp_rows(column_score, values, tangents, path, fd_step))
+            del tangents  # `step` parameter-sized tangents alive at a time, in storage of their own
+        del backward
     return torch.cat(rows)

@@ -27,9 +27,15 @@ def test_buffers_follow_the_documented_counts():
     buffer = 4_000_000  # float32 buffers of a bf16 model: twice P
     assert SHAPE.buffer == buffer and SHAPE.parameters == buffer // 2
     assert memory.estimate(SHAPE, "none", WORK).buffers == 0
-    assert memory.estimate(SHAPE, "sums", WORK).buffers == 3 * buffer
-    assert memory.estimate(SHAPE, "sums", WORK, "finite_difference").buffers == 4 * buffer
-    assert memory.estimate(SHAPE, "tokens", WORK).buffers == 17 * buffer
+    # sums: one float32 direction at a time, plus one bf16 gradient while a micro-batch's is added
+    assert memory.estimate(SHAPE, "sums", WORK).buffers == buffer + SHAPE.parameters
+    assert memory.estimate(SHAPE, "sums", WORK, "finite_difference").buffers == 2 * buffer + SHAPE.parameters
+    float32 = memory.ModelShape(**{**SHAPE.__dict__, "param_bytes": 4})
+    assert memory.estimate(float32, "sums", WORK).buffers == float32.buffer  # added in place
+    assert memory.estimate(SHAPE, "tokens", WORK).buffers == 16 * buffer
+    # fewer tangents per JVP: as many gradients alive, and less activation
+    one = memory.estimate(SHAPE, "tokens", memory.Workload(**{**WORK.__dict__, "jvp_chunk_size": 1}))
+    assert one.buffers == buffer and one.activations < memory.estimate(SHAPE, "tokens", WORK).activations
     # the exact path's JVP activations grow with T^2 per head (MATH scores), finite differences' do not
     long = memory.Workload(train_rows=1, train_length=8192, probe_rows=1, probe_length=8192)
     assert memory.jvp_bytes(SHAPE, 1, 8192, "func") > 4 * memory.jvp_bytes(
@@ -44,12 +50,74 @@ def test_plan_keeps_lowers_or_gives_up_by_the_free_memory():
     assert sums < tokens
     roomy = memory.plan(SHAPE, "tokens", WORK, free=int(tokens / memory.SAFETY) + 1)
     assert (roomy.level, roomy.path, roomy.message) == ("tokens", "auto", "")
-    lowered = memory.plan(SHAPE, "tokens", WORK, free=int(sums / memory.SAFETY) + 1)
+    # a long probe batch: "tokens" with one tangent per JVP (probe graph + JVP) still needs more than "sums"
+    work = memory.Workload(**{**WORK.__dict__, "probe_rows": 64})
+    sums = memory.estimate(SHAPE, "sums", work).total
+    tokens = memory.estimate(SHAPE, "tokens", work).total
+    lowered = memory.plan(SHAPE, "tokens", work, free=int(sums / memory.SAFETY) + 1)
     assert lowered.level == "sums" and "'tokens'" in lowered.message and lowered.needed == tokens
     assert "'tokens' analysis step needs about" in lowered.refusal("tokens")
     assert memory.plan(SHAPE, "sums", WORK, free=1).level == "none"
     low = memory.plan(SHAPE, "sums", WORK, free=10**12, low_memory=True)
     assert (low.path, low.message) == ("finite_difference", "")
+
+
+def test_tangents_per_jvp_fit_the_budget():
+    per_tangent = SHAPE.buffer + memory.jvp_bytes(SHAPE, WORK.train_rows, WORK.train_length, "func")
+    for budget, expected in ((0, 1), (3 * per_tangent, 3), (3 * per_tangent + per_tangent // 2, 3), (10**15, 16)):
+        assert memory.jvp_tangents(SHAPE, WORK.train_rows, WORK.train_length, "func", 16, budget) == expected
+    assert memory.jvp_budget(SHAPE, "buffer", 16, free=10**15) == 17 * SHAPE.buffer
+    assert memory.jvp_budget(SHAPE, "auto", 16, free=0) == 17 * SHAPE.buffer
+    roomy = 100 * 17 * SHAPE.buffer
+    assert memory.jvp_budget(SHAPE, "auto", 16, free=roomy) == int(memory.SAFETY * roomy)
+    with pytest.raises(ValueError, match="jvp_chunk_size"):
+        memory.jvp_budget(SHAPE, "fast", 16, free=0)
+
+
+def test_plan_keeps_tokens_with_fewer_tangents_per_jvp_before_downgrading():
+    whole = memory.estimate(SHAPE, "tokens", WORK).total
+    one = memory.estimate(SHAPE, "tokens", memory.Workload(**{**WORK.__dict__, "jvp_chunk_size": 1})).total
+    chosen = memory.plan(SHAPE, "tokens", WORK, free=int(one / memory.SAFETY) + 1)
+    assert one < whole and (chosen.level, chosen.path, chosen.message) == ("tokens", "auto", "")
+
+
+def _tensor_peak(session) -> int:
+    """Peak of the running sum of the CPU allocator's allocation / free events of one profiler session."""
+    events = sorted(
+        (e for e in session.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    running = peak = 0
+    for event in events:
+        running += event.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.mark.parametrize("level", ["sums", "tokens"])
+def test_estimate_bounds_the_measured_peak_of_an_analysis_step(tmp_path, level):
+    """The tensor bytes the analysis step allocates above what existed before it (`torch.profiler`, as in
+    `benchmarks/bench_memory.py`) lie between the estimate's parameter-sized buffers and its total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer = dpo_trainer(tmp_path, max_steps=1, per_device_train_batch_size=2)
+    callback = LearningDynamicsCallback(
+        trainer, every_n_steps=1, attribution=level, num_prompts=1, generate=False, strict=True
+    )
+    peaks = []
+    original = callback.on_pre_optimizer_step
+
+    def measured(args, state, control, **kwargs):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as session:
+            out = original(args, state, control, **kwargs)
+        peaks.append(_tensor_peak(session))
+        return out
+
+    callback.on_pre_optimizer_step = measured
+    trainer.add_callback(callback)
+    trainer.train()
+    work = memory.workload(trainer, "dpo", tuple(callback.encoded.batch.input_ids.shape), None)
+    estimate = memory.estimate(memory.model_shape(trainer.model), level, work)
+    assert len(peaks) == 1 and estimate.buffers <= peaks[0] <= estimate.total, (peaks, estimate)
 
 
 def test_model_shape_reads_the_config_and_the_trainable_parameters():

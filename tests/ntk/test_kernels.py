@@ -176,6 +176,25 @@ def test_pntk_matches_bruteforce_on_logit_sums(architecture):
     assert relative_error(kernels.pntk(model, probe, train, chunk_size=5), expected) < EXACT
 
 
+@pytest.mark.parametrize("swap", [False, True], ids=["probe-rows", "train-rows"])
+def test_kernel_with_fewer_tangents_per_jvp_matches_bruteforce(swap):
+    """`jvp_chunk_size` splits each chunk of gradients into several batched JVPs (3 does not divide 5): the same
+    kernel, preconditioned, on either side."""
+    model = llama()
+    probe, train = probe_and_train(model)
+    if swap:
+        probe, train = train, probe
+    preconditioner = random_preconditioner(trainable(model))
+    expected = bruteforce_kernel(model, probe, train, preconditioner=preconditioner)
+    for jvp_chunk_size in (1, 3):
+        kernel = kernels.logprob_kernel(
+            model, probe, train, preconditioner=preconditioner, chunk_size=5, jvp_chunk_size=jvp_chunk_size
+        )
+        assert relative_error(kernel, expected) < EXACT
+    with pytest.raises(ValueError, match="jvp_chunk_size"):
+        kernels.logprob_kernel(model, probe, train, jvp_chunk_size=0)
+
+
 def test_gradients_implementation_matches_bruteforce():
     model = llama()
     probe, train = probe_and_train(model)
@@ -404,6 +423,13 @@ def test_logprob_grad_is_the_weighted_sum_of_per_target_gradients(architecture):
     expected = weights @ per_target_gradients(model, train)
     assert relative_error(flat(grads, trainable(model)), expected) < EXACT
     assert all(p.grad is None for p in model.parameters())
+    # added in place into given tensors (the running sum of several micro-batches): no new dict, same values
+    start = {name: torch.randn_like(p) for name, p in trainable(model).items()}
+    into = {name: t.clone() for name, t in start.items()}
+    returned = kernels.logprob_grad(model, train, weights, into=into)
+    assert returned is into and all(returned[n].data_ptr() == into[n].data_ptr() for n in into)
+    assert relative_error(flat(into, trainable(model)), flat(start, trainable(model)) + expected) < EXACT
+    assert all(p.grad is None for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -458,6 +484,11 @@ def test_direct_routes_equal_sums_of_the_full_matrix(preconditioned):
     )
     expected = attributions.attribution_column_sums(kernel, grad_coeffs, lr=lr, probe_weights=per_response)
     assert relative_error(direct_per_response, expected) < EXACT
+    one_tangent_at_a_time = attributions.attribution_column_sums_direct(
+        model, probe, train, grad_coeffs, lr=lr, preconditioner=preconditioner, probe_weights=per_response,
+        jvp_chunk_size=1,
+    )  # fmt: skip
+    assert relative_error(one_tangent_at_a_time, expected) < EXACT
 
     groups = torch.arange(train.num_targets) % 3
     direct_groups = attributions.attribution_group_sums_direct(

@@ -15,11 +15,16 @@ from torch import Tensor, nn
 
 from trl_ntk import _dist
 from trl_ntk._model import TensorDict, compute_dtype, trainable_parameters
-from trl_ntk.analysis import sharded
+from trl_ntk.analysis import memory, sharded
 from trl_ntk.analysis.guard import replayed_randomness
 from trl_ntk.analysis.results import TokenAttribution
 from trl_ntk.batches import CapturedMicroBatch, TokenBatch, TokenLabels, select_rows, target_rows
 from trl_ntk.ntk import attributions, jvp, kernels, logprobs, optim
+
+JVP_CHUNK_MODES = ("auto", "buffer")
+DEFAULT_JVP_CHUNK_SIZE: int | str = "auto"
+"""`DenseBackend`'s `jvp_chunk_size` when none is given (process-wide; e.g. `"buffer"` to bound the "tokens"
+level's memory by `chunk_size + 1` parameter-sized buffers, JVP activations included)."""
 
 
 class DenseBackend:
@@ -28,6 +33,11 @@ class DenseBackend:
     Args:
         model: at `w_t`, in eval mode, with the step's gradient in `.grad`.
         chunk_size (*optional*): rows of parameter-sized tangents held at once by the "tokens" level kernels.
+        jvp_chunk_size (*optional*, defaults to `DEFAULT_JVP_CHUNK_SIZE`): tangents per batched JVP at the
+            "tokens" level, whose activations grow with it. An int; `"auto"` (the whole chunk unless the device's
+            free memory is short); or `"buffer"` (gradients plus JVP activations within `chunk_size + 1`
+            parameter-sized buffers; where activations outweigh parameters it falls to 1-4 tangents, which cost
+            10-50% more time than 16 on small models).
         path (*optional*): `"auto"` (`jvp.select_jvp_path`) or a `jvp.JvpPath` value. `"finite_difference"`: the
             step's JVPs by the five-point stencil of `sharded.finite_difference_jvps` (float32 scoring forwards
             with the model's own attention kernel, the step chosen for accuracy), whose memory grows like a
@@ -35,7 +45,13 @@ class DenseBackend:
             "tokens" level kernels then use central differences too. Recorded as the explanation's `path`.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int | None = None, path: str | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        chunk_size: int | None = None,
+        path: str | None = None,
+        jvp_chunk_size: int | str | None = None,
+    ) -> None:
         self.model = model
         self.params = trainable_parameters(model)
         self.names = list(self.params)
@@ -44,6 +60,29 @@ class DenseBackend:
         self.chunking = {} if chunk_size is None else {"chunk_size": chunk_size}
         if not auto:
             self.chunking["path"] = self.path
+        jvp_chunk_size = DEFAULT_JVP_CHUNK_SIZE if jvp_chunk_size is None else jvp_chunk_size
+        if jvp_chunk_size not in JVP_CHUNK_MODES and not (isinstance(jvp_chunk_size, int) and jvp_chunk_size >= 1):
+            raise ValueError(f"jvp_chunk_size must be an int >= 1 or one of {JVP_CHUNK_MODES}, got {jvp_chunk_size!r}")
+        self.jvp_chunk_size = jvp_chunk_size
+
+    def _jvp_chunking(self, batches: list[TokenBatch]) -> dict:
+        """`self.chunking` plus the tangents per batched JVP of the "tokens" level: `jvp_chunk_size` when an int;
+        `"auto"` / `"buffer"`: the most whose gradients and estimated JVP activations (`memory.jvp_tangents`, for
+        each of the `batches` a JVP may run on) fit in `memory.jvp_budget` (`"auto"`: the device's free memory;
+        `"buffer"`: one chunk of parameter-sized buffers plus one)."""
+        if isinstance(self.jvp_chunk_size, int):
+            return {**self.chunking, "jvp_chunk_size": self.jvp_chunk_size}
+        chunk = self.chunking.get("chunk_size", jvp.DEFAULT_CHUNK_SIZE)
+        shape = memory.model_shape(self.model)
+        device = next(iter(self.params.values())).device
+        free = memory.free_bytes(device) if self.jvp_chunk_size == "auto" else 0
+        budget = memory.jvp_budget(shape, self.jvp_chunk_size, chunk, free)
+        path = "finite_difference" if self.path == jvp.JvpPath.FINITE_DIFFERENCE.value else "func"
+        tangents = min(
+            memory.jvp_tangents(shape, batch.input_ids.shape[0], batch.input_ids.shape[1], path, chunk, budget)
+            for batch in batches
+        )
+        return {**self.chunking, "jvp_chunk_size": tangents}
 
     def applied_gradient(self) -> TensorDict:
         return {n: (p.grad.detach() if p.grad is not None else torch.zeros_like(p)) for n, p in self.params.items()}
@@ -57,20 +96,21 @@ class DenseBackend:
         """`sum_l w_l grad lp_l` over this rank's micro-batches (one weighted backward per micro-batch with a
         non-zero weight), each forward with the dropout masks and noise of the training forward it reproduces.
 
-        Holds the running sum and, from the second micro-batch on, one more gradient while it is added."""
-        total: TensorDict | None = None
+        Holds the running sum only: each backward adds into it in place (`jvp.Backward.accumulate`) when the
+        parameters are float32 or wider; otherwise one more gradient while it is added."""
+        total = {n: torch.zeros_like(p, dtype=compute_dtype(p.dtype)) for n, p in self.params.items()}
+        in_place = all(p.dtype == total[n].dtype for n, p in self.params.items())
         for mb, w in zip(micro_batches, weights):
-            if bool((w != 0).any()):
-                with replayed_randomness(self.model, mb.rng_state):
-                    grad = kernels.logprob_grad(self.model, mb.batch, w, params=self.names)
-                if total is None:
-                    total = {n: grad[n].to(compute_dtype(grad[n].dtype)) for n in self.names}
+            if not bool((w != 0).any()):
+                continue
+            with replayed_randomness(self.model, mb.rng_state):
+                if in_place:
+                    kernels.logprob_grad(self.model, mb.batch, w, params=self.names, into=total)
                     continue
-                for n in self.names:
-                    total[n] += grad[n]
-                del grad
-        if total is None:
-            return {n: torch.zeros_like(p, dtype=compute_dtype(p.dtype)) for n, p in self.params.items()}
+                grad = kernels.logprob_grad(self.model, mb.batch, w, params=self.names)
+            for n in self.names:
+                total[n] += grad[n]
+            del grad
         return total
 
     def residual_gradient(self, micro_batches: list[CapturedMicroBatch], coeff_scale: float) -> TensorDict:
@@ -127,6 +167,7 @@ class DenseBackend:
         matrix_batch = select_rows(probe_batch, selected) if bool(selected.any()) else None
         totals, columns = [], []
         for mb, c in zip(micro_batches, coeffs):
+            chunking = self._jvp_chunking([mb.batch] if matrix_batch is None else [mb.batch, matrix_batch])
             totals.append(
                 attributions.attribution_column_sums_direct(
                     self.model,
@@ -137,7 +178,7 @@ class DenseBackend:
                     probe_weights=response_weights,
                     params=self.names,
                     preconditioner=preconditioner,
-                    **self.chunking,
+                    **chunking,
                 )
             )
             if matrix_batch is not None:
@@ -147,7 +188,7 @@ class DenseBackend:
                     mb.batch,
                     params=self.names,
                     preconditioner=preconditioner,
-                    **self.chunking,
+                    **chunking,
                 )
                 columns.append(-scale * kernel * c.to(kernel.dtype)[None, :])
         local = TokenAttribution(

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from trl_ntk import _dist
-from trl_ntk._model import TensorDict, compute_dtype
+from trl_ntk._model import TensorDict
 from trl_ntk.analysis.dense import DenseBackend
 from trl_ntk.analysis.results import SIGN_NAMES, GradientCheck, Prediction, UpdateExplanation
 from trl_ntk.batches import CapturedMicroBatch, TokenBatch, TokenLabels, concat_token_batches, select_rows, target_rows
@@ -91,12 +91,41 @@ def cell_weights(labels: list[TokenLabels], coeffs: list[Tensor], sign_index: in
     return weights
 
 
-def _add_scaled(total: TensorDict, part: TensorDict, preconditioner: Mapping[str, Tensor]) -> TensorDict:
-    """`total += part`, then `part <- -P * part`, both in place (no new parameter-sized tensor); returns `part`."""
-    for n in total:
-        total[n] += part[n].to(total[n].dtype)
+def _scaled(part: TensorDict, preconditioner: Mapping[str, Tensor]) -> TensorDict:
+    """`part <- -P * part` in place (no new parameter-sized tensor); returns `part`."""
+    for n in part:
         part[n].mul_(-preconditioner[n].to(part[n].dtype))
     return part
+
+
+def in_some_cell(coeffs: list[Tensor]) -> list[Tensor]:
+    """Per micro-batch `[M_i]`: `c_l` where some (sign, group) cell holds token `l` (`c_l < 0` or `c_l > 0`), 0
+    elsewhere (NaN coefficients fall in no cell). Its weighted gradient is the sum of every cell's."""
+    return [torch.where((c < 0) | (c > 0), c, torch.zeros_like(c)) for c in coeffs]
+
+
+def gradient_check(
+    backend: StepBackend,
+    micro_batches: list[CapturedMicroBatch],
+    coeffs: list[Tensor],
+    applied: TensorDict,
+    coeff_scale: float,
+) -> GradientCheck:
+    """`GradientCheck` of the raw gradient `g = sum_k g_k (+ g_r)` (every cell's tokens, and the logit residual's
+    pull-back when a rank has one) against the applied one.
+
+    `g` comes from one weighted backward of its own (not the sum of the cells' gradients), so that it is never
+    alive next to a cell's gradient: 1 parameter-sized buffer (2 while a logit residual's gradient or a second
+    micro-batch's is added), freed on return. Cost: one more backward of the step's batch."""
+    raw = backend.weighted_gradient(micro_batches, in_some_cell(coeffs))
+    if _dist.any_rank(any(mb.logit_residual is not None for mb in micro_batches)):
+        residual = backend.residual_gradient(micro_batches, coeff_scale)
+        for n in raw:
+            raw[n] += residual[n].to(raw[n].dtype)
+        del residual
+    for n in raw:
+        backend.reduce(raw[n])
+    return GradientCheck.from_dots(backend.dot(raw, raw), backend.dot(applied, applied), backend.dot(applied, raw))
 
 
 def _current_rows(
@@ -108,23 +137,22 @@ def _current_rows(
     cell_ids: list[tuple[int, int]],
     preconditioner: Mapping[str, Tensor],
     coeff_scale: float,
-    raw: TensorDict,
 ) -> tuple[dict[str, list[Tensor]], dict[str, Tensor] | None]:
     """Per batch, this process's JVP rows along `-P g_k` for every cell `k` (and along `-P g_r` for the logit
-    residual gradient `g_r`, `None` when no rank has one); each gradient is added into `raw`.
+    residual gradient `g_r`, `None` when no rank has one).
 
     One cell at a time: its gradient, the JVPs of every batch, then the gradient is dropped."""
     cell_rows: dict[str, list[Tensor]] = {name: [] for name in batches}
     for sign_index, group_index in cell_ids:
         gradient = backend.weighted_gradient(micro_batches, cell_weights(labels, coeffs, sign_index, group_index))
-        rows = backend.jvps(batches, [_add_scaled(raw, gradient, preconditioner)])
+        rows = backend.jvps(batches, [_scaled(gradient, preconditioner)])
         del gradient  # one cell's gradient (preconditioned in place) alive at a time
         for name in batches:
             cell_rows[name].append(rows[name][0])
     if not _dist.any_rank(any(mb.logit_residual is not None for mb in micro_batches)):
         return cell_rows, None
     gradient = backend.residual_gradient(micro_batches, coeff_scale)
-    rows = backend.jvps(batches, [_add_scaled(raw, gradient, preconditioner)])
+    rows = backend.jvps(batches, [_scaled(gradient, preconditioner)])
     return cell_rows, {name: value[0] for name, value in rows.items()}
 
 
@@ -143,6 +171,7 @@ def explain_update(
     extra_batches: dict[str, TokenBatch] | None = None,
     matrix_rows: Tensor | None = None,
     backend: StepBackend | None = None,
+    jvp_chunk_size: int | str | None = None,
 ) -> UpdateExplanation:
     """Predict the change of every probe token over the coming optimizer step (call before `optimizer.step()`, on
     every rank).
@@ -163,15 +192,19 @@ def explain_update(
             the same directions (GRPO's own completions for lazy likelihood displacement), in `explanation.extra`.
         matrix_rows (`Tensor[B]` bool, *optional*): at the "tokens" level, the probe rows whose full token x token
             matrix is computed; every response gets its per-training-token totals. `None`: all rows.
-        backend (`StepBackend`, *optional*): defaults to `DenseBackend(model, chunk_size)`.
+        backend (`StepBackend`, *optional*): defaults to `DenseBackend(model, chunk_size, jvp_chunk_size=...)`.
+        jvp_chunk_size (`int` or `str`, *optional*): tangents per batched JVP at the "tokens" level (see
+            `dense.DenseBackend`); ignored with an explicit `backend`.
 
     Returns:
         `UpdateExplanation`. Memory beyond the model's own (dense backend, float32 parameters, `P` = their bytes):
-        the history direction alone first (1 P), then the running raw gradient and one cell's gradient,
-        preconditioned in place (2 P, 3 P while a cell's second micro-batch is added); the optimizer's `P` is
-        computed one parameter at a time (`dense.LazySplit`); never `[Mp, P]`. See `analysis.memory`.
+        one parameter-sized buffer at a time: the history direction, then the raw gradient of the gradient check
+        (its own backward, `gradient_check`), then one cell's gradient at a time, preconditioned in place; each
+        micro-batch's backward adds into the running gradient in place (float32 parameters; one more gradient
+        while it is added otherwise); the optimizer's `P` is computed one parameter at a time
+        (`dense.LazySplit`); never `[Mp, P]`. Plus the activations of one backward or JVP. See `analysis.memory`.
     """
-    backend = DenseBackend(model, chunk_size) if backend is None else backend
+    backend = DenseBackend(model, chunk_size, jvp_chunk_size=jvp_chunk_size) if backend is None else backend
     applied = backend.applied_gradient()
     device = next(iter(applied.values())).device
     coeffs = [mb.grad_coeffs * coeff_scale for mb in micro_batches]
@@ -186,15 +219,11 @@ def explain_update(
     del history
     sgd_rows = backend.jvps({"probe": probe_batch}, [applied])["probe"][0] * -lr
 
-    raw = {n: torch.zeros_like(value, dtype=compute_dtype(value.dtype)) for n, value in applied.items()}
-    cell_rows, residual_rows = _current_rows(
-        backend, batches, micro_batches, labels, coeffs, cell_ids, preconditioner, coeff_scale, raw
-    )
-    for n in raw:
-        backend.reduce(raw[n])
-    check = GradientCheck.from_dots(backend.dot(raw, raw), backend.dot(applied, applied), backend.dot(applied, raw))
+    check = gradient_check(backend, micro_batches, coeffs, applied, coeff_scale)
     scale = check.clip_scale
-    del raw
+    cell_rows, residual_rows = _current_rows(
+        backend, batches, micro_batches, labels, coeffs, cell_ids, preconditioner, coeff_scale
+    )
 
     coeff_sq = sum((c.double().pow(2).sum() for c in coeffs), torch.zeros((), dtype=torch.float64))
     coeff_norm = float(_dist.all_reduce(coeff_sq.to(device))) ** 0.5 * abs(scale)

@@ -5,11 +5,16 @@ An analysis step holds, on top of training, parameter-sized buffers (float32, or
 
     level    buffers alive at the peak                                activations (largest of)
     none     0                                                        no-grad forward of a probe scoring batch
-    sums     3 B: running raw gradient + one cell's gradient          backward graph of one training micro-batch;
-             (preconditioned in place) + the next micro-batch's       JVP of the probe batch (one direction)
-             gradient while it is added (`dynamics.explain_update`)
-    tokens   (chunk + 1) B: one chunk of per-target gradients and     backward graph of the probe batch;
-             the optimizer split read per parameter                   `chunk` JVPs of a training micro-batch
+    sums     1 B: one direction at a time (history; the raw gradient  backward graph of one training micro-batch;
+             of the gradient check; one cell's gradient,              JVP of the probe batch (one direction)
+             preconditioned in place), micro-batch backwards added
+             into it in place (`dynamics.explain_update`); + P for a
+             parameter dtype narrower than the buffers
+    tokens   t B: `t` per-target gradients, `t` the tangents per      backward graph of a training micro-batch;
+             batched JVP (`Workload.jvp_chunk_size`, the whole        the probe batch's backward graph plus
+             chunk by default; see `dense.DenseBackend`)              `t` JVPs of a training micro-batch
+ Measured on CPU (`benchmarks/bench_memory.py`): the buffers as counted here, the
+activations within the estimate.
 
 Activations of a decoder with hidden size `h`, MLP width `i`, `L` layers, `H` heads, vocabulary `V`, for `R` rows
 of `T` tokens at `e` bytes an element (the model's dtype; the log-softmax in float32):
@@ -32,7 +37,7 @@ back to finite differences along the update direction when only those fit.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -116,6 +121,23 @@ def jvp_bytes(shape: ModelShape, rows: int, length: int, path: str) -> int:
     return 2 * forward_bytes(shape, rows, length, scores=True)
 
 
+def jvp_tangents(shape: ModelShape, rows: int, length: int, path: str, chunk_size: int, budget: int) -> int:
+    """Tangents per batched JVP of a `rows x length` batch (the "tokens" level): the most, between 1 and
+    `chunk_size`, whose gradients and estimated JVP activations (`B + jvp_bytes` each) fit in `budget` bytes."""
+    per_tangent = shape.buffer + jvp_bytes(shape, rows, length, path)
+    return max(1, min(chunk_size, budget // max(per_tangent, 1)))
+
+
+def jvp_budget(shape: ModelShape, mode: str, chunk_size: int, free: int) -> int:
+    """Bytes the tangents of one batched JVP of the "tokens" level and its activations may take: `mode="buffer"`,
+    one chunk of parameter-sized buffers plus one (`(chunk_size + 1) B`); `"auto"`, `SAFETY x free`, and at
+    least that."""
+    if mode not in ("auto", "buffer"):
+        raise ValueError(f"unknown jvp_chunk_size mode {mode!r}; expected an int, 'auto' or 'buffer'")
+    floor = (chunk_size + 1) * shape.buffer
+    return floor if mode == "buffer" else max(floor, int(SAFETY * free))
+
+
 @dataclass(frozen=True)
 class Workload:
     """The batches of one analysis step: rows x longest length of a training micro-batch and of the probe batch
@@ -127,6 +149,7 @@ class Workload:
     probe_length: int
     score_rows: int = 32
     chunk_size: int = 16
+    jvp_chunk_size: int | None = None  # tangents per batched JVP ("tokens"); None: the whole chunk
 
 
 @dataclass(frozen=True)
@@ -155,12 +178,15 @@ def estimate(shape: ModelShape, level: str, work: Workload, path: str = "func") 
     train_graph = backward_bytes(shape, work.train_rows, work.train_length)
     if level == "sums":
         probe_jvp = jvp_bytes(shape, work.probe_rows, work.probe_length, path)
-        return Estimate(level, path, (3 + int(fd)) * shape.buffer, max(train_graph, probe_jvp, scoring))
-    chunk = 1 if fd else work.chunk_size  # finite differences run one tangent at a time
-    train_jvps = chunk * jvp_bytes(shape, work.train_rows, work.train_length, path)
+        narrow = shape.parameters if shape.param_bytes < shape.buffer_bytes else 0  # a gradient while it is added
+        buffers = (1 + int(fd)) * shape.buffer + narrow
+        return Estimate(level, path, buffers, max(train_graph, probe_jvp, scoring))
+    tangents = min(work.jvp_chunk_size or work.chunk_size, work.chunk_size)
+    tangents = 1 if fd else tangents  # finite differences run one tangent at a time
+    train_jvps = tangents * jvp_bytes(shape, work.train_rows, work.train_length, path)
     probe_graph = backward_bytes(shape, work.probe_rows, work.probe_length)
-    buffers = (work.chunk_size + 1 + int(fd)) * shape.buffer
-    return Estimate(level, path, buffers, max(train_graph, probe_graph, train_jvps, scoring))
+    buffers = (tangents + int(fd)) * shape.buffer
+    return Estimate(level, path, buffers, max(train_graph, probe_graph + train_jvps, scoring))
 
 
 def pending_training_bytes(model: nn.Module, optimizer: object | None) -> int:
@@ -219,8 +245,9 @@ class Plan:
 
 def plan(shape: ModelShape, level: str, work: Workload, free: int, *, low_memory: bool = False) -> Plan:
     """The highest level not above `level` whose estimate fits in `SAFETY x free`; at each level the exact JVP
-    path first, then finite differences (only these with `low_memory`). `level="none"` or nothing fitting: the
-    returned plan is `"none"`, with a message when `level` was higher."""
+    path first (for "tokens", with whole chunks per JVP, then one tangent per JVP: `dense.DenseBackend` picks
+    the tangents that fit when it runs), then finite differences (only these with `low_memory`). `level="none"`
+    or nothing fitting: the returned plan is `"none"`, with a message when `level` was higher."""
     budget = int(SAFETY * free)
     requested = LEVELS.index(level)
     needed = estimate(shape, level, work).total
@@ -228,6 +255,8 @@ def plan(shape: ModelShape, level: str, work: Workload, free: int, *, low_memory
     for candidate in reversed(LEVELS[1 : requested + 1]):
         for path in paths:
             guess = estimate(shape, candidate, work, "func" if path == "auto" else path)
+            if guess.total > budget and candidate == "tokens" and path == "auto":  # fewer tangents per JVP
+                guess = estimate(shape, candidate, replace(work, jvp_chunk_size=1), "func")
             if guess.total <= budget:
                 message = "" if (candidate == level and path in ("auto", paths[0])) else _message(level, guess, free)
                 return Plan(candidate, path, guess, free, message, needed)

@@ -86,12 +86,14 @@ def attribution_group_sums_direct(
     path: JvpPath | str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     fd_step: float = DEFAULT_FD_STEP,
+    jvp_chunk_size: int | None = None,
 ) -> Tensor:
     """`attribution_group_sums` without the kernel: `[Mp, G]`.
 
     Per group `g`: `G_g = sum_{l in g} c_l grad lp_l` (one batched backward of the training batch for all groups),
     then `-lr <grad lp~_m, P * G_g>` for all `m` by one batched JVP of the probe batch. Cost about one training
-    step plus one probe JVP per group; allocates `min(G, chunk_size)` parameter-sized gradients, never `K`.
+    step plus one probe JVP per group; allocates `min(G, chunk_size)` parameter-sized gradients, never `K`;
+    `jvp_chunk_size` tangents per batched JVP (`None`: a whole chunk), whose activations grow with it.
     """
     probe, train = prepare(model, probe, train)
     _check_coeffs(grad_coeffs, train.num_targets)
@@ -110,6 +112,7 @@ def attribution_group_sums_direct(
         preconditioner=preconditioner,
         path=resolve_path(model, values, path),
         fd_step=fd_step,
+        jvp_chunk_size=jvp_chunk_size,
     )
     return -lr * sums.T
 
@@ -158,12 +161,15 @@ def attribution_column_sums_direct(
     path: JvpPath | str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     fd_step: float = DEFAULT_FD_STEP,
+    jvp_chunk_size: int | None = None,
 ) -> Tensor:
     """`attribution_column_sums` without the kernel: `u = sum_m grad lp~_m` (one probe backward; one per row of
     `probe_weights [R, Mp]`, batched), then one JVP of all training log-probs along `P * u`:
     `-lr * c_l * <grad lp_l, P * u>`. Returns `[Mt]` (`[R, Mt]` with `probe_weights`).
 
-    Cost about one training step (forward + JVP of the training batch) for every training token at once.
+    Cost about one training step (forward + JVP of the training batch) for every training token at once, per
+    row of `probe_weights`. Memory: `chunk_size` parameter-sized gradients plus the activations of a JVP of the
+    training batch along `jvp_chunk_size` of them (`None`: the whole chunk) at once.
     """
     probe, train = prepare(model, probe, train)
     _check_coeffs(grad_coeffs, train.num_targets)
@@ -184,6 +190,7 @@ def attribution_column_sums_direct(
         preconditioner=preconditioner,
         path=resolve_path(model, values, path),
         fd_step=fd_step,
+        jvp_chunk_size=jvp_chunk_size,
     )
     columns = -lr * grad_coeffs.to(sums)[None, :] * sums
     return columns[0] if probe_weights is None else columns

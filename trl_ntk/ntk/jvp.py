@@ -200,6 +200,21 @@ class Backward:
         )
         return dict(zip(self.names, grads, strict=True))
 
+    def accumulate(self, weights: Tensor, into: TensorDict) -> None:
+        """`into[name] += sum_m weights[m] grad f_m` in place, one backward (the graph freed): autograd adds each
+        parameter's gradient into `into` as it is produced, so no second parameter-sized dict is ever alive (one
+        parameter's gradient at a time). `into` must hold tensors of the parameters' dtypes and shapes."""
+        for name, leaf in zip(self.names, self.leaves, strict=True):
+            leaf.grad = into[name]
+        try:
+            torch.autograd.backward(self.outputs, grad_tensors=weights.to(self.outputs), inputs=self.leaves)
+            for name, leaf in zip(self.names, self.leaves, strict=True):
+                if leaf.grad is not into[name]:  # autograd replaced it instead of adding in place
+                    into[name].copy_(leaf.grad)
+        finally:
+            for leaf in self.leaves:
+                leaf.grad = None
+
     def single(self, weights: Tensor) -> TensorDict:
         """`weights [M]` -> `name -> [*shape]` (one backward, the graph freed)."""
         grads = torch.autograd.grad(
@@ -243,10 +258,15 @@ def contract(
     preconditioner: Mapping[str, Tensor] | None,
     path: JvpPath,
     fd_step: float,
+    jvp_chunk_size: int | None = None,
 ) -> Tensor:
     """`[R, Mc]`: `sum_a W[r, a] <grad f_a(row batch), P grad f_b(column batch)>`, `W` given in row chunks.
 
-    One batched backward per chunk of `W` rows, then one batched JVP of the column batch per chunk. A chunk whose
+    One forward per chunk of `W` rows, then, `jvp_chunk_size` rows at a time (`None`: the whole chunk), a batched
+    backward of that forward's graph and a batched JVP of the column batch along the resulting gradients. Memory:
+    `jvp_chunk_size` (or chunk) parameter-sized gradients plus the activations of one JVP along them, both growing
+    with it, plus the chunk's backward graph. (Tangents are never views into a larger chunk: forward-mode AD would
+    copy the whole chunk's storage for each.) A chunk whose
     weights touch at most half of the row batch's sequences (a few probe tokens, one response) runs its forward
     and backward on those sequences only; the other chunks share one forward of the whole row batch. Never forms
     the kernel when `W` is not the identity.
@@ -261,15 +281,19 @@ def contract(
         sequences[row_of_target[(weights != 0).any(0).to(row_of_target.device)]] = True
         touched = int(sequences.sum())
         if not row_batch.model_kwargs and 0 < touched <= num_sequences // 2:
-            sliced = Backward(score_fn(model, select_rows(row_batch, sequences), output), values, model)
-            grads = sliced(weights[:, sequences[row_of_target].to(weights.device)])
-            del sliced
+            backward = Backward(score_fn(model, select_rows(row_batch, sequences), output), values, model)
+            weights = weights[:, sequences[row_of_target].to(weights.device)]
         else:  # also an all-zero chunk: zero gradients, zero rows, as without slicing
             if shared is None:
                 shared = Backward(score_fn(model, row_batch, output), values, model)
-            grads = shared(weights)
-        tangents = precondition(grads, preconditioner)
-        with forward_mode_attention(model, path):  # the backward forwards above keep the model's own attention
-            rows.append(jvp_rows(column_score, values, tangents, path, fd_step))
-        del grads, tangents  # one chunk of parameter-sized tangents alive at a time
+            backward = shared
+        step = weights.shape[0] if jvp_chunk_size is None else jvp_chunk_size
+        for start in range(0, weights.shape[0], step):  # one backward of the chunk's graph per `step` rows
+            tangents = precondition(backward(weights[start : start + step]), preconditioner)
+            if start + step >= weights.shape[0] and backward is not shared:
+                backward = None  # a sliced graph is freed before its last JVP
+            with forward_mode_attention(model, path):  # the backward forwards above keep the model's attention
+                rows.append(jvp_rows(column_score, values, tangents, path, fd_step))
+            del tangents  # `step` parameter-sized tangents alive at a time, in storage of their own
+        del backward
     return torch.cat(rows)

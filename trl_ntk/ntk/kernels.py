@@ -111,9 +111,10 @@ def _kernel(
     path: JvpPath | str,
     chunk_size: int,
     fd_step: float,
+    jvp_chunk_size: int | None = None,
 ) -> Tensor:
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size < 1 or (jvp_chunk_size is not None and jvp_chunk_size < 1):
+        raise ValueError(f"chunk_size and jvp_chunk_size must be >= 1, got {chunk_size}, {jvp_chunk_size}")
     probe, train = prepare(model, probe, train)
     values = primal_values(model, params)
     num_probe, num_train = probe.num_targets, train.num_targets
@@ -141,6 +142,7 @@ def _kernel(
         preconditioner=preconditioner,
         path=resolved,
         fd_step=fd_step,
+        jvp_chunk_size=jvp_chunk_size,
     )
     return kernel if by_probe_rows else kernel.T.contiguous()
 
@@ -161,6 +163,7 @@ def logprob_kernel(
     path: JvpPath | str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     fd_step: float = DEFAULT_FD_STEP,
+    jvp_chunk_size: int | None = None,
 ) -> Tensor:
     """Token-level log-prob kernel `K[m, l] = <grad_w lp~_m, P * grad_w lp_l>` (`P = 1` without preconditioner).
 
@@ -180,6 +183,9 @@ def logprob_kernel(
         path (`JvpPath` or `"auto"`): how JVPs run; `"auto"` = `select_jvp_path(model)`.
         chunk_size (`int`, *optional*, defaults to 16): rows of parameter-sized tangents held at once.
         fd_step (`float`, *optional*, defaults to 1e-3): relative step of the finite-difference path.
+        jvp_chunk_size (`int`, *optional*): tangents per batched JVP of the larger side (default: a whole chunk).
+            The JVP's activations grow with it; fewer trade a little time (the primal forward is repeated) for
+            memory.
 
     Returns:
         `Tensor[Mp, Mt]` in float32 (float64 for a float64 model).
@@ -199,6 +205,7 @@ def logprob_kernel(
         path=path,
         chunk_size=chunk_size,
         fd_step=fd_step,
+        jvp_chunk_size=jvp_chunk_size,
     )
 
 
@@ -213,6 +220,7 @@ def pntk(
     path: JvpPath | str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     fd_step: float = DEFAULT_FD_STEP,
+    jvp_chunk_size: int | None = None,
 ) -> Tensor:
     """pNTK `K[m, l] = <grad_w s~_m, P * grad_w s_l>`, `s = (1/sqrt V) * sum_j z_j` at the target's position.
 
@@ -230,6 +238,7 @@ def pntk(
         path=path,
         chunk_size=chunk_size,
         fd_step=fd_step,
+        jvp_chunk_size=jvp_chunk_size,
     )
 
 
@@ -340,17 +349,23 @@ def logprob_grad(
     *,
     params: ParamSelection = None,
     output: Output = "logprob",
+    into: TensorDict | None = None,
 ) -> TensorDict:
     """`sum_m weights[m] * grad_w lp_m` over the selected parameters, `name -> Tensor[*param.shape]`.
 
-    `weights [M]`. Cost: one forward and one backward of the batch. Leaves `.grad` of the model untouched.
+    `weights [M]`. Cost: one forward and one backward of the batch. Leaves `.grad` of the model untouched. With
+    `into` (tensors of the parameters' dtypes and shapes), the gradient is added into it in place and `into` is
+    returned: no second parameter-sized dict is allocated (`jvp.Backward.accumulate`).
     """
     (batch,) = prepare(model, batch)
     values = primal_values(model, params)
     backward = Backward(score_fn(model, batch, output), values, model)
     if weights.shape != (backward.num_targets,):
         raise ValueError(f"weights must have shape [M] = [{backward.num_targets}], got {tuple(weights.shape)}")
-    return backward.single(weights)
+    if into is None:
+        return backward.single(weights)
+    backward.accumulate(weights, into)
+    return into
 
 
 def logit_cotangent_grad(

@@ -208,7 +208,9 @@ def test_fsdp_finite_differences_agree_with_the_exact_ddp_analysis(fsdp_run, ddp
         check = record["gradient_check"]  # the backward of the captured c_l, reduce-scattered by FSDP, vs .grad
         assert check["cosine"] >= 0.99999 and check["relative_error"] <= 1e-4
         assert check["clip_scale"] == pytest.approx(1.0, abs=1e-4)  # FSDP's 1/world_size averaging undone once
-        assert record["observed"] == pytest.approx(reference["observed"], abs=1e-5)
+        # DDP scores the probes with their prompts' forward shared (KV cache), FSDP plainly: equal up to float32
+        # rounding of the summed token log-probs (about 1e-6 relative per token)
+        assert record["observed"] == pytest.approx(reference["observed"], rel=1e-4, abs=1e-5)
         assert set(record["cells"]) == set(reference["cells"])
         tolerance = 1e-2 * _scale(reference)  # five-point differences: measured below 0.5% of the cancelling terms
         for cell, value in record["cells"].items():

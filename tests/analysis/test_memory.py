@@ -50,8 +50,9 @@ def test_plan_keeps_lowers_or_gives_up_by_the_free_memory():
     assert sums < tokens
     roomy = memory.plan(SHAPE, "tokens", WORK, free=int(tokens / memory.SAFETY) + 1)
     assert (roomy.level, roomy.path, roomy.message) == ("tokens", "auto", "")
-    # a long probe batch: "tokens" with one tangent per JVP (probe graph + JVP) still needs more than "sums"
-    work = memory.Workload(**{**WORK.__dict__, "probe_rows": 64})
+    # a large probe batch: "tokens" with one tangent per JVP (probe graph + JVP), or by finite differences, still
+    # needs more than "sums"
+    work = memory.Workload(**{**WORK.__dict__, "probe_rows": 64, "probe_length": 32})
     sums = memory.estimate(SHAPE, "sums", work).total
     tokens = memory.estimate(SHAPE, "tokens", work).total
     lowered = memory.plan(SHAPE, "tokens", work, free=int(sums / memory.SAFETY) + 1)
@@ -186,3 +187,78 @@ def test_low_memory_mode_runs_the_step_by_finite_differences(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "dynamics" / "dynamics.jsonl").read_text().splitlines()]
     paths = {r["path"] for r in lines if "path" in r}
     assert paths == {"finite_difference"}, paths
+
+
+def _long_llama(length: int, lora: bool) -> torch.nn.Module:
+    """A random Llama (hidden 32, 2 layers, 4 heads / 2 KV heads, SDPA), optionally LoRA-wrapped (rank 4)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=length, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]))
+    return model.eval()
+
+
+def _long_batch(rows: int, length: int, seed: int):
+    from trl_ntk.batches import TokenBatch
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (rows, length), generator=generator)
+    targets = torch.zeros(rows, length, dtype=torch.bool)
+    targets[:, length // 2 :] = True  # a long response after a long prompt
+    return TokenBatch(ids, torch.ones_like(ids), targets)
+
+
+def _measured_sums_step(model: torch.nn.Module, length: int) -> tuple[int, memory.Estimate]:
+    """Tensor peak (`torch.profiler`) of one exact-path "sums" `explain_update` of a 2-row training batch and a
+    2-row probe batch of `length` tokens, after an AdamW step, and the estimate for the same workload."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from trl_ntk.analysis import dynamics
+    from trl_ntk.batches import CapturedMicroBatch, TokenLabels, target_rows
+
+    train, probe = _long_batch(2, length, 1), _long_batch(2, length, 2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    coeffs = torch.randn(train.num_targets, generator=torch.Generator().manual_seed(3)) / train.num_targets
+    for _ in range(2):  # the first step creates AdamW's moments; the second is analysed
+        optimizer.zero_grad()
+        logits = model(**train.forward_kwargs()).logits[:, :-1][train.target_mask[:, 1:]]
+        (torch.log_softmax(logits, -1).gather(-1, train.targets[:, None])[:, 0] * coeffs).sum().backward()
+        if not optimizer.state:
+            optimizer.step()
+    rows = target_rows(train)
+    labels = [TokenLabels(group=torch.zeros_like(rows), example=rows, sequence_group=rows)]
+    micro = [CapturedMicroBatch(train, grad_coeffs=coeffs.double())]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as session:
+        dynamics.explain_update(model, probe, micro, labels, ("all",), optimizer, attribution="sums")
+    work = memory.Workload(train_rows=2, train_length=length, probe_rows=2, probe_length=length)
+    return _tensor_peak(session), memory.estimate(memory.model_shape(model), "sums", work)
+
+
+@pytest.mark.parametrize("length", [256, 768])
+def test_estimate_bounds_the_exact_path_at_long_sequences_within_a_factor(length):
+    """Forward-mode attention through SDPA's MATH backend holds about 6 `H T^2` score tensors per row; the estimate
+    of a "sums" step on the exact path is above the measured tensor peak and within 4x of it."""
+    model = _long_llama(length, lora=False)
+    peak, estimate = _measured_sums_step(model, length)
+    assert estimate.path == "func" and peak <= estimate.total <= 4 * peak, (peak, estimate)
+
+
+def test_estimate_of_a_lora_step_is_an_upper_bound_and_not_counted_in_parameters():
+    """LoRA: parameter-sized buffers are negligible, the activations do not scale with P; the estimate bounds the
+    measured peak within 4x, and its part above a plain training step's activations is small against them."""
+    length = 512
+    model = _long_llama(length, lora=True)
+    peak, estimate = _measured_sums_step(model, length)
+    shape = memory.model_shape(model)
+    assert shape.num_params < 10_000 and estimate.buffers < 0.01 * peak
+    assert peak <= estimate.total <= 4 * peak, (peak, estimate)
+    assert estimate.above_training < estimate.total and estimate.training > 0

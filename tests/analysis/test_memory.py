@@ -262,3 +262,80 @@ def test_estimate_of_a_lora_step_is_an_upper_bound_and_not_counted_in_parameters
     assert shape.num_params < 10_000 and estimate.buffers < 0.01 * peak
     assert peak <= estimate.total <= 4 * peak, (peak, estimate)
     assert estimate.above_training < estimate.total and estimate.training > 0
+
+
+def _numbers(value, prefix=""):
+    """`{path: float}` of every number in a JSON record (nested dicts and lists), booleans and strings left out."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _numbers(item, f"{prefix}.{key}").items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in _numbers(item, f"{prefix}[{i}]").items()}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {prefix: float(value)}
+    return {}
+
+
+def _tokens_run(tmp_path, low_memory: bool, monkeypatch) -> tuple[list[dict], list[dict]]:
+    """A one-step toy DPO run at the "tokens" level; its records and the keyword arguments of every `DenseBackend`
+    the callback built."""
+    from trl_ntk.analysis import dense
+    from trl_ntk.integration import callbacks
+
+    built = []
+
+    class Spy(dense.DenseBackend):
+        def __init__(self, *args, **kwargs):
+            built.append({"args": args[1:], **kwargs})
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(callbacks.dense, "DenseBackend", Spy)
+    trainer = dpo_trainer(tmp_path, max_steps=1)
+    callback = LearningDynamicsCallback(
+        trainer, every_n_steps=1, attribution="tokens", low_memory=low_memory, num_prompts=1, generate=False,
+        strict=True, chunk_size=4,
+    )  # fmt: skip
+    trainer.add_callback(callback)
+    trainer.train()
+    lines = [json.loads(line) for line in (tmp_path / "dynamics" / "dynamics.jsonl").read_text().splitlines()]
+    return lines, built
+
+
+def test_low_memory_runs_the_tokens_level_exactly_within_a_buffer_budget(tmp_path, monkeypatch):
+    """`low_memory=True` at the "tokens" level builds `DenseBackend(jvp_chunk_size="buffer")` on the exact path,
+    and records the same numbers as the default run at the same `chunk_size` (timings aside) to 1e-5 (with another
+    chunk size the float32 sums change order: 4e-5 relative on the toy between chunks of 1 and 16)."""
+    low, built = _tokens_run(tmp_path / "low", True, monkeypatch)
+    default, built_default = _tokens_run(tmp_path / "default", False, monkeypatch)
+    assert built_default == [] and len(built) == 1, (built, built_default)
+    assert built[0]["jvp_chunk_size"] == "buffer" and built[0]["path"] == "auto" and built[0]["args"] == (4,)
+    paths = {r["path"] for r in low if "path" in r}
+    assert paths and "finite_difference" not in paths, paths
+    kept = [r for r in low if r.get("type") not in ("run", "status")]
+    reference = [r for r in default if r.get("type") not in ("run", "status")]
+    assert [r.get("type") for r in kept] == [r.get("type") for r in reference]
+    compared = 0
+    for mine, theirs in zip(kept, reference):
+        a, b = _numbers(mine), _numbers(theirs)
+        for key in a.keys() & b.keys():
+            if any(word in key for word in ("seconds", "time", "elapsed", "duration")):
+                continue
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (key, a[key], b[key])
+            compared += 1
+    assert compared > 100, compared
+
+
+def test_low_memory_plan_keeps_exact_tokens_within_the_buffer_budget_and_sums_by_finite_differences():
+    """With `low_memory`, "sums" runs by finite differences; "tokens" on the exact path with the tangents per JVP
+    of the "buffer" budget (`chunk_size + 1` buffers) when that fits, finite differences when only those fit."""
+    roomy = memory.plan(SHAPE, "tokens", WORK, free=10**12, low_memory=True)
+    assert (roomy.level, roomy.path, roomy.message) == ("tokens", "auto", "")
+    budget = memory.jvp_budget(SHAPE, "buffer", WORK.chunk_size, 0)
+    tangents = memory.jvp_tangents(SHAPE, WORK.train_rows, WORK.train_length, "func", WORK.chunk_size, budget)
+    assert 1 <= tangents < WORK.chunk_size  # activations outweigh the parameters here: fewer than a whole chunk
+    buffered = memory.estimate(SHAPE, "tokens", memory.Workload(**{**WORK.__dict__, "jvp_chunk_size": tangents}))
+    assert roomy.estimate == buffered
+    fd = memory.estimate(SHAPE, "tokens", WORK, "finite_difference").total
+    assert fd < buffered.total
+    tight = memory.plan(SHAPE, "tokens", WORK, free=int(fd / memory.SAFETY) + 1, low_memory=True)
+    assert (tight.level, tight.path) == ("tokens", "finite_difference") and "finite-difference" in tight.message
+    assert memory.plan(SHAPE, "sums", WORK, free=10**12, low_memory=True).path == "finite_difference"

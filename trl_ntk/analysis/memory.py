@@ -273,15 +273,18 @@ class Plan:
 def plan(shape: ModelShape, level: str, work: Workload, free: int, *, low_memory: bool = False) -> Plan:
     """The highest level not above `level` whose estimate fits in `SAFETY x free`; at each level the exact JVP
     path first (for "tokens", with whole chunks per JVP, then one tangent per JVP: `dense.DenseBackend` picks
-    the tangents that fit when it runs), then finite differences (only these with `low_memory`). `level="none"`
-    or nothing fitting: the returned plan is `"none"`, with a message when `level` was higher."""
+    the tangents that fit when it runs), then finite differences. With `low_memory`: "sums" by finite differences
+    only; "tokens" with the tangents per JVP of `jvp_chunk_size="buffer"` (gradients plus JVP activations within
+    `chunk_size + 1` parameter-sized buffers), then finite differences. `level="none"` or nothing fitting: the
+    returned plan is `"none"`, with a message when `level` was higher."""
     budget = int(SAFETY * free)
     requested = LEVELS.index(level)
     needed = estimate(shape, level, work).total
-    paths = ("finite_difference",) if low_memory else ("auto", "finite_difference")
     for candidate in reversed(LEVELS[1 : requested + 1]):
+        exact = not low_memory or candidate == "tokens"
+        paths = ("auto", "finite_difference") if exact else ("finite_difference",)
         for path in paths:
-            guess = estimate(shape, candidate, work, "func" if path == "auto" else path)
+            guess = estimate(shape, candidate, _buffer_chunks(shape, work) if low_memory else work, _func(path))
             if guess.total > budget and candidate == "tokens" and path == "auto":  # fewer tangents per JVP
                 guess = estimate(shape, candidate, replace(work, jvp_chunk_size=1), "func")
             if guess.total <= budget:
@@ -289,6 +292,18 @@ def plan(shape: ModelShape, level: str, work: Workload, free: int, *, low_memory
                 return Plan(candidate, path, guess, free, message, needed)
     none = estimate(shape, "none", work)
     return Plan("none", "auto", none, free, "" if level == "none" else _message(level, none, free), needed)
+
+
+def _func(path: str) -> str:
+    return "func" if path == "auto" else path
+
+
+def _buffer_chunks(shape: ModelShape, work: Workload) -> Workload:
+    """`work` with the tangents per JVP that `jvp_chunk_size="buffer"` picks (`jvp_tangents` within
+    `jvp_budget(..., "buffer", ...)`), as `low_memory` runs the "tokens" level."""
+    budget = jvp_budget(shape, "buffer", work.chunk_size, 0)
+    tangents = jvp_tangents(shape, work.train_rows, work.train_length, "func", work.chunk_size, budget)
+    return replace(work, jvp_chunk_size=tangents)
 
 
 def workload(trainer: object, kind: str, probe_shape: tuple[int, int] | None, chunk_size: int | None) -> Workload:

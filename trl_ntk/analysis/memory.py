@@ -285,7 +285,8 @@ def plan(shape: ModelShape, level: str, work: Workload, free: int, *, low_memory
         paths = ("auto", "finite_difference") if exact else ("finite_difference",)
         for path in paths:
             guess = estimate(shape, candidate, _buffer_chunks(shape, work) if low_memory else work, _func(path))
-            if guess.total > budget and candidate == "tokens" and path == "auto":  # fewer tangents per JVP
+            retry = candidate == "tokens" and path == "auto" and not low_memory  # "buffer" fixes the tangents
+            if guess.total > budget and retry:  # fewer tangents per JVP
                 guess = estimate(shape, candidate, replace(work, jvp_chunk_size=1), "func")
             if guess.total <= budget:
                 message = "" if (candidate == level and path in ("auto", paths[0])) else _message(level, guess, free)

@@ -223,9 +223,12 @@ class DynamicsConfig:
         memory_check (`str`, *optional*, defaults to `"downgrade"`): before the first analysis, estimate its peak
             extra memory on the device (`analysis.memory`) and, when it does not fit, `"downgrade"` (a lower
             level, or finite-difference JVPs, with a warning) or `"refuse"` (raise before training); `"off"`.
-        low_memory (`bool`, *optional*, defaults to `False`): every JVP by finite differences (the memory of a
-            no-grad forward with the model's own attention kernel, about 1e-4 relative error) and one
-            parameter-sized tangent at a time at the "tokens" level; slower.
+        low_memory (`bool`, *optional*, defaults to `False`): one parameter-sized tangent at a time (unless
+            `chunk_size` is given) and, at the "sums" level, every JVP by finite differences (the memory of a
+            no-grad forward with the model's own attention kernel, about 1e-4 relative error); when some step runs
+            the "tokens" level, exact JVPs with `jvp_chunk_size="buffer"` (`analysis.dense.DenseBackend`: gradients
+            plus JVP activations within `chunk_size + 1` parameter-sized buffers, the same results), or finite
+            differences where the memory check finds that only those fit; slower.
         seed (`int`, *optional*, defaults to `0`): probe selection and sampling seed.
         output_dir (`str`, *optional*): where `dynamics.jsonl` goes; defaults to `<args.output_dir>/dynamics`.
         report_to (`str` or `list[str]`, *optional*): trackers besides the JSONL; defaults to the trainer's
@@ -361,7 +364,9 @@ class DynamicsArguments:
             "choices": list(MEMORY_CHECKS),
         },
     )
-    ntk_low_memory: bool = field(default=False, metadata=_help("finite-difference JVPs, one tangent at a time"))
+    ntk_low_memory: bool = field(
+        default=False, metadata=_help("one tangent at a time; finite-difference JVPs (exact ones at the tokens level)")
+    )
     ntk_seed: int = field(default=0, metadata=_help("probe selection and sampling seed"))
     ntk_output_dir: str | None = field(
         default=None, metadata=_help("run folder of dynamics.jsonl; default <output_dir>/dynamics")

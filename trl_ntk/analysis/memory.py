@@ -17,18 +17,30 @@ An analysis step holds, on top of training, parameter-sized buffers (float32, or
 activations within the estimate.
 
 Activations of a decoder with hidden size `h`, MLP width `i`, `L` layers, `H` heads, vocabulary `V`, for `R` rows
-of `T` tokens at `e` bytes an element (the model's dtype; the log-softmax in float32):
+of `T` tokens at `e` bytes an element (the model's dtype; the log-softmax in float32; `s = max(e, 4)`):
 
-    backward graph    R T [L (8 h + 3 i + 2 H T a) e + 3 V 4]
+    backward graph    R T [L (10 h + 4 i + 2 H T a) e + 4 V 4]
     no-grad forward   R T [(4 h + 2 i + H T a) e + 3 V 4]
-    JVP (forward AD)  2 x no-grad forward with `a = 1` (SDPA runs its MATH backend, which forms `H T^2` scores)
+    JVP (forward AD)  R T [2 (4 h + 2 i) e + 6 H T s + 2 3 V 4] + 2 h i e: primal and tangent of one layer alive;
+                      SDPA runs its MATH backend, whose scores, softmax and their tangents (with the temporaries of
+                      the softmax tangent) hold about 6 `H T^2` tensors per row (measured 5.2-5.4 on CPU, float32);
+                      `2 h i e`: a weight-sized tangent product of the MLP
     finite difference no-grad forward in float32 with the model's own kernel, plus one saved copy of the
                       parameters (`B`)
 
 with `a = 1` when attention forms the `T x T` scores (eager, MATH) and `a = 0` for fused kernels (flash,
 memory-efficient SDPA). The JVP term grows like `T^2` per head; the finite-difference path like a forward. These
-are upper-bound style estimates (no allocator fragmentation, no caching), accurate to a factor of about 2 on the
-benchmarks (`benchmarks/bench_memory.py`); the check keeps a safety margin (`SAFETY`).
+are upper bounds of the tensor bytes alive (no allocator fragmentation, no caching): against `torch.profiler`'s
+tensor peak of a JVP on small Llamas (T = 128-2048) the JVP term is 1.1-1.6x the measure, and against the
+benchmarks' resident-set peaks (`benchmarks/bench_long.py`) the exact path's "sums" estimate is 1.2-1.3x the
+measure at T = 1024 and 2048. The check keeps a safety margin (`SAFETY`).
+
+The estimate is the analysis step's peak above the training state (parameters, gradients, optimizer state), which
+is what must fit in the free memory measured before training; the trainer's own forward and backward peak is not
+alive then. `Estimate.training` is that training step's activations (the backward graph of a training micro-batch
+with the `[R, T, V]` logits its loss forms), and `Estimate.above_training` the analysis peak above a plain step's
+peak: for LoRA and long sequences the analysis' activations stay within the training step's own (its per-target
+forward forms logits at the targets only), so the step costs little beyond its buffers.
 
 `plan` picks the highest level not above the requested one whose estimate fits, preferring exact JVPs and falling
 back to finite differences along the update direction when only those fit.
@@ -48,6 +60,11 @@ SAFETY = 0.8
 """Fraction of the free memory an analysis step may plan to use."""
 
 LEVELS = ("none", "sums", "tokens")
+
+RUNTIME = 16 * 2**20
+"""Bytes a first analysis step adds to the process besides its tensors (code paths loaded at first use, allocator
+state), counted with the activations: on CPU the resident-set peak of `benchmarks/bench_long.py` at T = 256 lies
+7 MiB above the tensor peak `torch.profiler` measures for the same step."""
 
 
 @dataclass(frozen=True)
@@ -110,15 +127,17 @@ def forward_bytes(shape: ModelShape, rows: int, length: int, *, scores: bool, el
 def backward_bytes(shape: ModelShape, rows: int, length: int) -> int:
     """Activations a backward keeps (every layer's saved tensors, the attention scores unless fused)."""
     scores = 2 * shape.heads * length * int(not shape.fused_attention)
-    per_layer = (8 * shape.hidden + 3 * shape.intermediate + scores) * shape.act_bytes
-    return rows * length * (shape.layers * per_layer + 3 * shape.vocab * 4)
+    per_layer = (10 * shape.hidden + 4 * shape.intermediate + scores) * shape.act_bytes
+    return rows * length * (shape.layers * per_layer + 4 * shape.vocab * 4)
 
 
 def jvp_bytes(shape: ModelShape, rows: int, length: int, path: str) -> int:
     """Activations of one batched JVP of `rows x length` tokens along one direction (see the module table)."""
     if path == "finite_difference":
         return forward_bytes(shape, rows, length, scores=not shape.fused_attention, element=4)
-    return 2 * forward_bytes(shape, rows, length, scores=True)
+    e, scores = shape.act_bytes, max(shape.act_bytes, 4)
+    linear = 2 * forward_bytes(shape, rows, length, scores=False)
+    return linear + rows * length * 6 * shape.heads * length * scores + 2 * shape.hidden * shape.intermediate * e
 
 
 def jvp_tangents(shape: ModelShape, rows: int, length: int, path: str, chunk_size: int, budget: int) -> int:
@@ -154,16 +173,24 @@ class Workload:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Peak extra bytes of one analysis step: `buffers` (parameter-sized) + `activations`."""
+    """Peak extra bytes of one analysis step above the training state: `buffers` (parameter-sized) +
+    `activations`; `training`, the activations of the plain training step it is compared with (not alive at the
+    same time)."""
 
     level: str
     path: str
     buffers: int
     activations: int
+    training: int = 0
 
     @property
     def total(self) -> int:
         return self.buffers + self.activations
+
+    @property
+    def above_training(self) -> int:
+        """The analysis step's peak above a plain training step's peak: `max(0, total - training)`."""
+        return max(0, self.total - self.training)
 
 
 def estimate(shape: ModelShape, level: str, work: Workload, path: str = "func") -> Estimate:
@@ -173,20 +200,20 @@ def estimate(shape: ModelShape, level: str, work: Workload, path: str = "func") 
         raise ValueError(f"unknown level {level!r}; expected one of {LEVELS}")
     fd = path == "finite_difference"
     scoring = forward_bytes(shape, min(work.probe_rows, work.score_rows), work.probe_length, scores=True)
-    if level == "none":
-        return Estimate(level, path, 0, scoring)
     train_graph = backward_bytes(shape, work.train_rows, work.train_length)
+    if level == "none":
+        return Estimate(level, path, 0, RUNTIME + scoring, train_graph)
     if level == "sums":
         probe_jvp = jvp_bytes(shape, work.probe_rows, work.probe_length, path)
         narrow = shape.parameters if shape.param_bytes < shape.buffer_bytes else 0  # a gradient while it is added
         buffers = (1 + int(fd)) * shape.buffer + narrow
-        return Estimate(level, path, buffers, max(train_graph, probe_jvp, scoring))
+        return Estimate(level, path, buffers, RUNTIME + max(train_graph, probe_jvp, scoring), train_graph)
     tangents = min(work.jvp_chunk_size or work.chunk_size, work.chunk_size)
     tangents = 1 if fd else tangents  # finite differences run one tangent at a time
     train_jvps = tangents * jvp_bytes(shape, work.train_rows, work.train_length, path)
     probe_graph = backward_bytes(shape, work.probe_rows, work.probe_length)
     buffers = (tangents + int(fd)) * shape.buffer
-    return Estimate(level, path, buffers, max(train_graph, probe_graph + train_jvps, scoring))
+    return Estimate(level, path, buffers, RUNTIME + max(train_graph, probe_graph + train_jvps, scoring), train_graph)
 
 
 def pending_training_bytes(model: nn.Module, optimizer: object | None) -> int:
@@ -246,22 +273,38 @@ class Plan:
 def plan(shape: ModelShape, level: str, work: Workload, free: int, *, low_memory: bool = False) -> Plan:
     """The highest level not above `level` whose estimate fits in `SAFETY x free`; at each level the exact JVP
     path first (for "tokens", with whole chunks per JVP, then one tangent per JVP: `dense.DenseBackend` picks
-    the tangents that fit when it runs), then finite differences (only these with `low_memory`). `level="none"`
-    or nothing fitting: the returned plan is `"none"`, with a message when `level` was higher."""
+    the tangents that fit when it runs), then finite differences. With `low_memory`: "sums" by finite differences
+    only; "tokens" with the tangents per JVP of `jvp_chunk_size="buffer"` (gradients plus JVP activations within
+    `chunk_size + 1` parameter-sized buffers), then finite differences. `level="none"` or nothing fitting: the
+    returned plan is `"none"`, with a message when `level` was higher."""
     budget = int(SAFETY * free)
     requested = LEVELS.index(level)
     needed = estimate(shape, level, work).total
-    paths = ("finite_difference",) if low_memory else ("auto", "finite_difference")
     for candidate in reversed(LEVELS[1 : requested + 1]):
+        exact = not low_memory or candidate == "tokens"
+        paths = ("auto", "finite_difference") if exact else ("finite_difference",)
         for path in paths:
-            guess = estimate(shape, candidate, work, "func" if path == "auto" else path)
-            if guess.total > budget and candidate == "tokens" and path == "auto":  # fewer tangents per JVP
+            guess = estimate(shape, candidate, _buffer_chunks(shape, work) if low_memory else work, _func(path))
+            retry = candidate == "tokens" and path == "auto" and not low_memory  # "buffer" fixes the tangents
+            if guess.total > budget and retry:  # fewer tangents per JVP
                 guess = estimate(shape, candidate, replace(work, jvp_chunk_size=1), "func")
             if guess.total <= budget:
                 message = "" if (candidate == level and path in ("auto", paths[0])) else _message(level, guess, free)
                 return Plan(candidate, path, guess, free, message, needed)
     none = estimate(shape, "none", work)
     return Plan("none", "auto", none, free, "" if level == "none" else _message(level, none, free), needed)
+
+
+def _func(path: str) -> str:
+    return "func" if path == "auto" else path
+
+
+def _buffer_chunks(shape: ModelShape, work: Workload) -> Workload:
+    """`work` with the tangents per JVP that `jvp_chunk_size="buffer"` picks (`jvp_tangents` within
+    `jvp_budget(..., "buffer", ...)`), as `low_memory` runs the "tokens" level."""
+    budget = jvp_budget(shape, "buffer", work.chunk_size, 0)
+    tangents = jvp_tangents(shape, work.train_rows, work.train_length, "func", work.chunk_size, budget)
+    return replace(work, jvp_chunk_size=tangents)
 
 
 def workload(trainer: object, kind: str, probe_shape: tuple[int, int] | None, chunk_size: int | None) -> Workload:

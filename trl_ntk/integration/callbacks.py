@@ -121,7 +121,8 @@ class LearningDynamicsCallback(TrainerCallback):
         self.untrusted_steps = 0
         self.last_failure = ""
         self.sharded = False
-        self.jvp_path = "finite_difference" if self.config.low_memory else "auto"
+        # low_memory: finite differences, except at the "tokens" level: exact JVPs within chunk + 1 buffers
+        self.jvp_path = "finite_difference" if self.config.low_memory and not self.config.tokens_level else "auto"
         self.memory_plan: memory.Plan | None = None
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -479,8 +480,10 @@ class LearningDynamicsCallback(TrainerCallback):
         (`sharded.ShardedBackend`, no token level) when the parameters are sharded across ranks."""
         if self.sharded:
             options["backend"] = sharded.ShardedBackend(model, batch_size=self.config.score_batch_size)
-        elif self.jvp_path != "auto":  # low_memory, or chosen by the memory check: forward-pass memory
-            options["backend"] = dense.DenseBackend(model, options.get("chunk_size") or 1, path=self.jvp_path)
+        elif self.jvp_path != "auto" or self.config.low_memory:  # forward-pass memory, or the "buffer" budget
+            buffer = {"jvp_chunk_size": "buffer"} if self.config.low_memory else {}
+            chunk = options.get("chunk_size") or 1
+            options["backend"] = dense.DenseBackend(model, chunk, path=self.jvp_path, **buffer)
         return dynamics.explain_update(model, probe_batch, micro_batches, labels, group_names, optimizer, **options)
 
     def _positive_completions(self, micro_batches: list, labels: list):

@@ -22,7 +22,8 @@ cases.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +138,19 @@ def _probe_objectives(model: nn.Module, probe_batch: TokenBatch, weights: Tensor
     return weights.to(lp) @ lp
 
 
+@contextlib.contextmanager
+def _restored_parameters(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
+    """The model's trainable parameters by name; their values are put back when the block exits (even on error)."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    saved = {name: p.detach().clone() for name, p in params.items()}
+    try:
+        yield params
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+
+
 def linearised_training(
     model: nn.Module,
     train_batch: TokenBatch,
@@ -159,11 +173,9 @@ def linearised_training(
     period = steps if relinearise_every is None else int(relinearise_every)
     if period < 1 and steps > 0:
         raise ValueError(f"relinearise_every must be >= 1, got {relinearise_every}")
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    saved = {name: p.detach().clone() for name, p in params.items()}
     start = _probe_objectives(model, probe_batch, weights)
     changes, zs, done = [torch.zeros_like(start, dtype=torch.float64)], [], 0
-    try:
+    with _restored_parameters(model) as params:
         while True:
             z = target_logprobs(model, train_batch).double()
             zs = zs or [z]
@@ -182,10 +194,6 @@ def linearised_training(
                 with torch.no_grad():
                     for name, p in params.items():
                         p += step[name].to(p.dtype)
-    finally:
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(saved[name])
     return Trajectory(torch.stack(changes), torch.stack(zs), torch.empty(0))
 
 
@@ -201,11 +209,9 @@ def real_training(
 ) -> Trajectory:
     """The observed change of the probes over `steps` real full-batch SGD steps `w -= lr * grad L(lp(w))` on
     `train_batch`; the model's weights are restored afterwards. Cost: `steps` forwards and backwards."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    saved = {name: p.detach().clone() for name, p in params.items()}
     start = _probe_objectives(model, probe_batch, weights)
     changes, zs = [], []
-    try:
+    with _restored_parameters(model) as params:
         for step in range(steps + 1):
             changes.append((_probe_objectives(model, probe_batch, weights) - start).double())
             values = {name: v.detach().requires_grad_(True) for name, v in primal_values(model, list(params)).items()}
@@ -218,10 +224,6 @@ def real_training(
             with torch.no_grad():
                 for p, g in zip(params.values(), grads):
                     p -= lr * g.to(p.dtype)
-    finally:
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(saved[name])
     return Trajectory(torch.stack(changes), torch.stack(zs), torch.empty(0))
 
 

@@ -9,7 +9,20 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "trl_ntk"
 
 # top to bottom; a module may import from its own layer and any layer after it
-LAYERS = ["cli", "demo", "integration", "report", "output", "analysis", "probes", "config", "ntk", "_dist", "_model"]
+LAYERS = [
+    "cli",
+    "lookahead",
+    "demo",
+    "integration",
+    "report",
+    "output",
+    "analysis",
+    "probes",
+    "config",
+    "ntk",
+    "_dist",
+    "_model",
+]
 LOWEST = "batches"
 
 # (importing module, imported module): upward imports kept on purpose, each inside a function

@@ -7,6 +7,7 @@ Usage:
     trl-ntk demo --trainer grpo --nthr --report-to wandb
     trl-ntk report trl_ntk_demo/dynamics           # -> trl_ntk_demo/dynamics/report.html
     trl-ntk lookahead --trainer dpo                # score every toy training pair before training
+    trl-ntk lookahead --dataset pairs.jsonl --loss-type ipo --beta 0.2 --probes heldout
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def _add_lookahead_parser(commands: argparse._SubParsersAction) -> None:
     lookahead.add_argument("-o", "--output-dir", default="trl_ntk_lookahead", help="output folder")
     lookahead.add_argument("--max-examples", type=_positive_int, default=None, help="score the first N rows only")
     lookahead.add_argument("--rows", type=_positive_int, default=64, help="toy training rows to build")
-    lookahead.add_argument("--model-path", default=None, help="a local model folder instead of the toy model")
+    lookahead.add_argument("--model-path", default=None, help="a hub id or local model folder instead of the toy")
     lookahead.add_argument("--view", choices=("sgd", "adam", "adam_exact"), default="sgd", help="optimizer view")
     lookahead.add_argument("--checkpoint", default=None, help="Trainer checkpoint folder with optimizer.pt (adam)")
     lookahead.add_argument("--lr", type=_positive_float, default=None, help="SGD view learning rate")
@@ -166,7 +167,37 @@ def _add_lookahead_parser(commands: argparse._SubParsersAction) -> None:
     lookahead.add_argument(
         "--num-generations", type=_positive_int, default=None, help="grpo: completions sampled per prompt (>= 2)"
     )
-    lookahead.add_argument("--seed", type=int, default=0, help="grpo: sampling seed of the completion groups")
+    lookahead.add_argument(
+        "--seed", type=int, default=0, help="grpo: sampling seed of the completion groups; the held-out probe draw"
+    )
+    data = lookahead.add_argument_group("model, data and probes (defaults: the offline toy)")
+    data.add_argument(
+        "--dataset",
+        default=None,
+        help="train data: a .json/.jsonl/.parquet/.csv file, a folder written by Dataset.save_to_disk, or a hub id",
+    )
+    data.add_argument("--dataset-split", default="train", help="split of a hub dataset or a saved DatasetDict")
+    data.add_argument(
+        "--loss-type", default=None, help="the trainer config's loss_type (checked against the names it lists)"
+    )
+    data.add_argument("--beta", type=_non_negative_float, default=None, help="the trainer config's beta (DPO / GRPO)")
+    data.add_argument(
+        "--reward-func", default=None, help="grpo with --dataset: the reward, module:function (importable)"
+    )
+    data.add_argument(
+        "--probes",
+        choices=("default", "heldout"),
+        default="default",
+        help="default: 8 prompts of the train data; heldout: the last --heldout-fraction rows are not scored and "
+        "their answers are the probes",
+    )
+    data.add_argument(
+        "--heldout-fraction", type=_positive_float, default=0.1, help="share of rows held out (default 0.1)"
+    )
+    data.add_argument("--probe-prompts", type=_positive_int, default=8, help="held-out prompts drawn as probes")
+    data.add_argument(
+        "--probes-file", default=None, help="probes written by hand: JSON / JSONL in ProbeSet.from_file's format"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "lookahead":
-        from trl_ntk.integration.lookahead import run_cli
+        from trl_ntk.integration.lookahead_cli import run_cli
 
         return run_cli(args)
     if args.nthr and args.trainer != "grpo":

@@ -10,10 +10,8 @@ rewards itself (`trl_ntk.integration.lookahead_grpo`). The probe directions and 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +27,6 @@ from trl_ntk.integration import lookahead_grpo
 from trl_ntk.integration.adapters import adapter_for, label_step
 from trl_ntk.integration.capture import GradientCapture
 from trl_ntk.probes.probe_set import ProbeSet
-from trl_ntk.report.lookahead import build_lookahead_report
 
 logger = logging.getLogger(__name__)
 
@@ -411,40 +408,48 @@ def _add(left: lookahead.ExampleEffects, right: lookahead.ExampleEffects) -> loo
     )
 
 
-def summary_lines(result: LookaheadResult, objective: str, top: int = 5) -> list[str]:
-    """A few lines for the console: the view, then the most harmful and most helpful examples for `objective`."""
-    column = result.effects.column(objective)
-    values = result.effects.total[:, column]
-    order = values.argsort(stable=True).tolist()
-    lines = [f"view: {result.meta.get('view')}  examples: {len(result.indices)}  objective: {objective}"]
-    for label, picks in (("most harmful", order[:top]), ("most helpful", order[::-1][:top])):
-        lines.append(f"{label}:")
-        for row in picks:
-            text = next(iter(result.texts[row].values()), "") if result.texts[row] else ""
-            lines.append(f"  #{result.indices[row]:<5d} {values[row]:+.3e}  {text[:70]!r}")
-    finite = values[torch.isfinite(values)]
-    if finite.numel():
-        lines.append(f"median {finite.median():+.3e}, negative for {int((finite < 0).sum())} of {finite.numel()}")
-    return lines if math.isfinite(float(values.sum())) else lines + ["warning: non-finite effects"]
-
-
 def toy_trainer(kind: str, output_dir: str | Path, *, num_rows: int = 64, model_path: str | None = None, **args: Any):
     """A `DPOTrainer` or `SFTTrainer` on the offline toy preference data, or a `GRPOTrainer` on the toy arithmetic
     prompts with their exact-answer reward (its model, or the one at `model_path`), with a plain-SGD-friendly
     configuration for scoring (no training is run here)."""
-    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+    return build_trainer(kind, output_dir, num_rows=num_rows, model_path=model_path, **args)
+
+
+def build_trainer(
+    kind: str,
+    output_dir: str | Path,
+    *,
+    dataset: Any = None,
+    model_path: str | None = None,
+    reward_funcs: Any = None,
+    num_rows: int = 64,
+    **args: Any,
+) -> Any:
+    """A `DPOTrainer`, `SFTTrainer` or `GRPOTrainer` for scoring (no training is run here).
+
+    Args:
+        kind (`str`): `"dpo"`, `"sft"` or `"grpo"`.
+        output_dir (`str` or `Path`): the trainer's `output_dir` (nothing is written there by building).
+        dataset (`datasets.Dataset`, *optional*): the train dataset; defaults to `num_rows` toy rows (preference
+            pairs; GRPO: the toy arithmetic prompts). For SFT a `prompt`/`chosen` dataset is read as
+            `prompt`/`completion`.
+        model_path (`str`, *optional*): a hub id or local folder (`AutoModelForCausalLM`); defaults to the toy model.
+        reward_funcs (*optional*): GRPO reward functions; required with a user `dataset` (the toy's is its
+            exact-answer reward).
+        args: fields of the trainer's config class (`loss_type`, `beta`, ...), over a plain-SGD-friendly default.
+
+    Raises `ValueError` for a `loss_type` the config class does not list, and `TypeError` for a field the config
+    class lacks (e.g. `beta` for SFT), before the model is loaded.
+    """
+    from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
     from trl_ntk.demo import toy
 
-    if model_path is None and kind == "grpo":
-        model, tokenizer = toy.model_and_tokenizer(warmup=True)
-    elif model_path is None:
-        model, tokenizer = toy.model_and_tokenizer(warmup=True if kind == "dpo" else "pretrain")
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model, tokenizer = AutoModelForCausalLM.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path)
-    data = toy.preference_dataset(n=num_rows, seed=0)
+    if kind not in ("dpo", "sft", "grpo"):
+        raise ValueError(f"kind must be 'dpo', 'sft' or 'grpo', got {kind!r}")
+    if kind == "grpo" and dataset is not None and reward_funcs is None:
+        raise ValueError("GRPO on a user dataset needs a reward function (--reward-func module:function)")
+    config_class = {"dpo": DPOConfig, "sft": SFTConfig, "grpo": GRPOConfig}[kind]
     common = {
         "output_dir": str(output_dir),
         "report_to": "none",
@@ -456,52 +461,53 @@ def toy_trainer(kind: str, output_dir: str | Path, *, num_rows: int = 64, model_
         "learning_rate": 1e-5,
         **args,
     }
-    if kind == "dpo":
-        return DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=data, processing_class=tokenizer)
     if kind == "grpo":
-        return _toy_grpo_trainer(model, tokenizer, num_rows, common)
-    data = data.select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
-    return SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer)
+        generations = int(common.pop("num_generations", 4))
+        common = {"num_generations": generations, "max_completion_length": 24, "temperature": 1.0, **common}
+        common["per_device_train_batch_size"] = generations
+    check_loss_type(config_class, common.get("loss_type"))
+    config = config_class(**common)
+    if model_path is not None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path)
+    else:
+        model, tokenizer = toy.model_and_tokenizer(warmup="pretrain" if kind == "sft" else True)
+    if kind == "grpo":
+        data = toy.math_dataset(n=num_rows, seed=0) if dataset is None else dataset
+        rewards = toy.math_reward if reward_funcs is None else reward_funcs
+        return GRPOTrainer(
+            model=model, args=config, train_dataset=data, processing_class=tokenizer, reward_funcs=rewards
+        )
+    data = toy.preference_dataset(n=num_rows, seed=0) if dataset is None else dataset
+    if kind == "dpo":
+        return DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    if {"prompt", "chosen"} <= set(data.column_names) and "completion" not in data.column_names:
+        data = data.select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
+    return SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
 
 
-def _toy_grpo_trainer(model: Any, tokenizer: Any, num_rows: int, common: dict[str, Any]) -> Any:
-    from trl import GRPOConfig, GRPOTrainer
+def check_loss_type(config_class: type, loss_type: Any) -> None:
+    """Raise `ValueError` unless every name in `loss_type` (a str or a list) is one the config class lists for its
+    `loss_type` field (its `choices`, else the quoted names after "values are" in its help). The configs accept any
+    string and the trainers fail only at the first loss; this fails before any work. No check when the class lists
+    nothing."""
+    if loss_type is None:
+        return
+    import dataclasses
+    import re
 
-    from trl_ntk.demo import toy
-
-    generations = int(common.pop("num_generations", 4))
-    settings = {"num_generations": generations, "max_completion_length": 24, "temperature": 1.0, **common}
-    settings["per_device_train_batch_size"] = generations
-    return GRPOTrainer(
-        model=model,
-        args=GRPOConfig(**settings),
-        train_dataset=toy.math_dataset(n=num_rows, seed=0),
-        processing_class=tokenizer,
-        reward_funcs=toy.math_reward,
-    )
-
-
-def run_cli(args: Any) -> int:
-    """`trl-ntk lookahead`: score the toy (or `--model-path`) training rows and write `lookahead.jsonl`."""
-    output_dir = Path(args.output_dir)
-    extra = {"num_generations": args.num_generations} if args.trainer == "grpo" and args.num_generations else {}
-    trainer = toy_trainer(args.trainer, output_dir, num_rows=args.rows, model_path=args.model_path, **extra)
-    if args.checkpoint:
-        trainer.optimizer = load_optimizer_state(trainer, args.checkpoint)
-    result = score_trainer(
-        trainer,
-        view=args.view,
-        lr=args.lr,
-        by_probe=args.by_probe,
-        batch_size=args.batch_size,
-        max_examples=args.max_examples,
-        num_generations=args.num_generations if args.trainer == "grpo" else None,
-        seed=args.seed,
-    )
-    path = result.write_jsonl(output_dir / "lookahead.jsonl")
-    objective = "chosen" if "chosen" in result.effects.names else result.effects.names[0]
-    written = [path, build_lookahead_report(path, objective=objective)]
-    if importlib.util.find_spec("pandas") and importlib.util.find_spec("pyarrow"):
-        written.append(result.write_parquet(output_dir / "lookahead.parquet"))
-    print("\n".join([*summary_lines(result, objective), *(f"wrote {p}" for p in written)]))
-    return 0
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    if "loss_type" not in fields:
+        raise TypeError(f"{config_class.__name__} has no loss_type")
+    metadata = fields["loss_type"].metadata
+    allowed = list(metadata.get("choices") or [])
+    if not allowed:
+        sentence = re.search(r"values are:?\s*(.*?)\.(?:\s|$)", metadata.get("help", ""), flags=re.S)
+        allowed = re.findall(r"'([A-Za-z0-9_]+)'", sentence.group(1)) if sentence else []
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    unknown = [name for name in names if name not in allowed]
+    if allowed and unknown:
+        raise ValueError(
+            f"{config_class.__name__}: unknown loss_type {unknown[0]!r}; expected one of {', '.join(allowed)}"
+        )

@@ -133,6 +133,8 @@ def prepare(args: Any) -> tuple[Any, ProbeSet | None, dict[str, Any]]:
         raise CLIError(f"--trainer {args.trainer}: {error}") from None
     tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
     probes, header = _probes(args, args.trainer, held_out, tokenizer)
+    if held_out is not None:  # the probes' prompt ids "p<k>" name held-out row k, dataset row heldout_first_row + k
+        header["heldout_first_row"] = len(dataset)
     header.update(
         dataset=args.dataset or "toy",
         loss_type=getattr(trainer.args, "loss_type", None),

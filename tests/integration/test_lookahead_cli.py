@@ -113,3 +113,27 @@ def test_grpo_on_a_user_dataset_uses_the_named_reward(tmp_path):
     header, *examples = _records(out / "lookahead.jsonl")
     assert header["trainer"] == "grpo" and header["dataset"] == str(path) and len(examples) == 1
     assert header["loss_type"] == "dapo"
+
+
+def test_saved_folders_and_files_load_to_the_same_rows(pairs, tmp_path):
+    from datasets import DatasetDict
+
+    from trl_ntk.integration.lookahead_cli import CLIError, load_dataset_arg
+
+    path, data = pairs
+    DatasetDict({"train": data, "test": data.select([0])}).save_to_disk(str(tmp_path / "saved"))
+    assert load_dataset_arg(str(tmp_path / "saved"), "test")["prompt"] == data.select([0])["prompt"]
+    assert load_dataset_arg(str(path))["chosen"] == data["chosen"]
+    with pytest.raises(CLIError, match="no split 'dev'"):
+        load_dataset_arg(str(tmp_path / "saved"), "dev")
+
+
+def test_the_facade_exports_the_lookahead_api():
+    import trl_ntk.lookahead as facade
+    from trl_ntk.analysis import lookahead as maths
+    from trl_ntk.integration import lookahead as driver
+    from trl_ntk.integration.lookahead_callback import LookaheadCallback
+
+    assert facade.score_trainer is driver.score_trainer and facade.curate is maths.curate
+    assert facade.LookaheadCallback is LookaheadCallback and facade.LookaheadConfig is driver.LookaheadConfig
+    assert all(hasattr(facade, name) for name in facade.__all__)

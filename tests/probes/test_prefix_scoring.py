@@ -167,6 +167,41 @@ def test_a_model_failing_the_one_time_check_is_scored_plainly(toy_model_and_toke
     _assert_same_scores(shared, score_responses(model, batch, share_prefix=False), atol=0.0)
 
 
+def test_a_model_whose_shared_forward_raises_is_scored_plainly(toy_model_and_tokenizer, probes, monkeypatch, caplog):
+    _, tokenizer = toy_model_and_tokenizer
+    model = _random_model("qwen2", len(tokenizer))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("this cache cannot be shared")
+
+    monkeypatch.setattr(prefix, "shared_prefix_hidden", broken)
+    batch = probes.encode(tokenizer).batch
+    with caplog.at_level(logging.WARNING, logger="trl_ntk.probes.prefix"):
+        shared = score_responses(model, batch)
+    assert prefix.verified(model) is False and "plainly" in caplog.text
+    _assert_same_scores(shared, score_responses(model, batch, share_prefix=False), atol=0.0)
+
+
+def test_a_shared_forward_failing_after_the_check_scores_the_rest_plainly(
+    toy_model_and_tokenizer, probes, monkeypatch, caplog
+):
+    _, tokenizer = toy_model_and_tokenizer
+    model = _random_model("qwen2", len(tokenizer))
+    batch = probes.encode(tokenizer).batch
+    reference = score_responses(model, batch, share_prefix=False)
+    score_responses(model, batch)  # passes the one-time check
+    assert prefix.verified(model) is True
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a batch this cache cannot serve")
+
+    monkeypatch.setattr(prefix, "shared_prefix_hidden", broken)
+    with caplog.at_level(logging.WARNING, logger="trl_ntk.probes.prefix"):
+        scores = score_responses(model, batch)
+    assert prefix.verified(model) is False and "plainly" in caplog.text
+    _assert_same_scores(scores, reference, atol=0.0)
+
+
 def test_encode_extended_equals_encoding_everything_and_tokenizes_only_new_responses(
     toy_model_and_tokenizer, probes, monkeypatch
 ):

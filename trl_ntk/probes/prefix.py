@@ -185,6 +185,14 @@ def verify(model: nn.Module, plain: Tensor, shared: Tensor) -> bool:
     return agree
 
 
+def disable(model: nn.Module) -> None:
+    """Score this model plainly from now on (its shared-prefix forward failed), with a warning."""
+    logger.warning(
+        "%s: the shared-prefix forward failed; scoring every row plainly for this model", type(model).__name__
+    )
+    _VERIFIED[model] = False
+
+
 def verified(model: nn.Module) -> bool | None:
     """`True` / `False` once `verify` has run for this model, `None` before."""
     return _VERIFIED.get(model)

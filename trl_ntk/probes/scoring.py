@@ -223,7 +223,14 @@ def _forwards(
             per_forward = max(batch_size, batch_size * width // _longest_suffix(batch, groups, shared_rows))
             for start in range(0, len(shared_rows), per_forward):
                 rows = shared_rows[start : start + per_forward]
-                hidden = call_with(causal_lm, state, lambda m, r=rows: prefix.shared_prefix_hidden(m, batch, groups, r))
+                try:
+                    hidden = call_with(
+                        causal_lm, state, lambda m, r=rows: prefix.shared_prefix_hidden(m, batch, groups, r)
+                    )
+                except Exception:  # noqa: BLE001 - never fail a scoring: these rows and the rest go plainly
+                    prefix.disable(causal_lm)
+                    plain_rows = sorted([*plain_rows, *shared_rows[start:]])
+                    break
                 yield rows, hidden
         else:
             plain_rows = list(range(batch.input_ids.shape[0]))
@@ -262,7 +269,10 @@ def _verify_prefix_sharing(causal_lm, state, batch: TokenBatch, groups, rows: li
         return torch.log_softmax(logits.float() / batch.temperature, -1).gather(-1, targets[:, None])[:, 0]
 
     plain = logps(call_with(causal_lm, state, lambda m: final_hidden(m, sub_batch)))
-    shared = logps(call_with(causal_lm, state, lambda m: prefix.shared_prefix_hidden(m, batch, groups, rows)))
+    try:
+        shared = logps(call_with(causal_lm, state, lambda m: prefix.shared_prefix_hidden(m, batch, groups, rows)))
+    except Exception:  # noqa: BLE001 - a model whose cache cannot be shared this way: score it plainly, never fail
+        shared = plain.new_full((0,), float("nan"))
     prefix.verify(causal_lm, plain.cpu(), shared.cpu())
 
 

@@ -73,3 +73,21 @@ def test_wrong_or_overlong_drafts_still_give_the_greedy_answers(model_tokenizer_
         expected = _texts(sample_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens))
         got = sample_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, drafts=copy.deepcopy(drafts))
         assert _texts(got) == expected
+
+
+def test_a_failing_draft_check_falls_back_to_plain_generation(model_tokenizer_prompts, monkeypatch):
+    from trl_ntk.probes import generation
+
+    model, tokenizer, prompts = model_tokenizer_prompts
+    drafts = GreedyDrafts()
+    plain = sample_responses(model, tokenizer, prompts, max_new_tokens=48)
+    sample_responses(model, tokenizer, prompts, max_new_tokens=48, drafts=drafts)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a model the one-forward check cannot run on")
+
+    monkeypatch.setattr(generation, "_greedy_from_drafts", broken)
+    counter = _GenerateCounter(model, monkeypatch)
+    again = sample_responses(model, tokenizer, prompts, max_new_tokens=48, drafts=drafts)
+    assert drafts.failed and counter.calls > 0
+    assert _texts(again) == _texts(plain)

@@ -100,10 +100,15 @@ def sample_responses(
             input_ids, attention_mask = _left_pad(prompt_ids[start : start + batch_size], pad_token_id, device)
             runs = [("greedy", greedy_config, 1)] + ([("sample", sample_config, num_samples)] if num_samples else [])
             for kind, generation_config, per_prompt in runs:
+                completions = None
                 if kind == "greedy" and drafts is not None and drafts.usable(model, synced_gpus, generation_kwargs):
                     ids = prompt_ids[start : start + batch_size]
-                    completions = _greedy_from_drafts(model, ids, drafts, generation_config, eos_ids, pad_token_id)
-                else:
+                    try:
+                        completions = _greedy_from_drafts(model, ids, drafts, generation_config, eos_ids, pad_token_id)
+                    except Exception:  # noqa: BLE001 - never fail a scoring: decode plainly from now on
+                        logger.warning("the greedy draft check failed on %s; decoding plainly", type(model).__name__)
+                        drafts.failed = True
+                if completions is None:
                     output = model.generate(
                         input_ids=input_ids,
                         attention_mask=attention_mask,
@@ -163,12 +168,13 @@ class GreedyDrafts:
 
     def __init__(self) -> None:
         self.tokens: dict[tuple[int, ...], list[int]] = {}
+        self.failed = False
 
-    @staticmethod
-    def usable(model: nn.Module, synced_gpus: bool, generation_kwargs: Mapping[str, Any] | None) -> bool:
-        """Whether greedy decoding is the plain argmax here: no sharded lock-step decoding, no overrides, and no
-        logits processor from the model's own generation config (the draft check applies none)."""
-        if synced_gpus or generation_kwargs:
+    def usable(self, model: nn.Module, synced_gpus: bool, generation_kwargs: Mapping[str, Any] | None) -> bool:
+        """Whether greedy decoding is the plain argmax here: no sharded lock-step decoding, no overrides, no
+        logits processor from the model's own generation config (the draft check applies none), and no earlier
+        failure of the draft check on this model."""
+        if self.failed or synced_gpus or generation_kwargs:
             return False
         configured = getattr(model, "generation_config", None)
         return not any(getattr(configured, name, None) for name in _GREEDY_PROCESSORS)

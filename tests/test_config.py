@@ -29,6 +29,7 @@ BAD_OPTIONS = [
     ({"every_n_steps": True}, TypeError, "every_n_steps must be an int"),
     ({"every_n_steps": 0}, ValueError, "every_n_steps must be >= 1"),
     ({"matrix_prompts": 0}, ValueError, "matrix_prompts must be >= 1"),
+    ({"matrix_every_n_steps": 0}, ValueError, "matrix_every_n_steps must be >= 1"),
     ({"num_prompts": 0}, ValueError, "num_prompts must be >= 1"),
     ({"seed": "0"}, TypeError, "seed must be an int"),
     ({"generate": "yes"}, TypeError, "generate must be True or False"),
@@ -112,6 +113,8 @@ def test_arguments_parse_next_to_trl_configs_without_clashes(tmp_path, trainer_c
             "tensorboard",
             "--ntk_matrix_prompts",
             "-1",
+            "--ntk_matrix_every_n_steps",
+            "-1",
             "--ntk_generate",
             "false",
         ]
@@ -120,6 +123,7 @@ def test_arguments_parse_next_to_trl_configs_without_clashes(tmp_path, trainer_c
     config = ntk.to_config()
     assert (config.every_n_steps, config.attribution, config.seed) == (5, "tokens", 3)
     assert config.report_to == ["wandb", "tensorboard"] and config.matrix_prompts is None
+    assert config.matrix_every_n_steps is None
     assert config.generate is False and config.output_dir is None
 
 

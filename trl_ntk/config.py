@@ -207,6 +207,12 @@ class DynamicsConfig:
         matrix_prompts (`int`, *optional*, defaults to `1`): at the tokens level, keep the full token x token
             matrix (`.npz`) for the responses of this many probe prompts; `None`: for every response (the cost
             then grows with the probe tokens, e.g. about 100 s of CPU per step for the demo's 1,400 probe tokens).
+        matrix_every_n_steps (`int`, *optional*, defaults to `1000`): compute that matrix at the first tokens-level
+            analysis of the run and at those whose step is a multiple of this; `None`: at every tokens-level
+            analysis. The matrix costs about one batch JVP per probe token of those responses (the toy DPO: 65
+            plain training steps for 178 tokens), against one per response for the totals, which every
+            tokens-level analysis computes; at every 50 steps this default keeps the tokens level within 1.5x of
+            plain training on the toy runs (`benchmarks/bench_overhead.py`).
         num_prompts (`int`, *optional*, defaults to `4`): prompts taken from the train dataset for default probes.
         generate (`bool`, *optional*, defaults to `True`): track the model's own greedy response per probe prompt,
             regenerated at every scoring step (kind `greedy`).
@@ -244,6 +250,7 @@ class DynamicsConfig:
     attribution: str = "sums"
     tokens_every_n_steps: int | None = None
     matrix_prompts: int | None = 1
+    matrix_every_n_steps: int | None = 1000
     num_prompts: int = 4
     generate: bool = True
     num_samples: int = 0
@@ -265,6 +272,13 @@ class DynamicsConfig:
         check_choice("attribution", self.attribution, ATTRIBUTION_LEVELS)
         check_int("tokens_every_n_steps", self.tokens_every_n_steps, minimum=1, optional=True)
         check_int("matrix_prompts", self.matrix_prompts, minimum=1, optional=True, hint="None keeps every prompt")
+        check_int(
+            "matrix_every_n_steps",
+            self.matrix_every_n_steps,
+            minimum=1,
+            optional=True,
+            hint="None computes the matrix at every tokens-level analysis",
+        )
         check_int("num_prompts", self.num_prompts, minimum=1)
         check_bool("generate", self.generate)
         check_int("num_samples", self.num_samples, minimum=0)
@@ -347,6 +361,10 @@ class DynamicsArguments:
     ntk_matrix_prompts: int = field(
         default=1, metadata=_help("probe prompts whose full token x token matrix is kept; -1: every prompt")
     )
+    ntk_matrix_every_n_steps: int = field(
+        default=1000,
+        metadata=_help("the token x token matrix at the first tokens-level step and steps multiple of this; -1: all"),
+    )
     ntk_num_prompts: int = field(default=4, metadata=_help("prompts drawn from the train dataset for default probes"))
     ntk_generate: bool = field(default=True, metadata=_help("track the model's own greedy response per probe prompt"))
     ntk_num_samples: int = field(default=0, metadata=_help("sampled responses tracked per probe prompt"))
@@ -379,10 +397,12 @@ class DynamicsArguments:
         self.to_config()  # the same checks, at parse time
 
     def to_config(self) -> DynamicsConfig:
-        """The `DynamicsConfig` these arguments name (`ntk_matrix_prompts=-1` becomes `None`: every prompt)."""
+        """The `DynamicsConfig` these arguments name (`ntk_matrix_prompts=-1` becomes `None`: every prompt;
+        `ntk_matrix_every_n_steps=-1`: every tokens-level step)."""
         values = {f.name[len("ntk_") :]: getattr(self, f.name) for f in fields(self)}
-        if values["matrix_prompts"] == -1:
-            values["matrix_prompts"] = None
+        for name in ("matrix_prompts", "matrix_every_n_steps"):
+            if values[name] == -1:
+                values[name] = None
         return DynamicsConfig(**values)
 
 

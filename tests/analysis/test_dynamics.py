@@ -153,3 +153,48 @@ def test_every_term_of_the_analysis_equals_brute_force(model, kind):
     _close(explanation.probe.predicted, probe_grads @ update, "predicted")
     _close(explanation.sgd, -optimizer.param_groups[0]["lr"] * probe_grads @ applied, "sgd")
     assert explanation.probe.residual is None
+
+
+@pytest.mark.parametrize("selected", [None, (False, True, False), (True, False, True), (False, False, False)])
+def test_token_level_matrix_and_response_totals_equal_brute_force(model, selected):
+    """The matrix of the selected responses and every response's per-training-token totals (the selected ones read
+    off the matrix, the others by their own probe backward and batch JVP), against explicit per-target gradients;
+    responses of one token each and of several, micro-batches of several sequences."""
+    generator = torch.Generator().manual_seed(2)
+    probe = _batch([(3, 4), (2, 1), (4, 3)], generator)
+    micro_batches, labels = [], []
+    for lengths in ([(2, 4), (3, 3)], [(4, 3), (2, 2), (3, 4)]):
+        batch = _batch(lengths, generator)
+        rows = target_rows(batch)
+        coeffs = torch.randn(batch.num_targets, generator=generator, dtype=torch.float64)
+        micro_batches.append(CapturedMicroBatch(batch, grad_coeffs=coeffs))
+        labels.append(TokenLabels(group=torch.zeros_like(rows), example=rows + 10 * len(labels), sequence_group=rows))
+    optimizer = OPTIMIZERS["sgd"](model.parameters())
+    train_grads = torch.cat([_per_target_gradients(model, mb.batch) for mb in micro_batches])
+    probe_grads = _per_target_gradients(model, probe)
+    coeffs = torch.cat([mb.grad_coeffs for mb in micro_batches])
+    applied = coeffs @ train_grads
+    _set_flat(model, applied)
+    preconditioner, _ = _hand_split("sgd", optimizer, model, applied)
+    matrix_rows = None if selected is None else torch.tensor(selected)
+
+    explanation = dynamics.explain_update(
+        model,
+        probe,
+        micro_batches,
+        labels,
+        GROUPS,
+        optimizer,
+        attribution="tokens",
+        matrix_rows=matrix_rows,
+        chunk_size=2,
+    )
+    expected = -(probe_grads * preconditioner) @ train_grads.T * coeffs[None, :]  # [Mp, L], clip scale 1
+    probe_rows = target_rows(probe)
+    tokens = explanation.tokens
+    _close(tokens.response_totals, torch.stack([expected[probe_rows == r].sum(0) for r in range(3)]), "totals")
+    in_matrix = torch.ones(3, dtype=torch.bool) if matrix_rows is None else matrix_rows
+    if not bool(in_matrix.any()):
+        assert tokens.matrix is None
+    else:
+        _close(tokens.matrix, expected[in_matrix[probe_rows]], "matrix")

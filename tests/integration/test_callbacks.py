@@ -387,3 +387,27 @@ def test_remove_before_training_leaves_the_trainer_untouched(tmp_path):
     trainer.train()
     assert _package_hooks(trainer.model) == [] and trainer.compute_loss == original
     assert not (tmp_path / "dynamics" / "dynamics.jsonl").exists()
+
+
+@pytest.mark.parametrize(("matrix_every_n_steps", "matrix_steps"), [(2, {0, 2}), (None, {0, 1, 2})])
+def test_the_token_matrix_runs_at_the_first_tokens_step_and_its_multiples(tmp_path, matrix_every_n_steps, matrix_steps):
+    trainer = _make("dpo", tmp_path, max_steps=3)
+    trainer.add_callback(
+        LearningDynamicsCallback(
+            trainer,
+            every_n_steps=1,
+            attribution="tokens",
+            num_prompts=2,
+            generate=False,
+            strict=True,
+            matrix_every_n_steps=matrix_every_n_steps,
+        )
+    )
+    trainer.train()
+    dynamics = [r for r in _records(tmp_path) if r["type"] == "dynamics"]
+    assert {r["step"] for r in dynamics} == {0, 1, 2}
+    assert {r["step"] for r in dynamics if "matrix" in r} == matrix_steps
+    for record in dynamics:  # every tokens-level step keeps every response's per-training-token totals
+        assert record["top_up"] and abs(record["attributed"] - record["predicted_current"]) <= 1e-3 * (
+            abs(record["split"]["positive"]) + abs(record["split"]["negative"]) + 1e-6
+        )

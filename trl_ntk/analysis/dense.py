@@ -156,31 +156,28 @@ class DenseBackend:
         scale: float,
         matrix_rows: Tensor | None,
     ) -> TokenAttribution:
-        """The "tokens" level: per micro-batch, the response totals (one probe backward per response, one JVP of
-        the micro-batch) and the `[M_selected, L_i]` matrix (a kernel of the selected probe rows); under DDP the
-        columns of every rank, in rank order."""
+        """The "tokens" level: per micro-batch, the `[M_selected, L_i]` matrix (a kernel of the selected probe
+        rows) and the response totals (one probe backward per response, one JVP of the micro-batch), the selected
+        responses' totals read off the matrix (their row sums per response) instead of computed again; under DDP
+        the columns of every rank, in rank order."""
         rows = target_rows(probe_batch)
         num_rows = probe_batch.input_ids.shape[0]
         response_weights = torch.zeros(num_rows, probe_batch.num_targets, device=rows.device)
         response_weights[rows, torch.arange(rows.numel(), device=rows.device)] = 1.0
         selected = torch.ones(num_rows, dtype=torch.bool) if matrix_rows is None else matrix_rows.cpu()
         matrix_batch = select_rows(probe_batch, selected) if bool(selected.any()) else None
+        direct = ~selected if matrix_batch is not None else torch.ones(num_rows, dtype=torch.bool)
+        direct_weights = response_weights[direct.to(rows.device)]
+        # `[n_selected, M_selected]`: which matrix rows make up each selected response
+        matrix_responses = (
+            None
+            if matrix_batch is None
+            else nn.functional.one_hot(target_rows(matrix_batch), int(selected.sum())).T.to(torch.float64)
+        )
         totals, columns = [], []
         for mb, c in zip(micro_batches, coeffs):
             chunking = self._jvp_chunking([mb.batch] if matrix_batch is None else [mb.batch, matrix_batch])
-            totals.append(
-                attributions.attribution_column_sums_direct(
-                    self.model,
-                    probe_batch,
-                    mb.batch,
-                    c,
-                    lr=scale,
-                    probe_weights=response_weights,
-                    params=self.names,
-                    preconditioner=preconditioner,
-                    **chunking,
-                )
-            )
+            response_totals = None
             if matrix_batch is not None:
                 kernel = kernels.logprob_kernel(
                     self.model,
@@ -190,7 +187,29 @@ class DenseBackend:
                     preconditioner=preconditioner,
                     **chunking,
                 )
-                columns.append(-scale * kernel * c.to(kernel.dtype)[None, :])
+                column = -scale * kernel * c.to(kernel.dtype)[None, :]
+                columns.append(column)
+                response_totals = column.new_zeros(num_rows, column.shape[1])
+                response_totals[selected.to(column.device)] = (matrix_responses.to(column.device) @ column.double()).to(
+                    column.dtype
+                )
+            if bool(direct.any()):
+                direct_totals = attributions.attribution_column_sums_direct(
+                    self.model,
+                    probe_batch,
+                    mb.batch,
+                    c,
+                    lr=scale,
+                    probe_weights=direct_weights,
+                    params=self.names,
+                    preconditioner=preconditioner,
+                    **chunking,
+                )
+                if response_totals is None:
+                    response_totals = direct_totals
+                else:
+                    response_totals[direct.to(direct_totals.device)] = direct_totals.to(response_totals.dtype)
+            totals.append(response_totals)
         local = TokenAttribution(
             matrix=torch.cat(columns, dim=1) if columns else None,
             matrix_rows=selected,

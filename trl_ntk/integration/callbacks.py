@@ -110,6 +110,7 @@ class LearningDynamicsCallback(TrainerCallback):
         self._installed = False
         self._capture_removed = False
         self._removed = False
+        self._matrix_computed = False  # whether a tokens-level analysis computed (or tried) the token matrix
         self._install()
         self.sinks = None
         self.sampled: list = []
@@ -460,7 +461,7 @@ class LearningDynamicsCallback(TrainerCallback):
                     chunk_size=self.config.chunk_size,
                     kernel_summaries=self.config.kernel_summaries and tokens,
                     extra_batches={"lld": lld[0]} if lld is not None else None,
-                    matrix_rows=self._matrix_rows(encoded) if tokens else None,
+                    matrix_rows=self._matrix_rows(encoded, step) if tokens else None,
                 )
                 lld_before = None if lld is None else self._target_logprobs(lld[0])
                 lld_scores = None if lld is None else self._group_scores(model, micro_batches, labels)
@@ -527,8 +528,13 @@ class LearningDynamicsCallback(TrainerCallback):
         count = max((int(lab.sequence_group.max()) + 1 for lab in labels if lab.sequence_group.numel()), default=0)
         return dynamics.renumbered_group_scores(_dist.gather_objects((local, count)))
 
-    def _matrix_rows(self, encoded) -> torch.Tensor | None:
-        """`[B]` bool: the probe responses of the first `matrix_prompts` prompts (all when it is `None`)."""
+    def _matrix_rows(self, encoded, step: int) -> torch.Tensor | None:
+        """`[B]` bool: the probe responses of the first `matrix_prompts` prompts (all when it is `None`), at the
+        first tokens-level analysis and at steps multiple of `matrix_every_n_steps`; none at the other steps."""
+        every = self.config.matrix_every_n_steps
+        first, self._matrix_computed = not self._matrix_computed, True
+        if not first and every is not None and step % every != 0:
+            return torch.zeros(len(encoded.responses), dtype=torch.bool)
         if self.config.matrix_prompts is None:
             return None
         prompt_ids = list(dict.fromkeys(r.prompt_id for r in encoded.responses))[: self.config.matrix_prompts]

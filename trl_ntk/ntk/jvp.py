@@ -262,14 +262,18 @@ def contract(
 ) -> Tensor:
     """`[R, Mc]`: `sum_a W[r, a] <grad f_a(row batch), P grad f_b(column batch)>`, `W` given in row chunks.
 
-    One forward per chunk of `W` rows, then, `jvp_chunk_size` rows at a time (`None`: the whole chunk), a batched
-    backward of that forward's graph and a batched JVP of the column batch along the resulting gradients. Memory:
-    `jvp_chunk_size` (or chunk) parameter-sized gradients plus the activations of one JVP along them, both growing
-    with it, plus the chunk's backward graph. (Tangents are never views into a larger chunk: forward-mode AD would
-    copy the whole chunk's storage for each.) A chunk whose
-    weights touch at most half of the row batch's sequences (a few probe tokens, one response) runs its forward
-    and backward on those sequences only; the other chunks share one forward of the whole row batch. Never forms
-    the kernel when `W` is not the identity.
+    Per chunk of `W` rows, the row-side gradients, then, `jvp_chunk_size` rows at a time (`None`: the whole
+    chunk), a batched JVP of the column batch along them. The row-side gradients come from the cheapest of:
+    - a chunk whose every row touches one sequence only, the rows spread over several sequences (one probe
+      response per row, the tokens of a few responses): per sequence, a forward and a batched backward of that
+      sequence alone, so a row's backward never runs over other rows' sequences (`R` one-sequence backwards
+      instead of `R` backwards of the chunk's sequences);
+    - a chunk whose rows touch at most half of the row batch's sequences together: a forward and batched backward
+      of those sequences only;
+    - otherwise one forward of the whole row batch, shared by such chunks, and its batched backward.
+    Memory: `jvp_chunk_size` (or chunk) parameter-sized gradients plus the activations of one JVP along them,
+    both growing with it, plus one backward graph. (Tangents are never views into a larger chunk: forward-mode AD
+    would copy the whole chunk's storage for each.) Never forms the kernel when `W` is not the identity.
     """
     column_score = score_fn(model, column_batch, output, differentiable=path is not JvpPath.FINITE_DIFFERENCE)
     row_of_target = target_rows(row_batch)
@@ -277,9 +281,23 @@ def contract(
     shared: Backward | None = None
     rows = []
     for weights in row_weights:
+        touches = (weights != 0).to(row_of_target.device)
         sequences = torch.zeros(num_sequences, dtype=torch.bool, device=row_of_target.device)
-        sequences[row_of_target[(weights != 0).any(0).to(row_of_target.device)]] = True
+        sequences[row_of_target[touches.any(0)]] = True
         touched = int(sequences.sum())
+        sequence_of_row = _single_sequence_of_rows(touches, row_of_target)
+        step = weights.shape[0] if jvp_chunk_size is None else jvp_chunk_size
+        if not row_batch.model_kwargs and sequence_of_row is not None and touched > 1:
+            for start in range(0, weights.shape[0], step):
+                stop = min(start + step, weights.shape[0])
+                gradients = _per_sequence_gradients(
+                    model, row_batch, output, values, weights[start:stop], sequence_of_row[start:stop], row_of_target
+                )
+                tangents = precondition(gradients, preconditioner)
+                with forward_mode_attention(model, path):
+                    rows.append(jvp_rows(column_score, values, tangents, path, fd_step))
+                del tangents, gradients
+            continue
         if not row_batch.model_kwargs and 0 < touched <= num_sequences // 2:
             backward = Backward(score_fn(model, select_rows(row_batch, sequences), output), values, model)
             weights = weights[:, sequences[row_of_target].to(weights.device)]
@@ -287,7 +305,6 @@ def contract(
             if shared is None:
                 shared = Backward(score_fn(model, row_batch, output), values, model)
             backward = shared
-        step = weights.shape[0] if jvp_chunk_size is None else jvp_chunk_size
         for start in range(0, weights.shape[0], step):  # one backward of the chunk's graph per `step` rows
             tangents = precondition(backward(weights[start : start + step]), preconditioner)
             if start + step >= weights.shape[0] and backward is not shared:
@@ -297,3 +314,44 @@ def contract(
             del tangents  # `step` parameter-sized tangents alive at a time, in storage of their own
         del backward
     return torch.cat(rows)
+
+
+def _single_sequence_of_rows(touches: Tensor, row_of_target: Tensor) -> Tensor | None:
+    """`[R]` the one sequence each weight row touches (`touches [R, M]` bool), or `None` when some row touches
+    none or several."""
+    if touches.shape[0] == 0:
+        return None
+    per_row = torch.zeros(touches.shape[0], int(row_of_target.max()) + 1, dtype=torch.bool, device=touches.device)
+    rows, targets = touches.nonzero(as_tuple=True)
+    per_row[rows, row_of_target[targets]] = True
+    if not bool((per_row.sum(1) == 1).all()):
+        return None
+    return per_row.float().argmax(1)
+
+
+def _per_sequence_gradients(
+    model: nn.Module,
+    row_batch: TokenBatch,
+    output: Output,
+    values: TensorDict,
+    weights: Tensor,
+    sequence_of_row: Tensor,
+    row_of_target: Tensor,
+) -> TensorDict:
+    """`name -> [R, *shape]`: `sum_a W[r, a] grad f_a` for rows that each touch one sequence, by one forward and
+    one batched backward per sequence on that sequence alone (its graph freed before the next)."""
+    gradients = {
+        name: torch.empty((weights.shape[0], *value.shape), dtype=value.dtype, device=value.device)
+        for name, value in values.items()
+    }
+    for sequence in sequence_of_row.unique().tolist():
+        in_sequence = (sequence_of_row == sequence).to(weights.device)
+        mask = torch.zeros(row_batch.input_ids.shape[0], dtype=torch.bool)
+        mask[sequence] = True
+        backward = Backward(score_fn(model, select_rows(row_batch, mask), output), values, model)
+        part = backward(weights[in_sequence][:, (row_of_target == sequence).to(weights.device)])
+        del backward
+        for name, value in part.items():
+            gradients[name][in_sequence.to(value.device)] = value.to(gradients[name].dtype)
+        del part
+    return gradients

@@ -319,7 +319,7 @@ def contract(
 def _single_sequence_of_rows(touches: Tensor, row_of_target: Tensor) -> Tensor | None:
     """`[R]` the one sequence each weight row touches (`touches [R, M]` bool), or `None` when some row touches
     none or several."""
-    if touches.shape[0] == 0:
+    if touches.shape[0] == 0 or touches.shape[1] == 0:
         return None
     per_row = torch.zeros(touches.shape[0], int(row_of_target.max()) + 1, dtype=torch.bool, device=touches.device)
     rows, targets = touches.nonzero(as_tuple=True)

@@ -31,6 +31,7 @@ def _observed_dpo_trainer(output_dir: Path, report_to: str):
         every_n_steps=1,
         attribution="sums",
         tokens_every_n_steps=2,
+        matrix_every_n_steps=None,  # the token matrix (heat maps) at every tokens-level step
         num_prompts=2,
         max_new_tokens=8,
         strict=True,

@@ -189,7 +189,13 @@ def test_report_of_a_real_tiny_trainer_run_loads_and_renders_every_record_type_i
     trainer = trainer_factory.dpo_trainer(tmp_path, max_steps=2, report_to="none", n=8)
     trainer.add_callback(
         LearningDynamicsCallback(
-            trainer, every_n_steps=1, attribution="tokens", num_prompts=1, max_new_tokens=4, strict=True
+            trainer,
+            every_n_steps=1,
+            attribution="tokens",
+            num_prompts=1,
+            max_new_tokens=4,
+            strict=True,
+            matrix_every_n_steps=None,
         )
     )
     trainer.train()

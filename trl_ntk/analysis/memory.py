@@ -16,6 +16,8 @@ temporaries of the optimizer's split of one parameter:
              chunk by default; see `dense.DenseBackend`)              `t` JVPs of a training micro-batch; the split
                                                                       of the largest parameter
 
+Measured on CPU (`benchmarks/bench_memory.py`): the buffers as counted here, the activations within the estimate.
+
 Activations of a decoder with hidden size `h`, MLP width `i`, `L` layers, `H` heads, vocabulary `V`, for `R` rows
 of `T` tokens at `e` bytes an element (the model's dtype; the log-softmax in float32; `s = max(e, 4)`), with
 `M <= R T` target tokens (counted as `R T`: the estimate does not know which tokens are targets):

@@ -19,7 +19,7 @@ random-weight model of the shape (float32 on CPU; `--layers` keeps the width and
 16 response tokens, Mp = 32), AdamW; full fine-tuning or LoRA (rank 16 on every projection, `--modes lora`). Per
 level: the analysis step's wall time as a multiple of the median plain step, and the peak RSS of the analysis step
 above that of a plain step (`bench_gpu.timed_step`) in units of P, next to the pre-flight estimate for the same
-workload.
+workload (its total above the training state, and `above_training`, its upper bound of the "extra" column).
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def measure_cell(name: str, mode: str, length: int, levels: list[str], layers: i
             "seconds": f["multiple"] * results["plain_step"],
             "extra_p": (f["peak"] - results["plain_peak"]) / results["param_bytes"],
             "estimate_p": memory.estimate(shape, level, work).total / results["param_bytes"],
+            "above_p": memory.estimate(shape, level, work).above_training / results["param_bytes"],
         }
         for level, f in results["levels"].items()
     }
@@ -100,7 +101,7 @@ def measure(args: argparse.Namespace) -> None:
     print(f"torch {torch.__version__}, torch.set_num_threads({args.threads}), float32 on CPU, one subprocess per cell")
     print(
         f"{'shape':<14}{'layers':>7}{'mode':>6}{'T':>6}{'trainable':>12}{'plain s':>9}{'level':>8}{'step s':>9}"
-        f"{'x plain':>9}{'extra x P':>11}{'estimate x P':>14}"
+        f"{'x plain':>9}{'extra x P':>11}{'estimate x P':>14}{'above x P':>11}"
     )
     for name in args.shapes:
         for length in args.lengths:
@@ -120,7 +121,7 @@ def measure(args: argparse.Namespace) -> None:
                     print(
                         f"{name:<14}{depth:>7}{mode:>6}{length:>6}{r['num_params'] / 1e6:>11.2f}M"
                         f"{r['plain_step']:>9.2f}{level:>8}{f['seconds']:>9.1f}{f['multiple']:>9.1f}"
-                        f"{f['extra_p']:>11.2f}{f['estimate_p']:>14.2f}",
+                        f"{f['extra_p']:>11.2f}{f['estimate_p']:>14.2f}{f['above_p']:>11.2f}",
                         flush=True,
                     )
 

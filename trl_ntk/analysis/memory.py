@@ -1,32 +1,41 @@
 """Pre-flight estimate of an analysis step's peak extra memory, and the plan that fits the device.
 
 An analysis step holds, on top of training, parameter-sized buffers (float32, or the parameters' dtype if wider;
-`B` = trainable parameters x that element size) and the activations of one of its forwards at a time:
+`B` = trainable parameters x that element size) and, one at a time, the activations of one of its forwards or the
+temporaries of the optimizer's split of one parameter:
 
     level    buffers alive at the peak                                activations (largest of)
     none     0                                                        no-grad forward of a probe scoring batch
     sums     1 B: one direction at a time (history; the raw gradient  backward graph of one training micro-batch;
-             of the gradient check; one cell's gradient,              JVP of the probe batch (one direction)
-             preconditioned in place), micro-batch backwards added
+             of the gradient check; one cell's gradient,              JVP of the probe batch (one direction);
+             preconditioned in place), micro-batch backwards added    the split of the largest parameter
              into it in place (`dynamics.explain_update`); + P for a
              parameter dtype narrower than the buffers
     tokens   t B: `t` per-target gradients, `t` the tangents per      backward graph of a training micro-batch;
              batched JVP (`Workload.jvp_chunk_size`, the whole        the probe batch's backward graph plus
-             chunk by default; see `dense.DenseBackend`)              `t` JVPs of a training micro-batch
- Measured on CPU (`benchmarks/bench_memory.py`): the buffers as counted here, the
-activations within the estimate.
+             chunk by default; see `dense.DenseBackend`)              `t` JVPs of a training micro-batch; the split
+                                                                      of the largest parameter
+
+Measured on CPU (`benchmarks/bench_memory.py`): the buffers as counted here, the activations within the estimate.
 
 Activations of a decoder with hidden size `h`, MLP width `i`, `L` layers, `H` heads, vocabulary `V`, for `R` rows
-of `T` tokens at `e` bytes an element (the model's dtype; the log-softmax in float32; `s = max(e, 4)`):
+of `T` tokens at `e` bytes an element (the model's dtype; the log-softmax in float32; `s = max(e, 4)`), with
+`M <= R T` target tokens (counted as `R T`: the estimate does not know which tokens are targets):
 
-    backward graph    R T [L (10 h + 4 i + 2 H T a) e + 4 V 4]
+    backward graph    R T L (10 h + 4 i + 2 H T a) e + head(M)
     no-grad forward   R T [(4 h + 2 i + H T a) e + 3 V 4]
-    JVP (forward AD)  R T [2 (4 h + 2 i) e + 6 H T s + 2 3 V 4] + 2 h i e: primal and tangent of one layer alive;
+    JVP (forward AD)  R T [2 (4 h + 2 i) e + 6 H T s] + head(M) + 2 h i e: primal and tangent of one layer alive;
                       SDPA runs its MATH backend, whose scores, softmax and their tangents (with the temporaries of
                       the softmax tangent) hold about 6 `H T^2` tensors per row (measured 5.2-5.4 on CPU, float32);
                       `2 h i e`: a weight-sized tangent product of the MLP
     finite difference no-grad forward in float32 with the model's own kernel, plus one saved copy of the
                       parameters (`B`)
+    head(M)           `HEAD_COPIES` float32 `[m, V]` tensors, `m = min(M, HEAD_CHUNK_ROWS)` rows of the per-target
+                      head at once (`logprobs._head_outputs`: pre-activations, log-softmax, probabilities, the logit
+                      gradients and their temporaries; measured 5.7 `[M, V]` in a backward, 6.0 in a JVP)
+    split             `SPLIT_COPIES` float32 copies of the largest trainable parameter: the optimizer's split is
+                      read one parameter at a time (`dense.LazySplit`), and its `P` and history of one parameter
+                      hold 6 (AdamW) or 7 (Adam, L2 decay) of its size at their peak (`optim.optimizer_step_split`)
 
 with `a = 1` when attention forms the `T x T` scores (eager, MATH) and `a = 0` for fused kernels (flash,
 memory-efficient SDPA). The JVP term grows like `T^2` per head; the finite-difference path like a forward. These
@@ -37,10 +46,12 @@ measure at T = 1024 and 2048. The check keeps a safety margin (`SAFETY`).
 
 The estimate is the analysis step's peak above the training state (parameters, gradients, optimizer state), which
 is what must fit in the free memory measured before training; the trainer's own forward and backward peak is not
-alive then. `Estimate.training` is that training step's activations (the backward graph of a training micro-batch
-with the `[R, T, V]` logits its loss forms), and `Estimate.above_training` the analysis peak above a plain step's
-peak: for LoRA and long sequences the analysis' activations stay within the training step's own (its per-target
-forward forms logits at the targets only), so the step costs little beyond its buffers.
+alive then. `Estimate.training` is a lower bound of a plain training step's activations above the same state: the
+layers' saved tensors of a training micro-batch, `R T L (4 h + 2 i) e` (`R T L h e` with gradient checkpointing),
+and nothing for its loss head, which a fused or chunked head (TRL's `fused_lm_head`) keeps to a tile.
+`Estimate.above_training`, the total less that bound, is therefore an upper bound of the analysis step's peak
+above a plain step's peak whatever the trainer's loss forms; where the loss forms full `[R, T, V]` logits the plain
+step's own peak is higher and the measured difference smaller.
 
 `plan` picks the highest level not above the requested one whose estimate fits, preferring exact JVPs and falling
 back to finite differences along the update direction when only those fit.
@@ -66,6 +77,19 @@ RUNTIME = 16 * 2**20
 state), counted with the activations: on CPU the resident-set peak of `benchmarks/bench_long.py` at T = 256 lies
 7 MiB above the tensor peak `torch.profiler` measures for the same step."""
 
+HEAD_COPIES = 7
+"""Float32 `[rows, V]` tensors the per-target head (`logprobs._head_outputs`) holds at its peak in a backward or a
+JVP: measured 5.7 and 6.0 (`torch.profiler`, hidden 128, vocabulary 32,768), one more for other outputs'
+temporaries."""
+
+HEAD_CHUNK_ROWS: int | None = None
+"""Target rows the per-target head forms its `[rows, V]` tensors for at once; `None`: all `M` targets of a batch."""
+
+SPLIT_COPIES = 7
+"""Parameter-sized float32 temporaries of the optimizer's split of one parameter (`optim.optimizer_step_split`) at
+its peak: measured (`torch.profiler`) 6 for AdamW with decoupled weight decay (`v_t`, the denominator, `P`, the
+momentum term, the decay term and the history), with amsgrad too, and 7 for Adam with L2 decay."""
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -82,6 +106,8 @@ class ModelShape:
     heads: int = 0
     vocab: int = 0
     fused_attention: bool = False
+    largest: int = 0  # elements of the largest trainable parameter
+    checkpointing: bool = False  # gradient checkpointing in the training forward
 
     @property
     def buffer(self) -> int:
@@ -114,6 +140,8 @@ def model_shape(model: nn.Module) -> ModelShape:
         heads=int(getattr(text, "num_attention_heads", 0) or 0),
         vocab=int(getattr(text, "vocab_size", 0) or 0),
         fused_attention=isinstance(impl, str) and impl not in ("eager",),
+        largest=max((p.numel() for p in params), default=0),
+        checkpointing=any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()),
     )
 
 
@@ -124,11 +152,32 @@ def forward_bytes(shape: ModelShape, rows: int, length: int, *, scores: bool, el
     return rows * length * (per_token + 3 * shape.vocab * 4)
 
 
+def head_bytes(shape: ModelShape, rows: int, chunk_rows: int | None = HEAD_CHUNK_ROWS) -> int:
+    """Peak bytes of the per-target head on `rows` targets, `HEAD_COPIES` float32 `[m, V]` tensors with
+    `m = min(rows, chunk_rows)` rows formed at once (`chunk_rows=None`: all rows)."""
+    alive = rows if chunk_rows is None else min(rows, chunk_rows)
+    return HEAD_COPIES * alive * shape.vocab * 4
+
+
+def split_bytes(shape: ModelShape) -> int:
+    """Peak bytes of the optimizer's split of the largest trainable parameter (`SPLIT_COPIES` buffers of it)."""
+    return SPLIT_COPIES * shape.largest * shape.buffer_bytes
+
+
 def backward_bytes(shape: ModelShape, rows: int, length: int) -> int:
-    """Activations a backward keeps (every layer's saved tensors, the attention scores unless fused)."""
+    """Activations an analysis backward keeps (every layer's saved tensors, the attention scores unless fused, and
+    the per-target head on up to `rows x length` targets)."""
     scores = 2 * shape.heads * length * int(not shape.fused_attention)
     per_layer = (10 * shape.hidden + 4 * shape.intermediate + scores) * shape.act_bytes
-    return rows * length * (shape.layers * per_layer + 4 * shape.vocab * 4)
+    return rows * length * shape.layers * per_layer + head_bytes(shape, rows * length)
+
+
+def training_bytes(shape: ModelShape, rows: int, length: int) -> int:
+    """A lower bound of a plain training step's activations on `rows x length` tokens: the layers' saved inputs of
+    their projections, `4 h + 2 i` elements a token a layer (the layer inputs only, `h`, with gradient
+    checkpointing); nothing for the loss head (a fused or chunked head holds a tile)."""
+    per_layer = shape.hidden if shape.checkpointing else 4 * shape.hidden + 2 * shape.intermediate
+    return rows * length * shape.layers * per_layer * shape.act_bytes
 
 
 def jvp_bytes(shape: ModelShape, rows: int, length: int, path: str) -> int:
@@ -136,7 +185,7 @@ def jvp_bytes(shape: ModelShape, rows: int, length: int, path: str) -> int:
     if path == "finite_difference":
         return forward_bytes(shape, rows, length, scores=not shape.fused_attention, element=4)
     e, scores = shape.act_bytes, max(shape.act_bytes, 4)
-    linear = 2 * forward_bytes(shape, rows, length, scores=False)
+    linear = 2 * rows * length * (4 * shape.hidden + 2 * shape.intermediate) * e + head_bytes(shape, rows * length)
     return linear + rows * length * 6 * shape.heads * length * scores + 2 * shape.hidden * shape.intermediate * e
 
 
@@ -174,8 +223,9 @@ class Workload:
 @dataclass(frozen=True)
 class Estimate:
     """Peak extra bytes of one analysis step above the training state: `buffers` (parameter-sized) +
-    `activations`; `training`, the activations of the plain training step it is compared with (not alive at the
-    same time)."""
+    `activations` (the largest of its forwards' activations and the optimizer split's temporaries), each an upper
+    bound of what is alive at the step's peak; `training`, a lower bound of the activations of the plain training
+    step it is compared with (`training_bytes`; not alive at the same time)."""
 
     level: str
     path: str
@@ -189,7 +239,8 @@ class Estimate:
 
     @property
     def above_training(self) -> int:
-        """The analysis step's peak above a plain training step's peak: `max(0, total - training)`."""
+        """An upper bound of the analysis step's peak above a plain training step's peak: `max(0, total -
+        training)`, `training` being a lower bound of the plain step's own activations."""
         return max(0, self.total - self.training)
 
 
@@ -201,19 +252,22 @@ def estimate(shape: ModelShape, level: str, work: Workload, path: str = "func") 
     fd = path == "finite_difference"
     scoring = forward_bytes(shape, min(work.probe_rows, work.score_rows), work.probe_length, scores=True)
     train_graph = backward_bytes(shape, work.train_rows, work.train_length)
+    training = training_bytes(shape, work.train_rows, work.train_length)
     if level == "none":
-        return Estimate(level, path, 0, RUNTIME + scoring, train_graph)
+        return Estimate(level, path, 0, RUNTIME + scoring, training)
+    probe_jvp = jvp_bytes(shape, work.probe_rows, work.probe_length, path)
+    split = split_bytes(shape)
     if level == "sums":
-        probe_jvp = jvp_bytes(shape, work.probe_rows, work.probe_length, path)
         narrow = shape.parameters if shape.param_bytes < shape.buffer_bytes else 0  # a gradient while it is added
         buffers = (1 + int(fd)) * shape.buffer + narrow
-        return Estimate(level, path, buffers, RUNTIME + max(train_graph, probe_jvp, scoring), train_graph)
+        return Estimate(level, path, buffers, RUNTIME + max(train_graph, probe_jvp, scoring, split), training)
     tangents = min(work.jvp_chunk_size or work.chunk_size, work.chunk_size)
     tangents = 1 if fd else tangents  # finite differences run one tangent at a time
     train_jvps = tangents * jvp_bytes(shape, work.train_rows, work.train_length, path)
     probe_graph = backward_bytes(shape, work.probe_rows, work.probe_length)
     buffers = (tangents + int(fd)) * shape.buffer
-    return Estimate(level, path, buffers, RUNTIME + max(train_graph, probe_graph + train_jvps, scoring), train_graph)
+    largest = max(train_graph, probe_graph + train_jvps, probe_jvp, scoring, split)
+    return Estimate(level, path, buffers, RUNTIME + largest, training)
 
 
 def pending_training_bytes(model: nn.Module, optimizer: object | None) -> int:

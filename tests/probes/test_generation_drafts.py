@@ -128,3 +128,22 @@ def test_a_model_whose_cache_is_not_plain_is_decoded_plainly_without_a_warning(
         sample_responses(model, tokenizer, prompts, max_new_tokens=48, drafts=drafts)
     assert drafts.verified is False and not caplog.text
     assert not drafts.usable(model, synced_gpus=False, generation_kwargs=None)
+
+
+def test_a_peft_model_is_decoded_from_drafts_with_its_adapters(model_tokenizer_prompts, monkeypatch):
+    peft = pytest.importorskip("peft")
+    model, tokenizer, prompts = model_tokenizer_prompts
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    wrapped = peft.get_peft_model(copy.deepcopy(model), lora)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for name, parameter in wrapped.named_parameters():
+            if "lora_B" in name:  # non-zero adapters: their answers differ from the base model's
+                parameter.normal_(std=0.3)
+    plain = _texts(sample_responses(wrapped, tokenizer, prompts, max_new_tokens=48))
+    assert plain != _texts(sample_responses(model, tokenizer, prompts, max_new_tokens=48))
+    drafts = GreedyDrafts()
+    assert _texts(sample_responses(wrapped, tokenizer, prompts, max_new_tokens=48, drafts=drafts)) == plain
+    counter = _GenerateCounter(wrapped, monkeypatch)
+    assert _texts(sample_responses(wrapped, tokenizer, prompts, max_new_tokens=48, drafts=drafts)) == plain
+    assert drafts.verified and not drafts.failed and counter.calls == 0

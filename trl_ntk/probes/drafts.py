@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trl_ntk._model import unwrap_model
 from trl_ntk.probes import prefix
 
 logger = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ def speculative_greedy(
     done leave the batch and the cache (`batch_select_indices`). Logits are kept for the last `1 + longest guess`
     columns only (`logits_to_keep`, when the model takes it).
     """
+    model = unwrap_model(model)  # a PEFT model's base model (adapters active) names its forward's arguments
     device = model.get_input_embeddings().weight.device
     eos = set(eos_ids)
     own, shared = drafts.indexes(prompts)

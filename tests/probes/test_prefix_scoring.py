@@ -233,6 +233,30 @@ def test_encode_extended_equals_encoding_everything_and_tokenizes_only_new_respo
     assert extended.tokenizer_fingerprint == expected.tokenizer_fingerprint
 
 
+def test_a_shared_prompt_cache_tokenizes_each_prompt_once_and_changes_nothing(
+    toy_model_and_tokenizer, probes, monkeypatch
+):
+    from trl_ntk.probes.generation import sample_responses
+
+    model, tokenizer = toy_model_and_tokenizer
+    fixed = probes.encode(tokenizer)
+    cache: dict[str, list[int]] = {}
+    generated = sample_responses(model, tokenizer, probes.prompts(), max_new_tokens=4, prompt_cache=cache)
+    assert set(cache) == {p.prompt_id for p in probes.prompts()}
+    assert generated == sample_responses(model, tokenizer, probes.prompts(), max_new_tokens=4)
+    responses = ProbeSet.from_responses(probes.responses() + generated).responses()
+    expected = encode_responses(responses, tokenizer)
+    calls = []
+    original = tokenizer.apply_chat_template
+    monkeypatch.setattr(
+        tokenizer, "apply_chat_template", lambda *a, **k: calls.append(1) or original(*a, **k), raising=False
+    )
+    extended = encode_extended(fixed, responses, tokenizer, prompt_cache=cache)
+    assert len(calls) == len(generated)  # prompt + response only: the prompts come from the cache
+    assert torch.equal(extended.batch.input_ids, expected.batch.input_ids)
+    assert extended.context_ids == expected.context_ids and extended.response_ids == expected.response_ids
+
+
 def test_tokenizer_fingerprint_is_remembered_until_the_template_changes(toy_model_and_tokenizer):
     import copy
 

@@ -35,8 +35,9 @@ from trl_ntk.integration.validation import (
 from trl_ntk.output import records
 from trl_ntk.output.sinks import make_sinks
 from trl_ntk.probes.datasets import default_probes
+from trl_ntk.probes.drafts import GreedyDrafts
 from trl_ntk.probes.encoding import encode_extended, encode_tracked
-from trl_ntk.probes.generation import GreedyDrafts, generation_cap
+from trl_ntk.probes.generation import generation_cap
 from trl_ntk.probes.probe_set import ProbeSet, sample_responses
 from trl_ntk.probes.scoring import score_responses
 
@@ -114,10 +115,13 @@ class LearningDynamicsCallback(TrainerCallback):
         self._install()
         self.sinks = None
         self.sampled: list = []
+        self.extended = None  # the last encoded fixed + sampled probes
+        self.prompt_tokens: dict[str, list[int]] = {}  # per prompt id, for generation and encoding
         self.sampled_step: int | None = None
         self.pending: _PendingAnalysis | None = None
         self.last_scored_step: int | None = None
-        self.greedy_drafts = GreedyDrafts()  # the last greedy answers, checked first at the next generation
+        # the recent greedy answers and the fixed responses: the greedy decoding guesses its tokens from them
+        self.greedy_drafts = GreedyDrafts(references=self.encoded.response_ids if self.encoded is not None else ())
         self.analysis_failures = 0
         self.untrusted_steps = 0
         self.last_failure = ""
@@ -354,9 +358,14 @@ class LearningDynamicsCallback(TrainerCallback):
         return self.encoded
 
     def _with_sampled(self):
-        """The fixed probes and the sampled ones, grouped by prompt; only the sampled ones are tokenized."""
+        """The fixed probes and the sampled ones, grouped by prompt; only the sampled ones that differ from those of
+        the last scoring step are tokenized (an unchanged greedy response keeps its tokens)."""
         responses = ProbeSet.from_responses(self.probes.responses() + self.sampled).responses()
-        return encode_extended(self.encoded, responses, self.tokenizer, max_length=self.max_length)
+        known = self.extended if self.extended is not None else self.encoded
+        self.extended = encode_extended(
+            known, responses, self.tokenizer, max_length=self.max_length, prompt_cache=self.prompt_tokens
+        )
+        return self.extended
 
     def _sample_or_keep_fixed(self, step: int) -> list:
         """`_sample_on_main`; when generation fails (non-strict, with fixed probes to score) the failure is counted
@@ -393,6 +402,7 @@ class LearningDynamicsCallback(TrainerCallback):
                         seed=self.config.seed + step,
                         synced_gpus=self.sharded and self.trainer.accelerator.num_processes > 1,
                         drafts=self.greedy_drafts,
+                        prompt_cache=self.prompt_tokens,
                     )
             except Exception as exception:
                 if self.trainer.accelerator.num_processes <= 1:

@@ -37,10 +37,11 @@ def probes_record(step: int, encoded: Any, tokenizer: Any) -> dict:
 def probe_records(step: int, encoded: Any, scores: Any) -> list[dict]:
     """One `probe` record per response."""
     out = []
+    columns = {name: getattr(scores, name).tolist() for name in _SCORE_FIELDS}  # Python floats, one conversion
     for i, response in enumerate(encoded.responses):
-        fields = {name: float(getattr(scores, name)[i]) for name in _SCORE_FIELDS}
+        fields = {name: values[i] for name, values in columns.items()}
         fields["num_tokens"] = int(scores.token_logps[i].numel())
-        fields["token_logps"] = [round(float(v), 6) for v in scores.token_logps[i]]
+        fields["token_logps"] = [round(v, 6) for v in scores.token_logps[i].tolist()]
         out.append(
             schema.probe_record(
                 step, probe_id=response.probe_id, prompt_id=response.prompt_id, kind=response.kind, **fields

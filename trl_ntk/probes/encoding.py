@@ -28,6 +28,7 @@ def encode_responses(
     *,
     max_length: int | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    prompt_cache: dict[str, list[int]] | None = None,
 ) -> EncodedProbes:
     """Tokenize every response after its prompt, as TRL's DPO/SFT trainers tokenize their training data.
 
@@ -44,6 +45,9 @@ def encode_responses(
         max_length (`int`, *optional*): raise when a prompt + response is longer (no silent truncation).
         chat_template_kwargs (`dict`, *optional*): extra keyword arguments for `apply_chat_template`, as the
             trainer passes them (e.g. `chat_template=...`, `enable_thinking=False`).
+        prompt_cache (`dict`, *optional*): `prompt_ids` per prompt id, read and filled here; pass the same dict
+            to later calls (and to `sample_responses`) with the same tokenizer and `chat_template_kwargs` to
+            tokenize each prompt once. Defaults to a fresh dict.
 
     Returns:
         `EncodedProbes`: a right-padded `TokenBatch` `[N, T]` with one row per response (targets: the response
@@ -54,7 +58,7 @@ def encode_responses(
         raise ValueError("the probe set has no responses to encode")
     kwargs = dict(chat_template_kwargs or {})
     pad_token_id = _pad_token_id(tokenizer)
-    prompt_cache: dict[str, list[int]] = {}
+    prompt_cache = {} if prompt_cache is None else prompt_cache
     context_ids: list[list[int]] = []
     response_ids: list[list[int]] = []
     for probe_response in responses:
@@ -92,6 +96,7 @@ def encode_extended(
     *,
     max_length: int | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    prompt_cache: dict[str, list[int]] | None = None,
 ) -> EncodedProbes:
     """`encode_responses(responses, tokenizer, ...)`, tokenizing only the responses `encoded` does not hold.
 
@@ -107,10 +112,11 @@ def encode_extended(
     if encoded is not None:
         known = {r.probe_id: (r, c, t) for r, c, t in zip(encoded.responses, encoded.context_ids, encoded.response_ids)}
     new = [r for r in responses if r.probe_id not in known or known[r.probe_id][0] != r]
+    options = {"max_length": max_length, "chat_template_kwargs": chat_template_kwargs, "prompt_cache": prompt_cache}
     if encoded is None or (new and not known):
-        return encode_responses(responses, tokenizer, max_length=max_length, chat_template_kwargs=chat_template_kwargs)
+        return encode_responses(responses, tokenizer, **options)
     if new:
-        fresh = encode_responses(new, tokenizer, max_length=max_length, chat_template_kwargs=chat_template_kwargs)
+        fresh = encode_responses(new, tokenizer, **options)
         if fresh.tokenizer_fingerprint != encoded.tokenizer_fingerprint:
             raise ValueError("the new responses were encoded with a different tokenizer than the reused ones")
         known.update({r.probe_id: (r, c, t) for r, c, t in zip(fresh.responses, fresh.context_ids, fresh.response_ids)})

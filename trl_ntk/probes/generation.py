@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
-import inspect
 import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -12,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trl_ntk.probes.drafts import GreedyDrafts, speculative_greedy
 from trl_ntk.probes.encoding import _generation_prompt_ids
 from trl_ntk.probes.modes import eval_mode, forked_rng
 from trl_ntk.probes.responses import ProbeResponse, PromptLike, is_conversation
@@ -36,6 +35,7 @@ def sample_responses(
     generation_kwargs: Mapping[str, Any] | None = None,
     synced_gpus: bool = False,
     drafts: GreedyDrafts | None = None,
+    prompt_cache: dict[str, list[int]] | None = None,
 ) -> list[ProbeResponse]:
     """Responses of the current model to each prompt: one greedy (kind `greedy`) and `num_samples` samples (`sample`).
 
@@ -67,9 +67,12 @@ def sample_responses(
         generation_kwargs (`dict`, *optional*): overrides for the `GenerationConfig` fields.
         synced_gpus (`bool`, *optional*, defaults to `False`): call on every rank of a sharded model (FSDP2); ranks
             keep running forwards until all have finished (`generate(synced_gpus=True)`).
-        drafts (`GreedyDrafts`, *optional*): the greedy responses of the previous call, checked in one forward and
-            kept as far as they are still the greedy ones (`GreedyDrafts`); updated with this call's. Not used with
-            `synced_gpus` or `generation_kwargs`.
+        drafts (`GreedyDrafts`, *optional*): the greedy responses of earlier calls (and reference token
+            sequences): the greedy responses are decoded by guessing from them and verifying the guesses
+            (`drafts.speculative_greedy`; compared with `generate` once per model at the first call, which decodes
+            plainly); updated with this call's. Not used with `synced_gpus` or `generation_kwargs`.
+        prompt_cache (`dict`, *optional*): the prompt token ids per prompt id, read and filled here (shared with
+            `encode_responses`: the same tokenizer and `chat_template_kwargs`); defaults to a fresh dict.
 
     Returns:
         `list[ProbeResponse]`: per prompt, the greedy response then the samples (non-empty ones only).
@@ -78,8 +81,11 @@ def sample_responses(
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     kwargs = dict(chat_template_kwargs or {})
     probes, prompt_ids = [], []
+    prompt_cache = {} if prompt_cache is None else prompt_cache
     for probe in prompts.prompts() if hasattr(prompts, "prompts") else prompts:
-        ids = _generation_prompt_ids(tokenizer, probe.prompt, kwargs)
+        if probe.prompt_id not in prompt_cache:
+            prompt_cache[probe.prompt_id] = _generation_prompt_ids(tokenizer, probe.prompt, kwargs)
+        ids = prompt_cache[probe.prompt_id]
         if ids:
             probes.append(probe)
             prompt_ids.append(ids)
@@ -101,12 +107,15 @@ def sample_responses(
             runs = [("greedy", greedy_config, 1)] + ([("sample", sample_config, num_samples)] if num_samples else [])
             for kind, generation_config, per_prompt in runs:
                 completions = None
-                if kind == "greedy" and drafts is not None and drafts.usable(model, synced_gpus, generation_kwargs):
-                    ids = prompt_ids[start : start + batch_size]
+                ids = prompt_ids[start : start + batch_size]
+                speculative = kind == "greedy" and drafts is not None
+                speculative = speculative and drafts.usable(model, synced_gpus, generation_kwargs)
+                if speculative and drafts.verified:
                     try:
-                        completions = _greedy_from_drafts(model, ids, drafts, generation_config, eos_ids, pad_token_id)
+                        completions = speculative_greedy(model, ids, drafts, max_new_tokens, eos_ids, pad_token_id)
                     except Exception:  # noqa: BLE001 - never fail a scoring: decode plainly from now on
-                        logger.warning("the greedy draft check failed on %s; decoding plainly", type(model).__name__)
+                        name = type(model).__name__
+                        logger.warning("greedy decoding from drafts failed on %s; decoding plainly", name)
                         drafts.failed = True
                 if completions is None:
                     output = model.generate(
@@ -116,8 +125,10 @@ def sample_responses(
                         synced_gpus=synced_gpus,
                     )
                     completions = output[:, input_ids.shape[1] :].tolist()
+                    if speculative and drafts.verified is None:
+                        drafts.check(model, ids, completions, max_new_tokens, eos_ids, pad_token_id)
                 if kind == "greedy" and drafts is not None:
-                    drafts.remember(prompt_ids[start : start + batch_size], completions, eos_ids)
+                    drafts.remember(ids, completions, eos_ids)
                 for row, completion in enumerate(completions):
                     probe = chunk[row // per_prompt]
                     text = tokenizer.decode(_cut_at_eos(completion, eos_ids), skip_special_tokens=True)
@@ -135,105 +146,6 @@ def sample_responses(
     if skipped:
         logger.warning("skipped %d empty generated responses (of %d)", skipped, len(probes) * (1 + num_samples))
     return [r for probe in probes for r in generated[probe.prompt_id]]
-
-
-_GREEDY_PROCESSORS = (
-    "no_repeat_ngram_size",
-    "bad_words_ids",
-    "suppress_tokens",
-    "begin_suppress_tokens",
-    "forced_bos_token_id",
-    "forced_eos_token_id",
-    "min_length",
-    "min_new_tokens",
-    "sequence_bias",
-    "exponential_decay_length_penalty",
-    "watermarking_config",
-)
-"""`GenerationConfig` fields that would change greedy tokens through a logits processor."""
-
-
-class GreedyDrafts:
-    """The last greedy completion (token ids, up to and including its eos) per prompt, replayed as a draft.
-
-    Between two scoring steps the policy changes little, and its greedy answer to a probe prompt is often the same.
-    Generating it again costs one decoding forward per token; checking the previous answer costs one forward of
-    prompt + answer: the greedy token at every answer position comes out of it, and the answer is kept up to the
-    first position where the greedy token differs (that token included, as the next one); decoding continues from
-    there with `generate` (speculative decoding with the last answer as the draft; cost: one forward when the
-    answer is unchanged, one forward more than plain decoding when it changed at its first token). The tokens are
-    the greedy ones of the same model; the one forward computes their logits in another order than the
-    token-by-token decoding, so two tokens tied to float rounding may be ranked the other way.
-    """
-
-    def __init__(self) -> None:
-        self.tokens: dict[tuple[int, ...], list[int]] = {}
-        self.failed = False
-
-    def usable(self, model: nn.Module, synced_gpus: bool, generation_kwargs: Mapping[str, Any] | None) -> bool:
-        """Whether greedy decoding is the plain argmax here: no sharded lock-step decoding, no overrides, no
-        logits processor from the model's own generation config (the draft check applies none), and no earlier
-        failure of the draft check on this model."""
-        if self.failed or synced_gpus or generation_kwargs:
-            return False
-        configured = getattr(model, "generation_config", None)
-        return not any(getattr(configured, name, None) for name in _GREEDY_PROCESSORS)
-
-    def remember(self, prompts: list[list[int]], completions: list[list[int]], eos_ids: list[int]) -> None:
-        """Keep each prompt's completion, cut after its first eos."""
-        for prompt, completion in zip(prompts, completions):
-            cut = _cut_at_eos(completion, eos_ids)
-            self.tokens[tuple(prompt)] = completion[: len(cut) + 1] if len(cut) < len(completion) else cut
-
-
-def _greedy_from_drafts(
-    model: nn.Module, prompts: list[list[int]], drafts: GreedyDrafts, config: Any, eos_ids: list[int], pad_id: int
-) -> list[list[int]]:
-    """Greedy completions of `prompts` (as `generate` with `config` gives them), checking each prompt's draft in
-    one forward and decoding with `generate` only past the first token that differs (see `GreedyDrafts`)."""
-    budget = config.max_new_tokens
-    known = [_accepted_draft(model, prompts, drafts, eos_ids, pad_id, budget)] if drafts.tokens else []
-    tokens = known[0] if known else [[] for _ in prompts]
-    open_rows = [i for i, t in enumerate(tokens) if not t or (t[-1] not in eos_ids and len(t) < budget)]
-    if open_rows:
-        device = model.get_input_embeddings().weight.device
-        input_ids, attention_mask = _left_pad([prompts[i] + tokens[i] for i in open_rows], pad_id, device)
-        continued = copy.deepcopy(config)
-        continued.max_new_tokens = max(budget - len(tokens[i]) for i in open_rows)
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=continued)
-        for row, i in enumerate(open_rows):
-            tokens[i] = tokens[i] + output[row, input_ids.shape[1] :].tolist()[: budget - len(tokens[i])]
-    return tokens
-
-
-def _accepted_draft(
-    model: nn.Module, prompts: list[list[int]], drafts: GreedyDrafts, eos_ids: list[int], pad_id: int, budget: int
-) -> list[list[int]]:
-    """Per prompt, the greedy tokens one forward of `prompt + draft` proves: the draft up to its first token that
-    is not the greedy one, then the greedy token there (`[]` for a prompt without a draft)."""
-    rows = [i for i, prompt in enumerate(prompts) if drafts.tokens.get(tuple(prompt))]
-    accepted: list[list[int]] = [[] for _ in prompts]
-    if not rows:
-        return accepted
-    device = model.get_input_embeddings().weight.device
-    draft_of = {i: drafts.tokens[tuple(prompts[i])][:budget] for i in rows}
-    input_ids, attention_mask = _left_pad([prompts[i] + draft_of[i] for i in rows], pad_id, device)
-    keep = max(len(d) for d in draft_of.values()) + 1
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-    parameters = inspect.signature(model.forward).parameters
-    if "position_ids" in parameters:  # as `generate` counts positions of left-padded prompts
-        kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    if "logits_to_keep" in parameters:
-        kwargs["logits_to_keep"] = keep
-    greedy = model(**kwargs).logits[:, -keep:].argmax(-1).tolist()
-    for row, i in enumerate(rows):
-        draft = draft_of[i]
-        predicted = greedy[row][keep - len(draft) - 1 :]  # the greedy token after prompt + draft[:j], j = 0..len
-        for j, token in enumerate(predicted):
-            accepted[i].append(token)
-            if token in eos_ids or len(accepted[i]) >= budget or j == len(draft) or token != draft[j]:
-                break
-    return accepted
 
 
 @contextlib.contextmanager

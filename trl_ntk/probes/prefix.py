@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 _VERIFIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 """Per model: the outcome of the one-time check of the shared-prefix forward against the plain forward."""
 
+_CACHE_ARGUMENT: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
+"""Per model: `cache_argument`'s answer."""
+
 VERIFY_ATOL = 1e-3
 """Largest difference in a token log-prob (nats) the one-time check accepts; a real mismatch (wrong positions, a
 cache the model ignores) is of order 0.1-10."""
@@ -106,24 +109,38 @@ def group_prefixes(batch: TokenBatch) -> PrefixGroups:
 def cache_argument(model: nn.Module) -> str | None:
     """The decoder body's keyword for a KV cache (`"cache"` or `"past_key_values"`), or `None` when its forward
     does not take one with `inputs_embeds`, `position_ids` and `use_cache`, or the model's `DynamicCache` has layers
-    other than plain full attention."""
+    other than plain full attention. Found once per model."""
+    if model not in _CACHE_ARGUMENT:
+        _CACHE_ARGUMENT[model] = _find_cache_argument(model)
+    return _CACHE_ARGUMENT[model]
+
+
+def _find_cache_argument(model: nn.Module) -> str | None:
     try:
         decoder, _ = decoder_and_head(model)
         parameters = inspect.signature(decoder.forward).parameters
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-    except (ValueError, TypeError, ImportError):
+    except (ValueError, TypeError):
         return None
     if not {"inputs_embeds", "position_ids", "use_cache"} <= set(parameters):
         return None
     name = next((n for n in ("cache", "past_key_values") if n in parameters), None)
+    return name if name is not None and has_plain_cache(model) else None
+
+
+def has_plain_cache(model: nn.Module) -> bool:
+    """Whether the model's `DynamicCache` (built from its text config) has only plain full-attention layers
+    (`DynamicLayer`: no sliding window, no linear-attention or recurrent state), whose columns can be indexed,
+    selected by row and masked freely."""
     config = text_config(model)
-    if name is None or config is None:
-        return None
+    if config is None:
+        return False
     try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
         layers = DynamicCache(config=config).layers
     except Exception:  # noqa: BLE001 - a config the cache cannot be built from: not supported
-        return None
-    return name if all(type(layer) is DynamicLayer for layer in layers) else None
+        return False
+    return all(type(layer) is DynamicLayer for layer in layers)
 
 
 def shared_prefix_hidden(model: nn.Module, batch: TokenBatch, groups: PrefixGroups, rows: list[int]) -> Tensor:

@@ -111,6 +111,18 @@ def test_chunked_head_matches_bruteforce_value_gradients_and_jvps(chunk_rows, ou
     torch.testing.assert_close(rows, expected_head, rtol=1e-10, atol=1e-12)
 
 
+def test_no_targets_give_empty_outputs_and_zero_gradients():
+    model, inputs, targets = _setup(bias=True)
+    values = {name: param.detach() for name, param in model.named_parameters()}
+    score = _score(model, inputs[:0], targets[:0], "logprob", 1.0, LogitTransform())
+    backward = jvp.Backward(score, values, model)
+    assert backward.outputs.shape == (0,)
+    for name, grad in backward.single(torch.zeros(0, dtype=torch.float64)).items():
+        torch.testing.assert_close(grad, torch.zeros_like(values[name]), rtol=0, atol=0)
+    tangents = {name: torch.ones(2, *value.shape, dtype=torch.float64) for name, value in values.items()}
+    assert jvp.jvp_rows(score, values, tangents, jvp.JvpPath.FUNC, jvp.DEFAULT_FD_STEP).shape == (2, 0)
+
+
 def _peak_tensor_bytes(fn) -> int:
     """Peak of the running sum of the CPU allocator's allocation / free events while `fn()` runs."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as session:

@@ -156,7 +156,7 @@ class LogitGrads:
         `weight [V, H]`, `bias [V]` and `targets [M]`."""
         dtype = compute_dtype(hidden.dtype)
         step = head_chunk_rows(*weight.shape, torch.empty((), dtype=dtype).element_size())
-        for start in range(0, hidden.shape[0], step):
+        for start in range(0, max(hidden.shape[0], 1), step):  # one empty chunk when there are no targets
             rows = slice(start, start + step)
             pre = nn.functional.linear(hidden[rows], weight, bias).to(dtype)
             values, logit_grads = output_values_and_logit_grads(
@@ -174,7 +174,8 @@ class _HeadParameterTerm(torch.autograd.Function):
     Neither pass keeps `a [M, V]`: backward (`grad_W = sum_m g_m a_m^T h_m`, `grad_b = sum_m g_m a_m`) and the JVP
     (`dt_m = <a_m dW, h_m> + <a_m, db>`) recompute `a` in row chunks (`LogitGrads`) from the saved `h`, `W`, `b`
     and targets. Cost of either: two `[M, H] x [H, V]` products (recomputing `pre`, then the product itself), one
-    more than with `a` kept. Under `vmap` (batched tangents or cotangents) the chunk products run per batch entry.
+    more than with `a` kept. Under `vmap` of the backward (batched cotangents) the in-place accumulation of
+    `grad_W` has no batching rule and runs per batch entry: the same products, no `[V, H]` temporary per chunk.
     """
 
     generate_vmap_rule = True
@@ -198,7 +199,7 @@ class _HeadParameterTerm(torch.autograd.Function):
         grad_weight = grad_bias = None
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return None, None, None, None, None
-        with warnings.catch_warnings():  # under vmap, addmm_ runs per batch entry: the same products, no copy
+        with warnings.catch_warnings():  # the per-entry fallback of addmm_ under vmap warns
             warnings.filterwarnings("ignore", message="There is a performance drop")
             for rows, _, logit_grads in ctx.logit_grads.chunks(hidden, weight, bias, targets):
                 logit_grads = logit_grads.to(weight.dtype)

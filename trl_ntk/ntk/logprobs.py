@@ -122,9 +122,10 @@ def output_values_and_logit_grads(
 
 HEAD_CHUNK_BYTES = 32 * 2**20
 """Cap on one `[rows, V]` temporary of the head's closed form (`LogitGrads`)."""
-HEAD_CHUNK_WEIGHT_FRACTION = 1 / 16
-"""Cap on one `[rows, V]` temporary relative to the head weight `[V, H]` (at most `H / 16` rows): with a large
-vocabulary `W` is most of the parameters, so the temporaries stay a small fraction of them at any width."""
+HEAD_CHUNK_WEIGHT_FRACTION = 1 / 4
+"""Cap on one `[rows, V]` temporary relative to the head weight `[V, H]` (at most `H / 4` rows): with a large
+vocabulary `W` is most of the parameters, so the temporaries stay a fraction of them at any width. Fewer rows make
+the chunk products slower (each streams all of `W`)."""
 
 
 def head_chunk_rows(vocab_size: int, hidden_size: int, itemsize: int) -> int:

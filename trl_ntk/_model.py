@@ -117,6 +117,23 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+DOT_CHUNK_ELEMENTS = 2**20
+"""Elements per float64 slice in `float64_dot`: 8 MiB temporaries."""
+
+
+def float64_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+    """`sum_n <a[n], b[n]>` accumulated in float64, a 0-dim float64 tensor on `a`'s device; each pair of tensors is
+    upcast `DOT_CHUNK_ELEMENTS` elements at a time, never whole (a parameter can be most of the model: a tied
+    embedding). Cost: one read of each tensor."""
+    total = torch.zeros((), dtype=torch.float64, device=next(iter(a.values())).device if a else None)
+    for name, left in a.items():
+        left, right = left.reshape(-1), b[name].reshape(-1)
+        for start in range(0, left.numel(), DOT_CHUNK_ELEMENTS):
+            stop = start + DOT_CHUNK_ELEMENTS
+            total += torch.dot(left[start:stop].double(), right[start:stop].double()).to(total.device)
+    return total
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
     """`{name: parameter}` of the parameters with `requires_grad=True` (the adapters of a PEFT model)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -574,8 +574,10 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.parametrize("slice_elements", [7, optim.SPLIT_CHUNK_ELEMENTS], ids=["slices", "whole"])
 @pytest.mark.parametrize("kind", list(OPTIMIZERS))
-def test_optimizer_step_split_reproduces_torch_steps(kind):
+def test_optimizer_step_split_reproduces_torch_steps(kind, slice_elements, monkeypatch):
+    monkeypatch.setattr(optim, "SPLIT_CHUNK_ELEMENTS", slice_elements)  # Adam's split in slices of a parameter
     named, groups = two_group_problem()
     optimizer = OPTIMIZERS[kind](groups)
     generator = torch.Generator().manual_seed(1)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from trl_ntk import _dist
-from trl_ntk._model import TensorDict, compute_dtype, trainable_parameters
+from trl_ntk._model import TensorDict, compute_dtype, float64_dot, trainable_parameters
 from trl_ntk.analysis import memory, sharded
 from trl_ntk.analysis.guard import replayed_randomness
 from trl_ntk.analysis.results import TokenAttribution
@@ -144,7 +144,7 @@ class DenseBackend:
         return _dist.all_reduce(tensor)
 
     def dot(self, a: TensorDict, b: TensorDict) -> float:
-        return float(sum((a[n].double() * b[n].double()).sum() for n in a))
+        return float(float64_dot(a, b))
 
     def token_attribution(
         self,

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from trl_ntk import _dist
-from trl_ntk._model import TensorDict, input_device, local_shard, trainable_parameters
+from trl_ntk._model import TensorDict, float64_dot, input_device, local_shard, trainable_parameters
 from trl_ntk.analysis.guard import replayed_randomness
 from trl_ntk.batches import CapturedMicroBatch, TokenBatch
 from trl_ntk.ntk.jvp import DEFAULT_FD_STEP, JvpPath
@@ -51,8 +51,7 @@ def reshard(model: nn.Module) -> None:
 
 def global_dot(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
     """`<a, b>` of two sharded parameter dicts given as local slices: the local sums, added across ranks."""
-    local = sum(((a[n].double() * b[n].double()).sum() for n in a), torch.zeros((), dtype=torch.float64))
-    return float(_dist.all_reduce(local.to(next(iter(a.values())).device)))
+    return float(_dist.all_reduce(float64_dot(a, b).to(next(iter(a.values())).device)))
 
 
 def target_logprobs(model: nn.Module, batch: TokenBatch) -> Tensor:

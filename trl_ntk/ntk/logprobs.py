@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -97,17 +99,135 @@ def output_values_and_logit_grads(
     """Outputs `[M]` and their gradients with respect to `pre`, `[M, V]`, in closed form (no autograd).
 
     logprob: `d lp / d pre = (e_y - softmax(z / T)) / T * dz/dpre`; logit_sum: `(1 / sqrt V) * dz/dpre`, with
-    `dz/dpre = LogitTransform.slope(pre)`.
+    `dz/dpre = LogitTransform.slope(pre)`. Memory: two or three `[M, V]` buffers at a time (the gradients are
+    formed in place of the log-softmax).
     """
-    logits, slope = transform(pre), transform.slope(pre)
+    logits = transform(pre)
     if output == "logit_sum":
         norm = math.sqrt(pre.shape[-1])
-        return logits.sum(-1) / norm, slope / norm
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+        return logits.sum(-1) / norm, transform.slope(pre) / norm
+    logprobs = torch.log_softmax(logits / temperature if temperature != 1 else logits, dim=-1)
+    del logits
     values = logprobs.gather(-1, targets[:, None])[:, 0]
-    grads = -logprobs.exp()
+    grads = logprobs.exp_().neg_()
     grads.scatter_add_(-1, targets[:, None], torch.ones_like(values)[:, None])
-    return values, grads * slope / temperature
+    if transform.softcap is not None:
+        grads.mul_(transform.slope(pre))
+    elif transform.scale != 1.0:
+        grads.mul_(transform.scale)
+    if temperature != 1:
+        grads.div_(temperature)
+    return values, grads
+
+
+HEAD_CHUNK_BYTES = 32 * 2**20
+"""Cap on one `[rows, V]` temporary of the head's closed form (`LogitGrads`)."""
+HEAD_CHUNK_WEIGHT_FRACTION = 1 / 4
+"""Cap on one `[rows, V]` temporary relative to the head weight `[V, H]` (at most `H / 4` rows): with a large
+vocabulary `W` is most of the parameters, so the temporaries stay a fraction of them at any width. Fewer rows make
+the chunk products slower (each streams all of `W`)."""
+
+
+def head_chunk_rows(vocab_size: int, hidden_size: int, itemsize: int) -> int:
+    """Targets per row chunk of the head's closed form: `[rows, V]` within `HEAD_CHUNK_BYTES` and within
+    `HEAD_CHUNK_WEIGHT_FRACTION` of the `[V, H]` weight, at least one. About 55 rows at `V = 151936`, `H = 896` in
+    float32."""
+    budget = min(HEAD_CHUNK_BYTES, HEAD_CHUNK_WEIGHT_FRACTION * vocab_size * hidden_size * itemsize)
+    return max(1, int(budget // (vocab_size * itemsize)))
+
+
+@dataclass(frozen=True)
+class LogitGrads:
+    """The head's closed form (`output_values_and_logit_grads`) evaluated in row chunks of the targets.
+
+    Each chunk of `head_chunk_rows` targets forms `pre = h W^T + b` and its `[rows, V]` temporaries (two or three
+    alive at a time: `pre`, the log-softmax turned in place into `a`); they are freed before the next chunk. Cost
+    per pass: one `[M, H] x [H, V]` product and `M * V` elementwise work, as one unchunked pass, in `M / rows`
+    products.
+    """
+
+    output: Output
+    temperature: float
+    transform: LogitTransform
+
+    def chunks(
+        self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor
+    ) -> Iterator[tuple[slice, Tensor, Tensor]]:
+        """`(rows, values [n], a [n, V])` per chunk of targets, `a = d f / d pre`, from detached `hidden [M, H]`,
+        `weight [V, H]`, `bias [V]` and `targets [M]`."""
+        dtype = compute_dtype(hidden.dtype)
+        step = head_chunk_rows(*weight.shape, torch.empty((), dtype=dtype).element_size())
+        for start in range(0, max(hidden.shape[0], 1), step):  # one empty chunk when there are no targets
+            rows = slice(start, start + step)
+            pre = nn.functional.linear(hidden[rows], weight, bias).to(dtype)
+            values, logit_grads = output_values_and_logit_grads(
+                pre, targets[rows], self.output, self.temperature, self.transform
+            )
+            del pre
+            yield rows, values, logit_grads
+            del values, logit_grads  # one chunk's temporaries alive at a time
+
+
+class _HeadParameterTerm(torch.autograd.Function):
+    """`t_m = <sg(h_m), a_m (W - sg W)> + <a_m, b - sg b>` (`sg` = detach), `a_m = d f_m / d pre_m` held fixed:
+    value `0`, `d t_m / dW = a_m^T h_m`, `d t_m / db = a_m`.
+
+    Neither pass keeps `a [M, V]`: backward (`grad_W = sum_m g_m a_m^T h_m`, `grad_b = sum_m g_m a_m`) and the JVP
+    (`dt_m = <a_m dW, h_m> + <a_m, db>`) recompute `a` in row chunks (`LogitGrads`) from the saved `h`, `W`, `b`
+    and targets. Cost of either: two `[M, H] x [H, V]` products (recomputing `pre`, then the product itself), one
+    more than with `a` kept. Under `vmap` of the backward (batched cotangents) the in-place accumulation of
+    `grad_W` has no batching rule and runs per batch entry: the same products, no `[V, H]` temporary per chunk.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        weight: Tensor, bias: Tensor | None, hidden: Tensor, targets: Tensor, logit_grads: LogitGrads
+    ) -> Tensor:
+        return hidden.new_zeros(hidden.shape[0], dtype=compute_dtype(hidden.dtype))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        weight, bias, hidden, targets, logit_grads = inputs
+        ctx.logit_grads = logit_grads
+        ctx.save_for_backward(weight, bias, hidden, targets)
+        ctx.save_for_forward(weight, bias, hidden, targets)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        weight, bias, hidden, targets = ctx.saved_tensors
+        grad_weight = grad_bias = None
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None, None
+        with warnings.catch_warnings():  # the per-entry fallback of addmm_ under vmap warns
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            for rows, _, logit_grads in ctx.logit_grads.chunks(hidden, weight, bias, targets):
+                logit_grads = logit_grads.to(weight.dtype)
+                if ctx.needs_input_grad[0]:
+                    weighted = (grad[rows, None] * hidden[rows]).to(weight.dtype)  # g_m h_m, [n, H]
+                    if grad_weight is None:
+                        grad_weight = logit_grads.T @ weighted
+                    else:
+                        grad_weight.addmm_(logit_grads.T, weighted)
+                if ctx.needs_input_grad[1]:
+                    piece = grad[rows].to(bias.dtype) @ logit_grads.to(bias.dtype)
+                    grad_bias = piece if grad_bias is None else grad_bias.add_(piece)
+        return grad_weight, grad_bias, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, weight_tangent: Tensor | None, bias_tangent: Tensor | None, *_: Any) -> Tensor:
+        weight, bias, hidden, targets = ctx.saved_tensors
+        dtype = compute_dtype(hidden.dtype)
+        pieces = []
+        for rows, values, logit_grads in ctx.logit_grads.chunks(hidden, weight, bias, targets):
+            piece = torch.zeros_like(values)
+            if weight_tangent is not None:  # <a_m dW, h_m>: a [n, H] product per tangent, never [n, V]
+                piece = piece + ((logit_grads.to(weight.dtype) @ weight_tangent).to(dtype) * hidden[rows]).sum(-1)
+            if bias_tangent is not None:
+                piece = piece + logit_grads @ bias_tangent.to(dtype)
+            pieces.append(piece)
+        return torch.cat(pieces)
 
 
 def _head_outputs(
@@ -127,30 +247,34 @@ def _head_outputs(
         f = f(w) + <h - sg(h), sg(r)> + <sg(h), r - sg(r)> + <a, b - sg(b)>,   a = df/dpre [M, V],  r = a W [M, H]
 
     (`sg` = detach), whose value is exactly `f` and whose first derivatives are exactly those of `f`. A JVP then
-    costs `M * H` for the hidden-state tangent and one `[M, V] x [V, H]` product for a head-weight tangent, instead
-    of two `[M, H] x [H, V]` products and `[M, V]` softmax tangents per tangent; a backward likewise. Second
-    derivatives of the surrogate are not those of `f`. Other heads (e.g. a LoRA-wrapped lm_head) are differentiated
-    through their own forward.
+    costs `M * H` for the hidden-state tangent and `[M, V] x [V, H]` products for a head-weight tangent, instead
+    of two `[M, H] x [H, V]` products and `[M, V]` softmax tangents per tangent; a backward likewise. The last two
+    terms are `_HeadParameterTerm`, which recomputes `a` in row chunks: the value and `r` are formed chunk by chunk
+    too (`LogitGrads`), so no `[M, V]` buffer is ever alive, only `[rows, V]` temporaries (`HEAD_CHUNK_BYTES`).
+    Second derivatives of the surrogate are not those of `f`. Other heads (e.g. a LoRA-wrapped lm_head) are
+    differentiated through their own forward.
     """
     dtype = compute_dtype(hidden.dtype)
     if type(head) is not nn.Linear:
         return _output_values(head(hidden).to(dtype), targets, output, temperature, transform)
     weight, bias = head.weight, head.bias
-    hidden_value = hidden.detach()
-    pre = nn.functional.linear(hidden_value, weight.detach(), None if bias is None else bias.detach())
-    values, logit_grads = output_values_and_logit_grads(pre.to(dtype), targets, output, temperature, transform)
+    hidden_value, weight_value = hidden.detach(), weight.detach()
+    bias_value = None if bias is None else bias.detach()
+    logit_grads = LogitGrads(output, temperature, transform)
+    values, projected = [], []
+    for _, chunk_values, chunk_grads in logit_grads.chunks(hidden_value, weight_value, bias_value, targets):
+        values.append(chunk_values)
+        if differentiable:
+            projected.append((chunk_grads.to(weight.dtype) @ weight_value).to(dtype))  # r = a W, [n, H]
+        del chunk_grads
     if not differentiable:
-        return values
-    projected = (logit_grads.to(weight.dtype) @ weight).to(dtype)  # r = a W, [M, H]
-    projected_value = projected.detach()
-    result = (
-        values
+        return torch.cat(values)
+    projected_value = torch.cat(projected)
+    return (
+        torch.cat(values)
         + ((hidden - hidden_value).to(dtype) * projected_value).sum(-1)
-        + (hidden_value.to(dtype) * (projected - projected_value)).sum(-1)
+        + _HeadParameterTerm.apply(weight, bias, hidden_value, targets, logit_grads)
     )
-    if bias is not None:
-        result = result + (logit_grads * (bias - bias.detach()).to(dtype)).sum(-1)
-    return result
 
 
 class _Call(nn.Module):

@@ -59,30 +59,47 @@ def _sgd_split(group: Mapping[str, Any], state: Mapping[str, Any], param: Tensor
     return preconditioner, -lr * carried
 
 
+SPLIT_CHUNK_ELEMENTS = 2**20
+"""Elements per slice of the Adam split's temporaries (`_adam_split`): 4 MiB each in float32."""
+
+
 def _adam_split(
     group: Mapping[str, Any], state: Mapping[str, Any], param: Tensor, grad: Tensor, decoupled: bool
 ) -> tuple[Tensor, Tensor]:
+    """`(P, history)` of one parameter (formulas in `optimizer_step_split`), computed `SPLIT_CHUNK_ELEMENTS`
+    elements at a time: the two results plus slice-sized temporaries, whatever the parameter's size."""
     lr, eps, decay = _number(group["lr"]), _number(group["eps"]), _number(group["weight_decay"])
     beta1, beta2 = (_number(b) for b in group["betas"])
-    dtype = compute_dtype(param.dtype)
-    weights, grad = param.detach().to(dtype), grad.detach().to(dtype)
     step = _number(state["step"]) + 1 if "step" in state else 1.0
-    first = state["exp_avg"].to(dtype) if "exp_avg" in state else torch.zeros_like(weights)
-    second = state["exp_avg_sq"].to(dtype) if "exp_avg_sq" in state else torch.zeros_like(weights)
-    effective_grad = grad + decay * weights if (decay and not decoupled) else grad  # Adam's L2 term
-    second = beta2 * second + (1 - beta2) * effective_grad.square()  # v_t includes this step's gradient
-    if group["amsgrad"]:
-        running_max = state["max_exp_avg_sq"].to(dtype) if "max_exp_avg_sq" in state else torch.zeros_like(weights)
-        second = torch.maximum(running_max, second)
     bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-    denom = second.sqrt() / math.sqrt(bias2) + eps
-    preconditioner = lr * (1 - beta1) / bias1 / denom
-    history = -lr / bias1 * beta1 * first / denom
-    if decay:
-        if decoupled:  # AdamW: w <- w * (1 - lr * decay) before the Adam step
-            history = history - lr * decay * weights
-        else:
-            history = history - lr / bias1 * (1 - beta1) * decay * weights / denom
+    dtype = compute_dtype(param.dtype)
+    preconditioner = torch.empty(param.shape, dtype=dtype, device=param.device)
+    history = torch.empty_like(preconditioner)
+    flat = {
+        "weights": param.detach().reshape(-1),
+        "grad": grad.detach().reshape(-1),
+        **{key: state[key].reshape(-1) for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if key in state},
+    }
+    for start in range(0, param.numel(), SPLIT_CHUNK_ELEMENTS):
+        rows = slice(start, start + SPLIT_CHUNK_ELEMENTS)
+        weights, grad_part = flat["weights"][rows].to(dtype), flat["grad"][rows].to(dtype)
+        first = flat["exp_avg"][rows].to(dtype) if "exp_avg" in flat else torch.zeros_like(weights)
+        second = flat["exp_avg_sq"][rows].to(dtype) if "exp_avg_sq" in flat else torch.zeros_like(weights)
+        effective_grad = grad_part + decay * weights if (decay and not decoupled) else grad_part  # Adam's L2 term
+        second = beta2 * second + (1 - beta2) * effective_grad.square()  # v_t includes this step's gradient
+        if group["amsgrad"]:
+            has_max = "max_exp_avg_sq" in flat
+            running_max = flat["max_exp_avg_sq"][rows].to(dtype) if has_max else torch.zeros_like(weights)
+            second = torch.maximum(running_max, second)
+        denom = second.sqrt() / math.sqrt(bias2) + eps
+        part_history = -lr / bias1 * beta1 * first / denom
+        if decay:
+            if decoupled:  # AdamW: w <- w * (1 - lr * decay) before the Adam step
+                part_history = part_history - lr * decay * weights
+            else:
+                part_history = part_history - lr / bias1 * (1 - beta1) * decay * weights / denom
+        preconditioner.view(-1)[rows] = lr * (1 - beta1) / bias1 / denom
+        history.view(-1)[rows] = part_history
     return preconditioner, history
 
 
@@ -114,7 +131,8 @@ def optimizer_step_split(
 
     Returns:
         `StepSplit(preconditioner, history)`, dicts keyed like `named_params`, in float32 (or the parameter's
-        dtype if wider). Allocates two parameter-sized tensors per parameter (one for SGD).
+        dtype if wider). Allocates two parameter-sized tensors per parameter (one for SGD), and for Adam slices of
+        `SPLIT_CHUNK_ELEMENTS` elements as temporaries.
     """
     inner = unwrap_optimizer(optimizer)
     if isinstance(inner, torch.optim.Adam):

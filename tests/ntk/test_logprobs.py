@@ -165,5 +165,7 @@ def test_backward_through_a_large_vocabulary_head_holds_row_chunks_not_the_logit
 def test_head_chunk_rows_keep_a_chunk_within_both_caps():
     assert logprobs.head_chunk_rows(151936, 896, 4) == logprobs.HEAD_CHUNK_BYTES // (151936 * 4)
     assert logprobs.head_chunk_rows(151936, 64, 4) == 16  # H / 4: a fraction of the weight
-    assert logprobs.head_chunk_rows(600, 512, 8) == 128
+    assert logprobs.head_chunk_rows(600, 512, 8) == logprobs.HEAD_CHUNK_MIN_BYTES // (
+        600 * 8
+    )  # a small head: the floor
     assert logprobs.head_chunk_rows(10**9, 8, 4) == 1

@@ -126,13 +126,18 @@ HEAD_CHUNK_WEIGHT_FRACTION = 1 / 4
 """Cap on one `[rows, V]` temporary relative to the head weight `[V, H]` (at most `H / 4` rows): with a large
 vocabulary `W` is most of the parameters, so the temporaries stay a fraction of them at any width. Fewer rows make
 the chunk products slower (each streams all of `W`)."""
+HEAD_CHUNK_MIN_BYTES = 4 * 2**20
+"""Floor of that fraction cap: a small model's head runs in one chunk (its `[M, V]` buffers are a few MiB, and row
+chunks of `H / 4` targets would multiply the passes' fixed costs)."""
 
 
 def head_chunk_rows(vocab_size: int, hidden_size: int, itemsize: int) -> int:
     """Targets per row chunk of the head's closed form: `[rows, V]` within `HEAD_CHUNK_BYTES` and within
-    `HEAD_CHUNK_WEIGHT_FRACTION` of the `[V, H]` weight, at least one. About 55 rows at `V = 151936`, `H = 896` in
-    float32."""
-    budget = min(HEAD_CHUNK_BYTES, HEAD_CHUNK_WEIGHT_FRACTION * vocab_size * hidden_size * itemsize)
+    `HEAD_CHUNK_WEIGHT_FRACTION` of the `[V, H]` weight or `HEAD_CHUNK_MIN_BYTES`, whichever is larger; at least
+    one. About 55 rows at `V = 151936`, `H = 896` in float32; 144 at SmolLM2's `V = 49152`, `H = 576`; about 1,700
+    (the whole batch) at a 600-word vocabulary."""
+    fraction = HEAD_CHUNK_WEIGHT_FRACTION * vocab_size * hidden_size * itemsize
+    budget = min(HEAD_CHUNK_BYTES, max(HEAD_CHUNK_MIN_BYTES, fraction))
     return max(1, int(budget // (vocab_size * itemsize)))
 
 

@@ -95,6 +95,7 @@ def main() -> None:
         every_n_steps=1,
         attribution=options.attribution,
         tokens_every_n_steps=options.tokens_every,
+        matrix_every_n_steps=None,  # the token matrix at every tokens-level step, to compare them across ranks
         num_prompts=2,
         max_new_tokens=8,
         strict=True,

@@ -83,7 +83,10 @@ JVP: measured 5.7 and 6.0 (`torch.profiler`, hidden 128, vocabulary 32,768), one
 temporaries."""
 
 HEAD_CHUNK_ROWS: int | None = None
-"""Target rows the per-target head forms its `[rows, V]` tensors for at once; `None`: all `M` targets of a batch."""
+"""Target rows the estimate counts the per-target head's `[rows, V]` tensors for; `None`: all `M` targets of a
+batch. The head runs in row chunks (`logprobs.head_chunk_rows`), so this overstates its peak at large vocabularies:
+kept as a margin, since the estimate must bound the step's peak and crediting the chunks alone fell below the
+measure (hidden 128, vocabulary 32,768, T 256: 67 MB against 72 MB measured, `tests/analysis/test_memory.py`)."""
 
 SPLIT_COPIES = 7
 """Parameter-sized float32 temporaries of the optimizer's split of one parameter (`optim.optimizer_step_split`) at

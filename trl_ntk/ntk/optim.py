@@ -7,7 +7,7 @@ torch.optim.SGD (momentum, dampening, Nesterov), Adam and AdamW (amsgrad), first
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -67,12 +67,35 @@ def _adam_split(
     group: Mapping[str, Any], state: Mapping[str, Any], param: Tensor, grad: Tensor, decoupled: bool
 ) -> tuple[Tensor, Tensor]:
     """`(P, history)` of one parameter (formulas in `optimizer_step_split`), computed `SPLIT_CHUNK_ELEMENTS`
-    elements at a time: the two results plus slice-sized temporaries, whatever the parameter's size."""
+    elements at a time: the two results plus slice-sized temporaries, whatever the parameter's size. A tensor
+    subclass (a DTensor shard under FSDP2) is computed whole, its operations dispatched as they come."""
     lr, eps, decay = _number(group["lr"]), _number(group["eps"]), _number(group["weight_decay"])
     beta1, beta2 = (_number(b) for b in group["betas"])
     step = _number(state["step"]) + 1 if "step" in state else 1.0
     bias1, bias2 = 1 - beta1**step, 1 - beta2**step
     dtype = compute_dtype(param.dtype)
+
+    def terms(weights: Tensor, grad_part: Tensor, part: Callable[[str], Tensor | None]) -> tuple[Tensor, Tensor]:
+        weights, grad_part = weights.to(dtype), grad_part.to(dtype)
+        first, second = part("exp_avg"), part("exp_avg_sq")
+        first = torch.zeros_like(weights) if first is None else first.to(dtype)
+        second = torch.zeros_like(weights) if second is None else second.to(dtype)
+        effective_grad = grad_part + decay * weights if (decay and not decoupled) else grad_part  # Adam's L2 term
+        second = beta2 * second + (1 - beta2) * effective_grad.square()  # v_t includes this step's gradient
+        if group["amsgrad"]:
+            running_max = part("max_exp_avg_sq")
+            second = torch.maximum(torch.zeros_like(weights) if running_max is None else running_max.to(dtype), second)
+        denom = second.sqrt() / math.sqrt(bias2) + eps
+        part_history = -lr / bias1 * beta1 * first / denom
+        if decay:
+            if decoupled:  # AdamW: w <- w * (1 - lr * decay) before the Adam step
+                part_history = part_history - lr * decay * weights
+            else:
+                part_history = part_history - lr / bias1 * (1 - beta1) * decay * weights / denom
+        return lr * (1 - beta1) / bias1 / denom, part_history
+
+    if type(param.detach()) is not Tensor:
+        return terms(param.detach(), grad.detach(), lambda key: state.get(key))
     preconditioner = torch.empty(param.shape, dtype=dtype, device=param.device)
     history = torch.empty_like(preconditioner)
     flat = {
@@ -82,23 +105,12 @@ def _adam_split(
     }
     for start in range(0, param.numel(), SPLIT_CHUNK_ELEMENTS):
         rows = slice(start, start + SPLIT_CHUNK_ELEMENTS)
-        weights, grad_part = flat["weights"][rows].to(dtype), flat["grad"][rows].to(dtype)
-        first = flat["exp_avg"][rows].to(dtype) if "exp_avg" in flat else torch.zeros_like(weights)
-        second = flat["exp_avg_sq"][rows].to(dtype) if "exp_avg_sq" in flat else torch.zeros_like(weights)
-        effective_grad = grad_part + decay * weights if (decay and not decoupled) else grad_part  # Adam's L2 term
-        second = beta2 * second + (1 - beta2) * effective_grad.square()  # v_t includes this step's gradient
-        if group["amsgrad"]:
-            has_max = "max_exp_avg_sq" in flat
-            running_max = flat["max_exp_avg_sq"][rows].to(dtype) if has_max else torch.zeros_like(weights)
-            second = torch.maximum(running_max, second)
-        denom = second.sqrt() / math.sqrt(bias2) + eps
-        part_history = -lr / bias1 * beta1 * first / denom
-        if decay:
-            if decoupled:  # AdamW: w <- w * (1 - lr * decay) before the Adam step
-                part_history = part_history - lr * decay * weights
-            else:
-                part_history = part_history - lr / bias1 * (1 - beta1) * decay * weights / denom
-        preconditioner.view(-1)[rows] = lr * (1 - beta1) / bias1 / denom
+        part_preconditioner, part_history = terms(
+            flat["weights"][rows],
+            flat["grad"][rows],
+            lambda key, rows=rows: flat[key][rows] if key in flat else None,
+        )
+        preconditioner.view(-1)[rows] = part_preconditioner
         history.view(-1)[rows] = part_history
     return preconditioner, history
 

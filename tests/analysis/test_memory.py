@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from tests.profiling import tensor_peak
 from tests.trainer_factory import dpo_trainer
 from trl_ntk import LearningDynamicsCallback
 from trl_ntk.analysis import memory
@@ -83,18 +84,6 @@ def test_plan_keeps_tokens_with_fewer_tangents_per_jvp_before_downgrading():
     assert one < whole and (chosen.level, chosen.path, chosen.message) == ("tokens", "auto", "")
 
 
-def _tensor_peak(session) -> int:
-    """Peak of the running sum of the CPU allocator's allocation / free events of one profiler session."""
-    events = sorted(
-        (e for e in session.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    running = peak = 0
-    for event in events:
-        running += event.nbytes()
-        peak = max(peak, running)
-    return peak
-
-
 @pytest.mark.parametrize("level", ["sums", "tokens"])
 def test_estimate_bounds_the_measured_peak_of_an_analysis_step(tmp_path, level):
     """The tensor bytes the analysis step allocates above what existed before it (`torch.profiler`, as in
@@ -111,7 +100,7 @@ def test_estimate_bounds_the_measured_peak_of_an_analysis_step(tmp_path, level):
     def measured(args, state, control, **kwargs):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as session:
             out = original(args, state, control, **kwargs)
-        peaks.append(_tensor_peak(session))
+        peaks.append(tensor_peak(session))
         return out
 
     callback.on_pre_optimizer_step = measured
@@ -282,7 +271,7 @@ def _measured_sums_step(
     optimizer.zero_grad(set_to_none=False)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as session:
         _plain_step(model, train, coeffs, optimizer)
-    plain = _tensor_peak(session)
+    plain = tensor_peak(session)
     optimizer.zero_grad(set_to_none=False)
     _plain_step(model, train, coeffs)  # the analysed step's gradient
     rows = target_rows(train)
@@ -291,7 +280,7 @@ def _measured_sums_step(
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as session:
         dynamics.explain_update(model, probe, micro, labels, ("all",), optimizer, attribution="sums")
     work = memory.Workload(train_rows=2, train_length=length, probe_rows=2, probe_length=probe_length)
-    return plain, _tensor_peak(session), memory.estimate(memory.model_shape(model), "sums", work)
+    return plain, tensor_peak(session), memory.estimate(memory.model_shape(model), "sums", work)
 
 
 @pytest.mark.parametrize("length", [256, 768])

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from tests.profiling import tensor_peak
 from trl_ntk._model import LogitTransform
 from trl_ntk.ntk import jvp, logprobs
 
@@ -124,17 +125,10 @@ def test_no_targets_give_empty_outputs_and_zero_gradients():
 
 
 def _peak_tensor_bytes(fn) -> int:
-    """Peak of the running sum of the CPU allocator's allocation / free events while `fn()` runs."""
+    """Peak tensor bytes allocated while `fn()` runs (see `tests.profiling.tensor_peak`)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as session:
         fn()
-    events = sorted(
-        (e for e in session.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    running = peak = 0
-    for event in events:
-        running += event.nbytes()
-        peak = max(peak, running)
-    return peak
+    return tensor_peak(session)
 
 
 def test_backward_through_a_large_vocabulary_head_holds_row_chunks_not_the_logits(monkeypatch):

@@ -264,10 +264,10 @@ def contract(
 
     Per chunk of `W` rows, the row-side gradients, then, `jvp_chunk_size` rows at a time (`None`: the whole
     chunk), a batched JVP of the column batch along them. The row-side gradients come from the cheapest of:
-    - a chunk whose every row touches one sequence only, the rows spread over several sequences (one probe
-      response per row, the tokens of a few responses): per sequence, a forward and a batched backward of that
-      sequence alone, so a row's backward never runs over other rows' sequences (`R` one-sequence backwards
-      instead of `R` backwards of the chunk's sequences);
+    - a chunk whose rows each touch one sequence of their own (one probe response per row): per row, a forward
+      and a backward of its sequence alone, so a row's backward never runs over other rows' sequences (`R`
+      one-sequence backwards instead of `R` backwards of the chunk's sequences), one row's gradient alive beside
+      the chunk's;
     - a chunk whose rows touch at most half of the row batch's sequences together: a forward and batched backward
       of those sequences only;
     - otherwise one forward of the whole row batch, shared by such chunks, and its batched backward.
@@ -287,7 +287,7 @@ def contract(
         touched = int(sequences.sum())
         sequence_of_row = _single_sequence_of_rows(touches, row_of_target)
         step = weights.shape[0] if jvp_chunk_size is None else jvp_chunk_size
-        if not row_batch.model_kwargs and sequence_of_row is not None and touched > 1:
+        if not row_batch.model_kwargs and sequence_of_row is not None and touched == weights.shape[0] > 1:
             for start in range(0, weights.shape[0], step):
                 stop = min(start + step, weights.shape[0])
                 gradients = _per_sequence_gradients(

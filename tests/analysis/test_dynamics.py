@@ -40,6 +40,24 @@ def _batch(lengths: list[tuple[int, int]], generator: torch.Generator) -> TokenB
     return TokenBatch(input_ids, attention_mask, target_mask)
 
 
+def _captured_step(generator: torch.Generator, *, groups: bool) -> tuple[list[CapturedMicroBatch], list[TokenLabels]]:
+    """Two micro-batches of 2 and 3 sequences with random float64 coefficients; with `groups`, the first target of
+    each has no gradient (it belongs to no cell) and the targets fall in random groups, otherwise all in group 0."""
+    micro_batches, labels = [], []
+    for lengths in ([(2, 4), (3, 3)], [(4, 3), (2, 2), (3, 4)]):
+        batch = _batch(lengths, generator)
+        rows = target_rows(batch)
+        coeffs = torch.randn(batch.num_targets, generator=generator, dtype=torch.float64)
+        if groups:
+            coeffs[0] = 0.0
+            group = torch.randint(0, len(GROUPS), (batch.num_targets,), generator=generator)
+        else:
+            group = torch.zeros_like(rows)
+        micro_batches.append(CapturedMicroBatch(batch, grad_coeffs=coeffs))
+        labels.append(TokenLabels(group=group, example=rows + 10 * len(labels), sequence_group=rows))
+    return micro_batches, labels
+
+
 def _per_target_gradients(model, batch: TokenBatch) -> torch.Tensor:
     """`[M, P]` flattened `grad_w lp_m` of every target, one `torch.autograd.grad` each, from the full logits."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -100,15 +118,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 def test_every_term_of_the_analysis_equals_brute_force(model, kind):
     generator = torch.Generator().manual_seed(1)
     probe = _batch([(3, 4), (2, 5), (4, 2)], generator)
-    micro_batches, labels = [], []
-    for lengths in ([(2, 4), (3, 3)], [(4, 3), (2, 2), (3, 4)]):
-        batch = _batch(lengths, generator)
-        rows = target_rows(batch)
-        coeffs = torch.randn(batch.num_targets, generator=generator, dtype=torch.float64)
-        coeffs[0] = 0.0  # a target without gradient belongs to no cell
-        group = torch.randint(0, len(GROUPS), (batch.num_targets,), generator=generator)
-        micro_batches.append(CapturedMicroBatch(batch, grad_coeffs=coeffs))
-        labels.append(TokenLabels(group=group, example=rows + 10 * len(labels), sequence_group=rows))
+    micro_batches, labels = _captured_step(generator, groups=True)
 
     train_grads = torch.cat([_per_target_gradients(model, mb.batch) for mb in micro_batches])  # [L, P]
     probe_grads = _per_target_gradients(model, probe)  # [Mp, P]
@@ -162,13 +172,7 @@ def test_token_level_matrix_and_response_totals_equal_brute_force(model, selecte
     responses of one token each and of several, micro-batches of several sequences."""
     generator = torch.Generator().manual_seed(2)
     probe = _batch([(3, 4), (2, 1), (4, 3)], generator)
-    micro_batches, labels = [], []
-    for lengths in ([(2, 4), (3, 3)], [(4, 3), (2, 2), (3, 4)]):
-        batch = _batch(lengths, generator)
-        rows = target_rows(batch)
-        coeffs = torch.randn(batch.num_targets, generator=generator, dtype=torch.float64)
-        micro_batches.append(CapturedMicroBatch(batch, grad_coeffs=coeffs))
-        labels.append(TokenLabels(group=torch.zeros_like(rows), example=rows + 10 * len(labels), sequence_group=rows))
+    micro_batches, labels = _captured_step(generator, groups=False)
     optimizer = OPTIMIZERS["sgd"](model.parameters())
     train_grads = torch.cat([_per_target_gradients(model, mb.batch) for mb in micro_batches])
     probe_grads = _per_target_gradients(model, probe)

@@ -15,6 +15,16 @@ from trl_ntk.probes.probe_set import ProbeResponse, ProbeSet
 from trl_ntk.probes.scoring import DIAGNOSTICS, score_responses
 
 
+def _count_chat_templates(tokenizer, monkeypatch) -> list[int]:
+    """A list that grows by one at every `tokenizer.apply_chat_template` call from now on."""
+    calls: list[int] = []
+    original = tokenizer.apply_chat_template
+    monkeypatch.setattr(
+        tokenizer, "apply_chat_template", lambda *a, **k: calls.append(1) or original(*a, **k), raising=False
+    )
+    return calls
+
+
 @pytest.fixture(scope="module")
 def toy_model_and_tokenizer():
     model, tokenizer = toy.model_and_tokenizer(warmup=True)
@@ -219,11 +229,7 @@ def test_encode_extended_equals_encoding_everything_and_tokenizes_only_new_respo
     ]
     responses = ProbeSet.from_responses(probes.responses() + extra).responses()
     expected = encode_responses(responses, tokenizer)
-    calls = []
-    original = tokenizer.apply_chat_template
-    monkeypatch.setattr(
-        tokenizer, "apply_chat_template", lambda *a, **k: calls.append(1) or original(*a, **k), raising=False
-    )
+    calls = _count_chat_templates(tokenizer, monkeypatch)
     extended = encode_extended(fixed, responses, tokenizer)
     assert len(calls) == 2  # the new response's prompt and prompt + response only
     for name in ("input_ids", "attention_mask", "target_mask"):
@@ -246,11 +252,7 @@ def test_a_shared_prompt_cache_tokenizes_each_prompt_once_and_changes_nothing(
     assert generated == sample_responses(model, tokenizer, probes.prompts(), max_new_tokens=4)
     responses = ProbeSet.from_responses(probes.responses() + generated).responses()
     expected = encode_responses(responses, tokenizer)
-    calls = []
-    original = tokenizer.apply_chat_template
-    monkeypatch.setattr(
-        tokenizer, "apply_chat_template", lambda *a, **k: calls.append(1) or original(*a, **k), raising=False
-    )
+    calls = _count_chat_templates(tokenizer, monkeypatch)
     extended = encode_extended(fixed, responses, tokenizer, prompt_cache=cache)
     assert len(calls) == len(generated)  # prompt + response only: the prompts come from the cache
     assert torch.equal(extended.batch.input_ids, expected.batch.input_ids)

@@ -71,8 +71,13 @@ def test_tangents_per_jvp_fit_the_budget():
         assert memory.jvp_tangents(SHAPE, WORK.train_rows, WORK.train_length, "func", 16, budget) == expected
     assert memory.jvp_budget(SHAPE, "buffer", 16, free=10**15) == 17 * SHAPE.buffer
     assert memory.jvp_budget(SHAPE, "auto", 16, free=0) == 17 * SHAPE.buffer
-    roomy = 100 * 17 * SHAPE.buffer
-    assert memory.jvp_budget(SHAPE, "auto", 16, free=roomy) == int(memory.SAFETY * roomy)
+    # "auto": a small model may use up to JVP_SMALL_MODEL_BYTES of the free memory, a large one one chunk plus one
+    small = memory.JVP_SMALL_MODEL_BYTES
+    assert 17 * SHAPE.buffer < small
+    assert memory.jvp_budget(SHAPE, "auto", 16, free=10**15) == small
+    assert memory.jvp_budget(SHAPE, "auto", 16, free=small // 2) == int(memory.SAFETY * small // 2)
+    large = memory.ModelShape(**{**SHAPE.__dict__, "num_params": 10**9})
+    assert memory.jvp_budget(large, "auto", 16, free=10**15) == 17 * large.buffer
     with pytest.raises(ValueError, match="jvp_chunk_size"):
         memory.jvp_budget(SHAPE, "fast", 16, free=0)
 

@@ -34,10 +34,11 @@ class DenseBackend:
         model: at `w_t`, in eval mode, with the step's gradient in `.grad`.
         chunk_size (*optional*): rows of parameter-sized tangents held at once by the "tokens" level kernels.
         jvp_chunk_size (*optional*, defaults to `DEFAULT_JVP_CHUNK_SIZE`): tangents per batched JVP at the
-            "tokens" level, whose activations grow with it. An int; `"auto"` (the whole chunk unless the device's
-            free memory is short); or `"buffer"` (gradients plus JVP activations within `chunk_size + 1`
-            parameter-sized buffers; where activations outweigh parameters it falls to 1-4 tangents, which cost
-            10-50% more time than 16 on small models).
+            "tokens" level, whose activations grow with it. An int; `"auto"` (gradients plus JVP activations within
+            `chunk_size + 1` parameter-sized buffers, or within `memory.JVP_SMALL_MODEL_BYTES` and the device's
+            free memory when that is more: the whole chunk on a small model, `P` plus one chunk on a large one);
+            or `"buffer"` (always within `chunk_size + 1` parameter-sized buffers; where activations outweigh
+            parameters it falls to 1-4 tangents, which cost 10-50% more time than 16 on small models).
         path (*optional*): `"auto"` (`jvp.select_jvp_path`) or a `jvp.JvpPath` value. `"finite_difference"`: the
             step's JVPs by the five-point stencil of `sharded.finite_difference_jvps` (float32 scoring forwards
             with the model's own attention kernel, the step chosen for accuracy), whose memory grows like a
@@ -68,8 +69,7 @@ class DenseBackend:
     def _jvp_chunking(self, batches: list[TokenBatch]) -> dict:
         """`self.chunking` plus the tangents per batched JVP of the "tokens" level: `jvp_chunk_size` when an int;
         `"auto"` / `"buffer"`: the most whose gradients and estimated JVP activations (`memory.jvp_tangents`, for
-        each of the `batches` a JVP may run on) fit in `memory.jvp_budget` (`"auto"`: the device's free memory;
-        `"buffer"`: one chunk of parameter-sized buffers plus one)."""
+        each of the `batches` a JVP may run on) fit in `memory.jvp_budget`."""
         if isinstance(self.jvp_chunk_size, int):
             return {**self.chunking, "jvp_chunk_size": self.jvp_chunk_size}
         chunk = self.chunking.get("chunk_size", jvp.DEFAULT_CHUNK_SIZE)

@@ -88,6 +88,12 @@ batch. The head runs in row chunks (`logprobs.head_chunk_rows`), so this oversta
 kept as a margin, since the estimate must bound the step's peak and crediting the chunks alone fell below the
 measure (hidden 128, vocabulary 32,768, T 256: 67 MB against 72 MB measured, `tests/analysis/test_memory.py`)."""
 
+JVP_SMALL_MODEL_BYTES = 2**30
+"""What the tangents of one batched JVP of the "tokens" level and their activations may take by default
+(`jvp_budget(mode="auto")`) when one chunk of parameter-sized buffers plus one is less: on a model of fewer than
+about 16M float32 parameters the whole chunk then runs in one JVP (1 GiB at most), while on larger models the step
+stays within `P` plus one chunk of buffers."""
+
 SPLIT_COPIES = 7
 """Parameter-sized float32 temporaries of the optimizer's split of one parameter (`optim.optimizer_step_split`) at
 its peak: measured (`torch.profiler`) 6 for AdamW with decoupled weight decay (`v_t`, the denominator, `P`, the
@@ -201,12 +207,14 @@ def jvp_tangents(shape: ModelShape, rows: int, length: int, path: str, chunk_siz
 
 def jvp_budget(shape: ModelShape, mode: str, chunk_size: int, free: int) -> int:
     """Bytes the tangents of one batched JVP of the "tokens" level and its activations may take: `mode="buffer"`,
-    one chunk of parameter-sized buffers plus one (`(chunk_size + 1) B`); `"auto"`, `SAFETY x free`, and at
-    least that."""
+    one chunk of parameter-sized buffers plus one (`(chunk_size + 1) B`); `"auto"`, that or, when it is less,
+    `min(JVP_SMALL_MODEL_BYTES, SAFETY x free)`: a small model runs its whole chunk per JVP when the device has the
+    room, and a large one stays within one chunk of buffers plus one, so that the step's extra memory is about
+    `P` plus one chunk."""
     if mode not in ("auto", "buffer"):
         raise ValueError(f"unknown jvp_chunk_size mode {mode!r}; expected an int, 'auto' or 'buffer'")
     floor = (chunk_size + 1) * shape.buffer
-    return floor if mode == "buffer" else max(floor, int(SAFETY * free))
+    return floor if mode == "buffer" else max(floor, min(JVP_SMALL_MODEL_BYTES, int(SAFETY * free)))
 
 
 @dataclass(frozen=True)
@@ -329,11 +337,12 @@ class Plan:
 
 def plan(shape: ModelShape, level: str, work: Workload, free: int, *, low_memory: bool = False) -> Plan:
     """The highest level not above `level` whose estimate fits in `SAFETY x free`; at each level the exact JVP
-    path first (for "tokens", with whole chunks per JVP, then one tangent per JVP: `dense.DenseBackend` picks
-    the tangents that fit when it runs), then finite differences. With `low_memory`: "sums" by finite differences
-    only; "tokens" with the tangents per JVP of `jvp_chunk_size="buffer"` (gradients plus JVP activations within
-    `chunk_size + 1` parameter-sized buffers), then finite differences. `level="none"` or nothing fitting: the
-    returned plan is `"none"`, with a message when `level` was higher."""
+    path first (for "tokens", with the tangents per JVP that `jvp_chunk_size="auto"` picks (`jvp_chunks`), then
+    one tangent per JVP: `dense.DenseBackend` picks the tangents that fit when it runs), then finite differences.
+    With `low_memory`: "sums" by finite differences only; "tokens" with the tangents per JVP of
+    `jvp_chunk_size="buffer"` (gradients plus JVP activations within `chunk_size + 1` parameter-sized buffers),
+    then finite differences. `level="none"` or nothing fitting: the returned plan is `"none"`, with a message when
+    `level` was higher."""
     budget = int(SAFETY * free)
     requested = LEVELS.index(level)
     needed = estimate(shape, level, work).total
@@ -341,7 +350,8 @@ def plan(shape: ModelShape, level: str, work: Workload, free: int, *, low_memory
         exact = not low_memory or candidate == "tokens"
         paths = ("auto", "finite_difference") if exact else ("finite_difference",)
         for path in paths:
-            guess = estimate(shape, candidate, _buffer_chunks(shape, work) if low_memory else work, _func(path))
+            mode = "buffer" if low_memory else "auto"
+            guess = estimate(shape, candidate, jvp_chunks(shape, work, mode, free), _func(path))
             retry = candidate == "tokens" and path == "auto" and not low_memory  # "buffer" fixes the tangents
             if guess.total > budget and retry:  # fewer tangents per JVP
                 guess = estimate(shape, candidate, replace(work, jvp_chunk_size=1), "func")
@@ -356,10 +366,10 @@ def _func(path: str) -> str:
     return "func" if path == "auto" else path
 
 
-def _buffer_chunks(shape: ModelShape, work: Workload) -> Workload:
-    """`work` with the tangents per JVP that `jvp_chunk_size="buffer"` picks (`jvp_tangents` within
-    `jvp_budget(..., "buffer", ...)`), as `low_memory` runs the "tokens" level."""
-    budget = jvp_budget(shape, "buffer", work.chunk_size, 0)
+def jvp_chunks(shape: ModelShape, work: Workload, mode: str, free: int) -> Workload:
+    """`work` with the tangents per JVP of the "tokens" level that `dense.DenseBackend(jvp_chunk_size=mode)` picks
+    for its training batch (`jvp_tangents` within `jvp_budget(shape, mode, chunk_size, free)`)."""
+    budget = jvp_budget(shape, mode, work.chunk_size, free)
     tangents = jvp_tangents(shape, work.train_rows, work.train_length, "func", work.chunk_size, budget)
     return replace(work, jvp_chunk_size=tangents)
 

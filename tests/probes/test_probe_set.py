@@ -239,6 +239,21 @@ def test_describe_gives_the_probes_record_with_decoded_response_tokens(tokenizer
     assert chosen["response"].endswith("<|im_end|>\n") and chosen["prompt"].endswith("<|im_start|>assistant\n")
 
 
+def test_describe_with_a_shared_cache_decodes_each_sequence_once(tokenizer, monkeypatch):
+    probes = ProbeSet.from_preference_dataset(toy.preference_dataset(6, seed=0), tokenizer, num_prompts=2, seed=0)
+    encoded = probes.encode(tokenizer)
+    expected = encoded.describe(tokenizer)
+    decoded: dict = {}
+    assert encoded.describe(tokenizer, decoded) == expected
+    calls = []
+    original = type(tokenizer).decode
+    monkeypatch.setattr(type(tokenizer), "decode", lambda self, ids, **kw: calls.append(ids) or original(self, ids))
+    assert encoded.describe(tokenizer, decoded) == expected and calls == []
+    assert decoded[tuple(encoded.response_ids[0])] == expected[0]["response"]
+    decoded.pop(tuple(encoded.context_ids[0]))
+    assert encoded.describe(tokenizer, decoded) == expected and calls == [list(encoded.context_ids[0])]
+
+
 @pytest.mark.parametrize("conversational", [True, False], ids=["conversational", "plain"])
 def test_dpo_trainer_trains_on_the_token_ids_the_probes_score(tokenizer, model, tmp_path, conversational):
     from trl import DPOConfig, DPOTrainer

@@ -43,6 +43,9 @@ from trl_ntk.probes.scoring import score_responses
 
 logger = logging.getLogger(__name__)
 
+DECODED_TEXT_LIMIT = 100_000
+"""Decoded token sequences the callback keeps for its `probes` records before it starts afresh."""
+
 
 @dataclass
 class _PendingAnalysis:
@@ -117,6 +120,7 @@ class LearningDynamicsCallback(TrainerCallback):
         self.sampled: list = []
         self.extended = None  # the last encoded fixed + sampled probes
         self.prompt_tokens: dict[str, list[int]] = {}  # per prompt id, for generation and encoding
+        self.decoded_text: dict[tuple[int, ...], str] = {}  # per token sequence, for the probes records
         self.sampled_step: int | None = None
         self.pending: _PendingAnalysis | None = None
         self.last_scored_step: int | None = None
@@ -236,7 +240,7 @@ class LearningDynamicsCallback(TrainerCallback):
                 [records.run_record(state.global_step, self.adapter.kind, asdict(self.config), versions(), resumed)],
             )
             if self.encoded is not None:  # None: prompts only, the responses are generated at each scoring step
-                self._emit(state.global_step, [records.probes_record(state.global_step, self.encoded, self.tokenizer)])
+                self._emit(state.global_step, [self._probes_record(state.global_step, self.encoded)])
         self._adopt_nthr_records()
 
     def _check_memory(self) -> None:
@@ -349,13 +353,19 @@ class LearningDynamicsCallback(TrainerCallback):
             self.sampled_step = step
             if self.sampled:
                 encoded = self._with_sampled()
-                self._emit(step, [records.probes_record(step, encoded, self.tokenizer)])
+                self._emit(step, [self._probes_record(step, encoded)])
                 return encoded
         if self.sampled:
             return self._with_sampled()
         if self.encoded is None:
             raise RuntimeError("no probe responses to score: the model generated none for the probe prompts")
         return self.encoded
+
+    def _probes_record(self, step: int, encoded) -> dict:
+        """The `probes` record of `encoded`, decoding only the token sequences earlier records did not hold."""
+        if len(self.decoded_text) > DECODED_TEXT_LIMIT:  # long runs with many distinct sampled responses
+            self.decoded_text.clear()
+        return records.probes_record(step, encoded, self.tokenizer, self.decoded_text)
 
     def _with_sampled(self):
         """The fixed probes and the sampled ones, grouped by prompt; only the sampled ones that differ from those of

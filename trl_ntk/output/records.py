@@ -29,9 +29,10 @@ __all__ = [
 _SCORE_FIELDS = ("logp_sum", "logp_mean", "argmax_logp", "max_prob_mean", "entropy_mean", "a_norm", "g_norm")
 
 
-def probes_record(step: int, encoded: Any, tokenizer: Any) -> dict:
-    """The `probes` record: every response with its decoded response tokens."""
-    return schema.probes_record(step, encoded.describe(tokenizer))
+def probes_record(step: int, encoded: Any, tokenizer: Any, decoded: dict | None = None) -> dict:
+    """The `probes` record: every response with its decoded response tokens (`decoded`: see
+    `EncodedProbes.describe`)."""
+    return schema.probes_record(step, encoded.describe(tokenizer, decoded))
 
 
 def probe_records(step: int, encoded: Any, scores: Any) -> list[dict]:

@@ -255,7 +255,10 @@ def plain(value: Any, non_finite: list[str] | None = None, where: str = "") -> A
     if isinstance(value, Mapping):
         return {str(k): plain(item, non_finite, f"{where}.{k}" if where else str(k)) for k, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [plain(item, non_finite, f"{where}[]") for item in value]
+        inner = f"{where}[]"
+        # finite floats (most items: per-token values) are kept as they are without a call
+        finite = math.isfinite
+        return [item if type(item) is float and finite(item) else plain(item, non_finite, inner) for item in value]
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalar
         return plain(value.item(), non_finite, where)
     if hasattr(value, "detach") and hasattr(value, "tolist"):  # torch.Tensor

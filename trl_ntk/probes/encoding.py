@@ -183,30 +183,36 @@ class EncodedProbes:
         """Response tokens per probe."""
         return [len(ids) for ids in self.response_ids]
 
-    def describe(self, tokenizer: Any) -> list[dict[str, Any]]:
+    def describe(self, tokenizer: Any, decoded: dict[tuple[int, ...], str] | None = None) -> list[dict[str, Any]]:
         """The `probes` list of the `type: "probes"` record: ids, kind, decoded prompt and response, tokens.
 
         `prompt` and `response` are decoded from the tokens the model sees (chat template included), so the report
         shows exactly what is scored; `tokens` decodes each response token on its own.
+
+        Args:
+            decoded (`dict`, *optional*): decoded text per token sequence (single tokens included), read and filled
+                here, so that a caller describing mostly the same probes at every scoring step decodes only the new
+                ones; a fresh dict by default (each distinct sequence and token decoded once).
         """
+        decoded = {} if decoded is None else decoded
+
+        def decode(ids: list[int]) -> str:
+            key = tuple(ids)
+            if key not in decoded:
+                decoded[key] = tokenizer.decode(ids)
+            return decoded[key]
+
         records = []
-        token_text: dict[int, str] = {}  # each distinct token decoded once
-
-        def decode_token(token_id: int) -> str:
-            if token_id not in token_text:
-                token_text[token_id] = tokenizer.decode([token_id])
-            return token_text[token_id]
-
         for probe_response, context, response in zip(self.responses, self.context_ids, self.response_ids):
             records.append(
                 {
                     "probe_id": probe_response.probe_id,
                     "prompt_id": probe_response.prompt_id,
                     "kind": probe_response.kind,
-                    "prompt": tokenizer.decode(context),
-                    "response": tokenizer.decode(response),
+                    "prompt": decode(context),
+                    "response": decode(response),
                     "num_tokens": len(response),
-                    "tokens": [decode_token(token_id) for token_id in response],
+                    "tokens": [decode([token_id]) for token_id in response],
                 }
             )
         return records

@@ -82,6 +82,7 @@ class LearningDynamicsCallback(TrainerCallback):
 
     def __init__(self, trainer: Any, probes: ProbeSet | None = None, config: DynamicsConfig | None = None, **options):
         self.trainer = trainer
+        self._unwrapped: tuple[torch.nn.Module, torch.nn.Module] | None = None  # (trainer.model, unwrapped)
         self.config = DynamicsConfig(**{**(asdict(config) if config else {}), **options})
         self.adapter = adapter_for(trainer)
         self.adapter.validate(trainer)
@@ -136,7 +137,11 @@ class LearningDynamicsCallback(TrainerCallback):
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _model(self) -> torch.nn.Module:
-        return self.trainer.accelerator.unwrap_model(self.trainer.model)
+        """The trainer's model unwrapped (DDP, compiled); unwrapped again only when `trainer.model` changes."""
+        wrapped = self.trainer.model
+        if self._unwrapped is None or self._unwrapped[0] is not wrapped:
+            self._unwrapped = (wrapped, self.trainer.accelerator.unwrap_model(wrapped))
+        return self._unwrapped[1]
 
     def _default_probes(self, trainer: Any) -> ProbeSet:
         return default_probes(

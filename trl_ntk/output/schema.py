@@ -238,8 +238,16 @@ def encode_record(record: Mapping[str, Any], non_finite: list[str] | None = None
             raise ValueError(f"record has no {required!r} field; build records with the builders of schema.py")
     full = {"schema_version": SCHEMA_VERSION, "type": record["type"], "step": record["step"], "time": time.time()}
     full.update(record)
+    try:  # most records are plain and finite already: no copy
+        return json.dumps(full, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_not_plain)
+    except (ValueError, TypeError):  # a non-finite float, or numpy / torch / path values: the converting copy
+        pass
     found = non_finite if non_finite is not None else []
     return json.dumps(plain(full, found), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _not_plain(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not plain JSON")
 
 
 def plain(value: Any, non_finite: list[str] | None = None, where: str = "") -> Any:

@@ -139,14 +139,17 @@ def _assemble(
 ) -> EncodedProbes:
     """The right-padded `EncodedProbes` of rows `context_ids[n] + response_ids[n]` (targets: the response)."""
     length = max(len(c) + len(r) for c, r in zip(context_ids, response_ids))
-    input_ids = torch.full((len(responses), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(responses), length), dtype=torch.long)
-    target_mask = torch.zeros((len(responses), length), dtype=torch.bool)
-    for row, (context, response) in enumerate(zip(context_ids, response_ids)):
-        input_ids[row, : len(context) + len(response)] = torch.tensor(context + response)
-        attention_mask[row, : len(context) + len(response)] = 1
-        target_mask[row, len(context) : len(context) + len(response)] = True
-    batch = TokenBatch(input_ids=input_ids, attention_mask=attention_mask, target_mask=target_mask)
+    ids, mask, targets = [], [], []
+    for context, response in zip(context_ids, response_ids):
+        padding = length - len(context) - len(response)
+        ids.append([*context, *response] + [pad_token_id] * padding)
+        mask.append([1] * (len(context) + len(response)) + [0] * padding)
+        targets.append([False] * len(context) + [True] * len(response) + [False] * padding)
+    batch = TokenBatch(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        attention_mask=torch.tensor(mask, dtype=torch.long),
+        target_mask=torch.tensor(targets, dtype=torch.bool),
+    )
     return EncodedProbes(
         batch=batch,
         responses=responses,

@@ -165,6 +165,35 @@ def test_every_term_of_the_analysis_equals_brute_force(model, kind):
     assert explanation.probe.residual is None
 
 
+def test_running_sum_takes_a_gradient_over_only_where_it_owns_its_storage():
+    """The first micro-batch's gradient becomes the running sum that later backwards add into in place: a tensor
+    autograd hands out is taken as it is only when it has the parameter's compute dtype and layout and shares its
+    storage with nothing else; a second tensor on the same storage, a view into a larger one, an expanded tensor
+    or another dtype are copied, with the same values."""
+    from trl_ntk.analysis.dense import _owned
+
+    param, owned = torch.zeros(3, 4), set()
+    fresh = torch.randn(3, 4)
+    assert _owned(fresh, param, owned) is fresh
+    cases = {
+        "the same storage again": fresh,
+        "a view into a larger storage": torch.randn(6, 4)[:3],
+        "an expanded tensor": torch.randn(4).expand(3, 4),
+        "another layout": torch.randn(4, 3).T,
+        "another dtype": torch.randn(3, 4, dtype=torch.bfloat16),
+    }
+    storages = {fresh.untyped_storage().data_ptr()}
+    for case, gradient in cases.items():
+        taken = _owned(gradient, param, owned)
+        assert taken.dtype == torch.float32 and taken.stride() == param.stride(), case
+        assert taken.untyped_storage().data_ptr() not in storages | {gradient.untyped_storage().data_ptr()}, case
+        assert torch.equal(taken, gradient.float()), case
+        storages.add(taken.untyped_storage().data_ptr())
+    half = torch.zeros(2, dtype=torch.bfloat16)
+    upcast = torch.randn(2)  # a half-precision parameter's gradient is float32 (taken on its float32 copy)
+    assert _owned(upcast, half, set()) is upcast
+
+
 @pytest.mark.parametrize("selected", [None, (False, True, False), (True, False, True), (False, False, False)])
 def test_token_level_matrix_and_response_totals_equal_brute_force(model, selected):
     """The matrix of the selected responses and every response's per-training-token totals (the selected ones read

@@ -407,3 +407,41 @@ def test_low_memory_plan_keeps_exact_tokens_within_the_buffer_budget_and_sums_by
     tight = memory.plan(SHAPE, "tokens", WORK, free=int(fd / memory.SAFETY) + 1, low_memory=True)
     assert (tight.level, tight.path) == ("tokens", "finite_difference") and "finite-difference" in tight.message
     assert memory.plan(SHAPE, "sums", WORK, free=10**12, low_memory=True).path == "finite_difference"
+
+
+def test_sums_step_holds_no_buffer_beside_a_training_backward():
+    """Where a training micro-batch's activations outweigh the parameters, the "sums" step's tensor peak is that of
+    one plain backward of the micro-batch (`torch.autograd.grad` of `sum_l c_l lp_l`, which builds the gradient
+    while it frees the graph), not one parameter-sized buffer more: no running sum or zero-filled gradient is alive
+    beside a whole backward graph. Slack: 0.1 P for the step's small tensors (labels, rows, the probe's JVP)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from trl_ntk.analysis import dynamics
+    from trl_ntk.batches import CapturedMicroBatch, TokenLabels, target_rows
+
+    model = _llama(64, lora=False, hidden=64)
+    params = [p for p in model.parameters() if p.requires_grad]
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    train, probe = _long_batch(2, 64, 1), _long_batch(1, 16, 2)
+    coeffs = torch.randn(train.num_targets, generator=torch.Generator().manual_seed(3)) / train.num_targets
+
+    def plain_loss() -> torch.Tensor:
+        logits = model(**train.forward_kwargs()).logits[:, :-1][train.target_mask[:, 1:]]
+        return (torch.log_softmax(logits, -1).gather(-1, train.targets[:, None])[:, 0] * coeffs).sum()
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as session:
+        reference = torch.autograd.grad(plain_loss(), params)
+    backward = tensor_peak(session)
+    for p, g in zip(params, reference):
+        p.grad = g
+    del reference
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    rows = target_rows(train)
+    labels = [TokenLabels(group=torch.zeros_like(rows), example=rows, sequence_group=rows)]
+    micro = [CapturedMicroBatch(train, grad_coeffs=coeffs.double())]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as session:
+        explanation = dynamics.explain_update(model, probe, micro, labels, ("all",), optimizer, attribution="sums")
+    step = tensor_peak(session)
+    assert explanation.gradient_check.cosine == pytest.approx(1.0, abs=1e-6)
+    assert backward > 2 * param_bytes, "the activations must outweigh the parameters for the bound to bite"
+    assert step <= backward + 0.1 * param_bytes, (step / param_bytes, backward / param_bytes)

@@ -96,27 +96,29 @@ class DenseBackend:
         """`sum_l w_l grad lp_l` over this rank's micro-batches (one weighted backward per micro-batch with a
         non-zero weight), each forward with the dropout masks and noise of the training forward it reproduces.
 
-        Holds the running sum only: each backward adds into it in place (`jvp.Backward.accumulate`) when the
-        parameters are float32 or wider; otherwise one more gradient while it is added."""
-        total = {n: torch.zeros_like(p, dtype=compute_dtype(p.dtype)) for n, p in self.params.items()}
-        in_place = all(p.dtype == total[n].dtype for n, p in self.params.items())
+        Holds the running sum only, and not before the first backward: the first micro-batch's gradient is the
+        sum itself, built by its backward as it frees the graph (`_running_sum`), so that a parameter-sized buffer
+        is never alive beside a whole graph; each later backward adds into it in place (`jvp.Backward.accumulate`)
+        when the parameters are float32 or wider, otherwise one more gradient while it is added."""
+        total: TensorDict | None = None
+        in_place = all(compute_dtype(p.dtype) == p.dtype for p in self.params.values())
         for mb, w in zip(micro_batches, weights):
             if not bool((w != 0).any()):
                 continue
             with replayed_randomness(self.model, mb.rng_state):
-                if in_place:
+                if in_place and total is not None:
                     kernels.logprob_grad(self.model, mb.batch, w, params=self.names, into=total)
                     continue
                 grad = kernels.logprob_grad(self.model, mb.batch, w, params=self.names)
-            for n in self.names:
-                total[n] += grad[n]
+            total = self._running_sum(total, grad)
             del grad
-        return total
+        return self._running_sum(total, None)
 
     def residual_gradient(self, micro_batches: list[CapturedMicroBatch], coeff_scale: float) -> TensorDict:
         """`coeff_scale * sum_l J_l^T r_l`: the logit residuals of this rank's micro-batches pulled back (one
-        full-logits forward and backward per micro-batch with a residual)."""
-        total = {n: torch.zeros_like(p, dtype=compute_dtype(p.dtype)) for n, p in self.params.items()}
+        full-logits forward and backward per micro-batch with a residual; the first one's gradient is the running
+        sum, `_running_sum`)."""
+        total: TensorDict | None = None
         for mb in micro_batches:
             if mb.logit_residual is None:
                 continue
@@ -124,8 +126,23 @@ class DenseBackend:
                 gradient = kernels.logit_cotangent_grad(
                     self.model, mb.batch, mb.residual_positions, mb.logit_residual * coeff_scale, params=self.names
                 )
-            for n in self.names:
-                total[n] += gradient[n]
+            total = self._running_sum(total, gradient)
+            del gradient
+        return self._running_sum(total, None)
+
+    def _running_sum(self, total: TensorDict | None, part: TensorDict | None) -> TensorDict:
+        """`total + part` in `total`'s storage, in the parameters' compute dtypes (`compute_dtype`); with no `total`
+        yet, `part` itself becomes it (`_owned`: bit for bit `0 + part`, and no zero-filled buffer waits beside the
+        backward graph that makes `part`); with neither, zeros."""
+        if part is None:
+            if total is not None:
+                return total
+            return {n: torch.zeros_like(p, dtype=compute_dtype(p.dtype)) for n, p in self.params.items()}
+        if total is None:
+            owned: set[int] = set()
+            return {n: _owned(part[n], p, owned) for n, p in self.params.items()}
+        for n in self.names:
+            total[n] += part[n]
         return total
 
     def jvps(self, batches: dict[str, TokenBatch], directions: list[TensorDict]) -> dict[str, Tensor]:
@@ -233,6 +250,19 @@ class DenseBackend:
             )
         _dist.all_reduce(squares)
         return {"logprob_norm": float(squares[0]) ** 0.5, "pntk_norm": float(squares[1]) ** 0.5}
+
+
+def _owned(gradient: Tensor, param: Tensor, owned: set[int]) -> Tensor:
+    """`gradient` as a running sum of `param`'s gradients, in `param`'s compute dtype and layout: the tensor itself
+    when it has them and owns its storage alone (autograd may hand out views, expanded or shared tensors, which
+    in-place sums must not write through), else a copy. `owned`: the storages already taken, updated."""
+    dtype = compute_dtype(param.dtype)
+    storage = gradient.untyped_storage()
+    alone = storage.nbytes() == gradient.numel() * gradient.element_size() and storage.data_ptr() not in owned
+    if gradient.dtype == dtype and gradient.stride() == param.stride() and alone:
+        owned.add(storage.data_ptr())
+        return gradient
+    return torch.empty_like(param, dtype=dtype).copy_(gradient)
 
 
 def _batch_jvps(model: nn.Module, batch: TokenBatch, directions: list[TensorDict], names: list[str]) -> Tensor:

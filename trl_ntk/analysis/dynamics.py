@@ -199,9 +199,10 @@ def explain_update(
     Returns:
         `UpdateExplanation`. Memory beyond the model's own (dense backend, float32 parameters, `P` = their bytes):
         one parameter-sized buffer at a time: the history direction, then the raw gradient of the gradient check
-        (its own backward, `gradient_check`), then one cell's gradient at a time, preconditioned in place; each
-        micro-batch's backward adds into the running gradient in place (float32 parameters; one more gradient
-        while it is added otherwise); the optimizer's `P` is computed one parameter at a time
+        (its own backward, `gradient_check`), then one cell's gradient at a time, preconditioned in place; the
+        first micro-batch's backward builds the running gradient as it frees its graph (no buffer waits beside a
+        whole graph), each later one adds into it in place (float32 parameters; one more gradient while it is
+        added otherwise); the optimizer's `P` is computed one parameter at a time
         (`dense.LazySplit`); never `[Mp, P]`. Plus the activations of one backward or JVP. See `analysis.memory`.
     """
     backend = DenseBackend(model, chunk_size, jvp_chunk_size=jvp_chunk_size) if backend is None else backend

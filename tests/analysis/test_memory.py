@@ -125,6 +125,13 @@ def test_model_shape_reads_the_config_and_the_trainable_parameters():
     assert shape.vocab == model.config.vocab_size and shape.buffer_bytes == 4
     assert shape.largest == max(p.numel() for p in params) and not shape.checkpointing
     assert memory.free_bytes("cpu") > 0
+    assert shape.chunked_head and shape.head_rows == logprobs.head_chunk_rows(shape.vocab, shape.hidden, 4)
+    # a head the analysis differentiates through its own forward (LoRA on lm_head) holds all targets' `[M, V]`
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(_llama(16, lora=False), LoraConfig(r=4, target_modules=["lm_head"]))
+    assert not memory.model_shape(wrapped).chunked_head and memory.model_shape(wrapped).head_rows is None
+    assert memory.model_shape(_llama(16, lora=True)).chunked_head  # LoRA on the layers: a plain lm_head
     model.gradient_checkpointing_enable()
     checkpointed = memory.model_shape(model)
     assert checkpointed.checkpointing
@@ -140,6 +147,16 @@ def test_head_term_counts_the_rows_formed_at_once_and_above_training_subtracts_a
     assert memory.head_bytes(SHAPE, 32, chunk_rows=64) == 32 * per_row
     assert memory.split_bytes(SHAPE) == 0  # no largest parameter given
     assert memory.split_bytes(memory.ModelShape(**{**SHAPE.__dict__, "largest": 1000})) == memory.SPLIT_COPIES * 4000
+    # a plain linear unembedding runs in row chunks (`logprobs.head_chunk_rows`), counted at the chunk's rows
+    wide = memory.ModelShape(**{**SHAPE.__dict__, "vocab": 151936, "hidden": 896, "chunked_head": True})
+    chunk = logprobs.head_chunk_rows(151936, 896, 4)
+    assert wide.head_rows == chunk < 512 and memory.head_bytes(wide, 512) == memory.HEAD_COPIES * chunk * 151936 * 4
+    assert memory.ModelShape(**{**wide.__dict__, "chunked_head": False}).head_rows is None
+    # a backward also forms the largest parameter's gradients (per tangent of a batched backward)
+    assert memory.gradient_bytes(wide) == 0
+    large = memory.ModelShape(**{**wide.__dict__, "largest": 1000})
+    assert memory.gradient_bytes(large, 3) == 3 * memory.BACKWARD_GRADIENTS * 4000
+    assert memory.backward_bytes(large, 1, 8) - memory.backward_bytes(wide, 1, 8) == memory.gradient_bytes(large)
     estimate = memory.estimate(SHAPE, "sums", WORK)
     floor = WORK.train_rows * WORK.train_length * SHAPE.layers * (4 * SHAPE.hidden + 2 * SHAPE.intermediate) * 2
     assert estimate.training == floor == memory.training_bytes(SHAPE, WORK.train_rows, WORK.train_length)
@@ -314,22 +331,50 @@ def test_estimate_of_a_lora_step_is_an_upper_bound_and_not_counted_in_parameters
 def test_estimate_bounds_a_large_vocabulary_step_and_its_part_above_a_plain_step(monkeypatch, lora, length):
     """Hidden 128, vocabulary 32,768 (the tied embedding is 94% of the parameters). The estimate and its part above a
     plain training step (a chunked loss head, the least a plain step holds) bound the measured tensor peak and the
-    measured difference. The estimate counts the per-target head's `[rows, V]` tensors for every target at once and
-    the optimizer split as whole-parameter copies, while the head runs in row chunks (`logprobs.head_chunk_rows`)
-    and the split in slices: conservative by those two terms; with them credited (the chunk's rows, the split's
-    three parameter copies of `dense.LazySplit`) the total is within 4.5x of the measure (4.2x for LoRA)."""
+    measured difference, and the estimate is within 4.5x of the measure: it counts the per-target head's `[rows, V]`
+    tensors for one row chunk (`logprobs.head_chunk_rows`, 32 rows here) where counting all targets at once made it
+    6.3x (full fine-tuning, T 256) and 40x (LoRA). It counts the optimizer split as whole-parameter copies while the
+    split runs in slices: with the split's three parameter copies of `dense.LazySplit` credited too, the total stays
+    within 4.5x of the measure."""
     vocab = 32768
     model = _llama(length, lora=lora, vocab=vocab, hidden=128, layers=1)
     plain, peak, estimate = _measured_sums_step(model, length, vocab, probe_length=32)
     shape = memory.model_shape(model)
     work = memory.Workload(train_rows=2, train_length=length, probe_rows=2, probe_length=32)
-    assert peak <= estimate.total and max(peak - plain, 0) <= estimate.above_training, (plain, peak, estimate)
-    chunk = logprobs.head_chunk_rows(vocab, shape.hidden, 4)
-    head_bytes = memory.head_bytes
-    monkeypatch.setattr(memory, "head_bytes", lambda s, rows, chunk_rows=None: head_bytes(s, rows, chunk_rows=chunk))
+    assert shape.head_rows == logprobs.head_chunk_rows(vocab, shape.hidden, 4) == 32
+    assert peak <= estimate.total <= 4.5 * peak, (peak, estimate)
+    assert max(peak - plain, 0) <= estimate.above_training, (plain, peak, estimate)
     monkeypatch.setattr(memory, "SPLIT_COPIES", 3)
     credited = memory.estimate(shape, "sums", work)
     assert peak <= 4.5 * credited.total and credited.total <= 4.5 * peak, (peak, credited)
+
+
+def test_backward_term_counts_the_gradients_a_chunked_head_backward_forms():
+    """A training backward through the chunked head (hidden 256, vocabulary 32,768, tied embeddings, full
+    fine-tuning, T 128, gradients added into preallocated buffers) holds the head weight's `[V, h]` gradient, and at
+    the embedding two of them (the head's, held until the embedding's is summed with it): 67.4 MB measured, two
+    33.5 MB gradients. `backward_bytes` bounds the measured tensor peak within 2.5x (130.6 MB), and without its
+    gradient term (`gradient_bytes`) it falls below it (63.4 MB): the `[rows, V]` head chunks (64 rows of 256
+    targets) alone do not cover them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from trl_ntk._model import trainable_parameters
+    from trl_ntk.ntk import kernels
+
+    vocab, hidden, rows, length = 32768, 256, 2, 128
+    model = _llama(length, lora=False, vocab=vocab, hidden=hidden, layers=1)
+    batch = _long_batch(rows, length, 1, vocab)
+    weights = torch.randn(batch.num_targets, generator=torch.Generator().manual_seed(0))
+    total = {n: torch.zeros_like(p) for n, p in trainable_parameters(model).items()}
+    kernels.logprob_grad(model, batch, weights, into=total)  # first-call allocations outside the measure
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as session:
+        kernels.logprob_grad(model, batch, weights, into=total)
+    peak = tensor_peak(session)
+    shape = memory.model_shape(model)
+    assert shape.head_rows is not None and shape.head_rows < batch.num_targets
+    estimate = memory.backward_bytes(shape, rows, length)
+    assert peak > shape.largest * 4 and peak <= estimate <= 2.5 * peak, (peak, estimate)
+    assert estimate - memory.gradient_bytes(shape) < peak, (peak, estimate)
 
 
 def _numbers(value, prefix=""):

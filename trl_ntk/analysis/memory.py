@@ -22,7 +22,7 @@ Activations of a decoder with hidden size `h`, MLP width `i`, `L` layers, `H` he
 of `T` tokens at `e` bytes an element (the model's dtype; the log-softmax in float32; `s = max(e, 4)`), with
 `M <= R T` target tokens (counted as `R T`: the estimate does not know which tokens are targets):
 
-    backward graph    R T L (10 h + 4 i + 2 H T a) e + head(M)
+    backward graph    R T L (10 h + 4 i + 2 H T a) e + head(M) + grads
     no-grad forward   R T [(4 h + 2 i + H T a) e + 3 V 4]
     JVP (forward AD)  R T [2 (4 h + 2 i) e + 6 H T s] + head(M) + 2 h i e: primal and tangent of one layer alive;
                       SDPA runs its MATH backend, whose scores, softmax and their tangents (with the temporaries of
@@ -30,9 +30,14 @@ of `T` tokens at `e` bytes an element (the model's dtype; the log-softmax in flo
                       `2 h i e`: a weight-sized tangent product of the MLP
     finite difference no-grad forward in float32 with the model's own kernel, plus one saved copy of the
                       parameters (`B`)
-    head(M)           `HEAD_COPIES` float32 `[m, V]` tensors, `m = min(M, HEAD_CHUNK_ROWS)` rows of the per-target
-                      head at once (`logprobs._head_outputs`: pre-activations, log-softmax, probabilities, the logit
-                      gradients and their temporaries; measured 5.7 `[M, V]` in a backward, 6.0 in a JVP)
+    head(M)           `HEAD_COPIES` `[m, V]` tensors (float32, or the model's dtype if wider) of the per-target head
+                      (`logprobs._head_outputs`), `m = min(M, logprobs.head_chunk_rows(V, h, s))` rows at once when
+                      the head is a plain linear unembedding, which runs in row chunks (`logprobs.LogitGrads`),
+                      `m = M` otherwise (a wrapped head, e.g. LoRA on `lm_head`, runs through its own forward)
+    grads             `BACKWARD_GRADIENTS` gradients of the largest trainable parameter, in the buffers' dtype (per
+                      tangent of a batched backward): autograd forms a parameter's gradient before adding it into
+                      the running sum (the head weight's `[V, h]` gradient from the chunked head's backward), and a
+                      tied embedding's head gradient waits for the embedding's own to be summed with it
     split             `SPLIT_COPIES` float32 copies of the largest trainable parameter: the optimizer's split is
                       read one parameter at a time (`dense.LazySplit`), and its `P` and history of one parameter
                       hold 6 (AdamW) or 7 (Adam, L2 decay) of its size at their peak (`optim.optimizer_step_split`)
@@ -65,7 +70,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from trl_ntk._model import compute_dtype, trainable_parameters
+from trl_ntk._model import compute_dtype, decoder_and_head, trainable_parameters
+from trl_ntk.ntk import logprobs
 
 SAFETY = 0.8
 """Fraction of the free memory an analysis step may plan to use."""
@@ -78,15 +84,23 @@ state), counted with the activations: on CPU the resident-set peak of `benchmark
 7 MiB above the tensor peak `torch.profiler` measures for the same step."""
 
 HEAD_COPIES = 7
-"""Float32 `[rows, V]` tensors the per-target head (`logprobs._head_outputs`) holds at its peak in a backward or a
-JVP: measured 5.7 and 6.0 (`torch.profiler`, hidden 128, vocabulary 32,768), one more for other outputs'
-temporaries."""
+"""`[rows, V]` tensors (float32 or wider) the per-target head (`logprobs._head_outputs`) holds at its peak, `rows`
+the targets of one chunk (`ModelShape.head_rows`). Measured (`torch.profiler`, float32) in row chunks: 2.0-2.1 in
+the differentiable forward, 2.9-3.0 in a backward besides the weight's gradient, 3.1-3.4 in a JVP (`V` 4,096 to
+151,936, `h` 64 to 896), and 4 alive at the peak of a training micro-batch's backward in an analysis step (the last
+chunk's logit gradients still referenced while the next chunk forms; hidden 128, vocabulary 32,768); the earlier
+unchunked head held 5.7 (backward) and 6.0 (JVP) `[M, V]`. Kept at 7 as a margin over the measured 4."""
 
-HEAD_CHUNK_ROWS: int | None = None
-"""Target rows the estimate counts the per-target head's `[rows, V]` tensors for; `None`: all `M` targets of a
-batch. The head runs in row chunks (`logprobs.head_chunk_rows`), so this overstates its peak at large vocabularies:
-kept as a margin, since the estimate must bound the step's peak and crediting the chunks alone fell below the
-measure (hidden 128, vocabulary 32,768, T 256: 67 MB against 72 MB measured, `tests/analysis/test_memory.py`)."""
+BACKWARD_GRADIENTS = 2
+"""Parameter-sized gradients of the largest trainable parameter a backward holds besides the buffer it adds into:
+autograd forms each parameter's gradient before adding it in place (`jvp.Backward.accumulate`; the chunked head's
+`[V, h]` weight gradient, `logprobs._HeadParameterTerm.backward`), and with tied embeddings the head's gradient is
+held until the input embedding's own is formed and summed with it. Measured (`torch.profiler`, tied, full
+fine-tuning, one layer): at hidden 128, vocabulary 32,768, one `[V, h]` gradient at the head's backward (with 4
+`[rows, V]` head tensors) and two at the embedding's; at hidden 256 (T 128, 2 rows) a training backward's peak of
+67.4 MB is mostly those two 33.5 MB gradients. Counting the head for all targets at once covered them (its `[M, V]`
+term was larger); with its row chunks credited they must be counted: without them `backward_bytes` is 63.4 MB there,
+below the measure (130.6 MB with them)."""
 
 JVP_SMALL_MODEL_BYTES = 2**30
 """What the tangents of one batched JVP of the "tokens" level and their activations may take by default
@@ -117,6 +131,7 @@ class ModelShape:
     fused_attention: bool = False
     largest: int = 0  # elements of the largest trainable parameter
     checkpointing: bool = False  # gradient checkpointing in the training forward
+    chunked_head: bool = False  # a plain linear unembedding: the per-target head runs in row chunks
 
     @property
     def buffer(self) -> int:
@@ -128,6 +143,20 @@ class ModelShape:
         """`P`: trainable-parameter bytes."""
         return self.num_params * self.param_bytes
 
+    @property
+    def head_element(self) -> int:
+        """Bytes of one element of the per-target head's `[rows, V]` tensors: float32, or the model's dtype if
+        wider (`compute_dtype`)."""
+        return max(self.act_bytes, 4)
+
+    @property
+    def head_rows(self) -> int | None:
+        """Targets whose `[rows, V]` tensors the per-target head forms at once: the row chunk the head runs
+        (`logprobs.head_chunk_rows`) when `chunked_head`, `None` (all targets of a batch) otherwise."""
+        if not (self.chunked_head and self.vocab and self.hidden):
+            return None
+        return logprobs.head_chunk_rows(self.vocab, self.hidden, self.head_element)
+
 
 def model_shape(model: nn.Module) -> ModelShape:
     """The `ModelShape` of a Hugging Face causal LM (its text config), trainable parameters only."""
@@ -138,6 +167,10 @@ def model_shape(model: nn.Module) -> ModelShape:
     text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
     first = next(model.parameters(), None)
     impl = getattr(config, "_attn_implementation", None)
+    try:
+        chunked = type(decoder_and_head(model)[1]) is nn.Linear  # as `logprobs._head_outputs` decides
+    except Exception:  # noqa: BLE001 - no output embedding found: count the head unchunked, never fail the check
+        chunked = False
     return ModelShape(
         num_params=num,
         buffer_bytes=torch.empty((), dtype=compute_dtype(dtype)).element_size(),
@@ -151,6 +184,7 @@ def model_shape(model: nn.Module) -> ModelShape:
         fused_attention=isinstance(impl, str) and impl not in ("eager",),
         largest=max((p.numel() for p in params), default=0),
         checkpointing=any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()),
+        chunked_head=chunked,
     )
 
 
@@ -161,11 +195,19 @@ def forward_bytes(shape: ModelShape, rows: int, length: int, *, scores: bool, el
     return rows * length * (per_token + 3 * shape.vocab * 4)
 
 
-def head_bytes(shape: ModelShape, rows: int, chunk_rows: int | None = HEAD_CHUNK_ROWS) -> int:
-    """Peak bytes of the per-target head on `rows` targets, `HEAD_COPIES` float32 `[m, V]` tensors with
-    `m = min(rows, chunk_rows)` rows formed at once (`chunk_rows=None`: all rows)."""
-    alive = rows if chunk_rows is None else min(rows, chunk_rows)
-    return HEAD_COPIES * alive * shape.vocab * 4
+def head_bytes(shape: ModelShape, rows: int, chunk_rows: int | None = None) -> int:
+    """Peak bytes of the per-target head on `rows` targets: `HEAD_COPIES` `[m, V]` tensors of `head_element` bytes,
+    `m = min(rows, chunk_rows)` rows formed at once (`chunk_rows=None`: the shape's own, `ModelShape.head_rows`,
+    all rows for an unchunked head)."""
+    chunk = shape.head_rows if chunk_rows is None else chunk_rows
+    alive = rows if chunk is None else min(rows, chunk)
+    return HEAD_COPIES * alive * shape.vocab * shape.head_element
+
+
+def gradient_bytes(shape: ModelShape, tangents: int = 1) -> int:
+    """Bytes of the parameter gradients a backward forms besides the buffers it fills: `BACKWARD_GRADIENTS`
+    gradients of the largest trainable parameter in the buffers' dtype, per tangent of a batched backward."""
+    return BACKWARD_GRADIENTS * tangents * shape.largest * shape.buffer_bytes
 
 
 def split_bytes(shape: ModelShape) -> int:
@@ -173,12 +215,14 @@ def split_bytes(shape: ModelShape) -> int:
     return SPLIT_COPIES * shape.largest * shape.buffer_bytes
 
 
-def backward_bytes(shape: ModelShape, rows: int, length: int) -> int:
-    """Activations an analysis backward keeps (every layer's saved tensors, the attention scores unless fused, and
-    the per-target head on up to `rows x length` targets)."""
+def backward_bytes(shape: ModelShape, rows: int, length: int, tangents: int = 1) -> int:
+    """Activations an analysis backward keeps (every layer's saved tensors, the attention scores unless fused, the
+    per-target head on up to `rows x length` targets) and the parameter gradients it forms (`gradient_bytes`,
+    `tangents` per-target gradients at once for a batched backward)."""
     scores = 2 * shape.heads * length * int(not shape.fused_attention)
     per_layer = (10 * shape.hidden + 4 * shape.intermediate + scores) * shape.act_bytes
-    return rows * length * shape.layers * per_layer + head_bytes(shape, rows * length)
+    layers = rows * length * shape.layers * per_layer
+    return layers + head_bytes(shape, rows * length) + gradient_bytes(shape, tangents)
 
 
 def training_bytes(shape: ModelShape, rows: int, length: int) -> int:
@@ -275,7 +319,7 @@ def estimate(shape: ModelShape, level: str, work: Workload, path: str = "func") 
     tangents = min(work.jvp_chunk_size or work.chunk_size, work.chunk_size)
     tangents = 1 if fd else tangents  # finite differences run one tangent at a time
     train_jvps = tangents * jvp_bytes(shape, work.train_rows, work.train_length, path)
-    probe_graph = backward_bytes(shape, work.probe_rows, work.probe_length)
+    probe_graph = backward_bytes(shape, work.probe_rows, work.probe_length, tangents)
     buffers = (tangents + int(fd)) * shape.buffer
     largest = max(train_graph, probe_graph + train_jvps, probe_jvp, scoring, split)
     return Estimate(level, path, buffers, RUNTIME + largest, training)

@@ -38,9 +38,10 @@ of `T` tokens at `e` bytes an element (the model's dtype; the log-softmax in flo
                       tangent of a batched backward): autograd forms a parameter's gradient before adding it into
                       the running sum (the head weight's `[V, h]` gradient from the chunked head's backward), and a
                       tied embedding's head gradient waits for the embedding's own to be summed with it
-    split             `SPLIT_COPIES` float32 copies of the largest trainable parameter: the optimizer's split is
-                      read one parameter at a time (`dense.LazySplit`), and its `P` and history of one parameter
-                      hold 6 (AdamW) or 7 (Adam, L2 decay) of its size at their peak (`optim.optimizer_step_split`)
+    split             the optimizer's split, read one parameter at a time (`dense.LazySplit`), of the largest
+                      trainable parameter: `SPLIT_RESULTS` float32 copies of it plus `SPLIT_SLICE_COPIES`
+                      temporaries of one slice (`optim.SPLIT_CHUNK_ELEMENTS`); `SPLIT_COPIES` whole copies for a
+                      DTensor shard, computed whole (`optim.optimizer_step_split`)
 
 with `a = 1` when attention forms the `T x T` scores (eager, MATH) and `a = 0` for fused kernels (flash,
 memory-efficient SDPA). The JVP term grows like `T^2` per head; the finite-difference path like a forward. These
@@ -71,7 +72,7 @@ import torch
 from torch import nn
 
 from trl_ntk._model import compute_dtype, decoder_and_head, trainable_parameters
-from trl_ntk.ntk import logprobs
+from trl_ntk.ntk import logprobs, optim
 
 SAFETY = 0.8
 """Fraction of the free memory an analysis step may plan to use."""
@@ -109,9 +110,20 @@ about 16M float32 parameters the whole chunk then runs in one JVP (1 GiB at most
 stays within `P` plus one chunk of buffers."""
 
 SPLIT_COPIES = 7
-"""Parameter-sized float32 temporaries of the optimizer's split of one parameter (`optim.optimizer_step_split`) at
-its peak: measured (`torch.profiler`) 6 for AdamW with decoupled weight decay (`v_t`, the denominator, `P`, the
+"""Parameter-sized float32 temporaries of the optimizer's split of one parameter computed whole (a tensor subclass
+such as a DTensor shard; plain tensors run in slices, `SPLIT_SLICE_COPIES`) at its peak: measured
+(`torch.profiler`, whole parameters) 6 for AdamW with decoupled weight decay (`v_t`, the denominator, `P`, the
 momentum term, the decay term and the history), with amsgrad too, and 7 for Adam with L2 decay."""
+
+SPLIT_SLICE_COPIES = 10
+"""Float32 temporaries of one slice (`optim.SPLIT_CHUNK_ELEMENTS` elements, 4 MiB) of a split that runs in slices,
+at its peak beside the results (`SPLIT_RESULTS`): measured (`torch.profiler`, a parameter of 3 slices) 7 for AdamW
+and 8 for Adam with L2 decay; 2 more as a margin (8 MiB)."""
+
+SPLIT_RESULTS = 3
+"""Parameter-sized float32 results of the split alive at once when it runs in slices: the parameter's `P` and
+history being filled, and the part a caller still holds from the previous read (`dense.LazySplit` computes both
+parts at each read and returns one)."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,7 @@ class ModelShape:
     largest: int = 0  # elements of the largest trainable parameter
     checkpointing: bool = False  # gradient checkpointing in the training forward
     chunked_head: bool = False  # a plain linear unembedding: the per-target head runs in row chunks
+    sliced_split: bool = False  # plain tensors: the optimizer's split runs in slices (`optim._adam_split`)
 
     @property
     def buffer(self) -> int:
@@ -185,6 +198,7 @@ def model_shape(model: nn.Module) -> ModelShape:
         largest=max((p.numel() for p in params), default=0),
         checkpointing=any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()),
         chunked_head=chunked,
+        sliced_split=bool(params) and all(type(p.detach()) is torch.Tensor for p in params),
     )
 
 
@@ -211,8 +225,13 @@ def gradient_bytes(shape: ModelShape, tangents: int = 1) -> int:
 
 
 def split_bytes(shape: ModelShape) -> int:
-    """Peak bytes of the optimizer's split of the largest trainable parameter (`SPLIT_COPIES` buffers of it)."""
-    return SPLIT_COPIES * shape.largest * shape.buffer_bytes
+    """Peak bytes of the optimizer's split of the largest trainable parameter: `SPLIT_RESULTS` buffers of it plus
+    `SPLIT_SLICE_COPIES` temporaries of one slice (`optim.SPLIT_CHUNK_ELEMENTS` elements) when the split runs in slices
+    (`ModelShape.sliced_split`), `SPLIT_COPIES` buffers of the whole parameter otherwise."""
+    if not shape.sliced_split:
+        return SPLIT_COPIES * shape.largest * shape.buffer_bytes
+    part = min(shape.largest, optim.SPLIT_CHUNK_ELEMENTS)
+    return (SPLIT_RESULTS * shape.largest + SPLIT_SLICE_COPIES * part) * shape.buffer_bytes
 
 
 def backward_bytes(shape: ModelShape, rows: int, length: int, tangents: int = 1) -> int:

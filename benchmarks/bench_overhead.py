@@ -12,11 +12,13 @@ for wall and process-CPU time (the CPU column is the robust one on a shared mach
 Besides whole runs, the callback's events are timed one by one: the cost of one analysis step (for `"none"`: one
 scoring event, i.e. greedy generation of the probe prompts, encoding, probe forwards and records) in plain steps,
 `callback CPU seconds in that step / median plain step`, median over the analysed steps after step 0 (step 0 also
-pays one-time costs); the end-of-training scoring; and where the time goes (generation, probe scoring, the update
-analysis, the token matrix). The steady-state projection of a long run is `1 + event / every_n_steps`; at the
-tokens level, the event is that of the steps without the token matrix, and the projection averages over one period
-of the matrix (`matrix_every_n_steps`, default 1000: one analysis in 20 at every 50 steps computes it, costed as the
-measured steps with it, step 0 included).
+pays one-time costs); the end-of-training scoring; where the time goes (generation, probe scoring, the update
+analysis, the token matrix); and the steps it does not analyse ("other steps": their median CPU time over the plain
+step's, its per-step hooks included; a check that they cost nothing, +-5-10% from one run to the next here). The
+steady-state projection of a long run is `1 + event / every_n_steps`; at the tokens level, the event is that of the
+steps without the token matrix, and the projection averages over one period of the matrix (`matrix_every_n_steps`,
+default 1000: one analysis in 20 at every 50 steps computes it, costed as the measured steps with it, step 0
+included).
 Targets: a scoring event ("none") <= 0.5 plain steps, so that tracking every 10 steps is <= 1.05x; at every 50
 steps "none" <= 1.05x, "sums" <= 1.15x, "tokens" <= 1.5x.
 """
@@ -294,6 +296,18 @@ def _event_multiple(level_runs: list[RunTimes], plain_step: float, level: str) -
     return _median(later or list(per_step.values())), per_step
 
 
+def _other_steps(level_runs: list[RunTimes]) -> float:
+    """Median CPU seconds of the steps the callback does not analyse (its per-step hooks included), after step 0."""
+    return _median(
+        [
+            cpu
+            for run in level_runs
+            for step, (_, cpu) in enumerate(run.steps)
+            if step > 0 and step not in set(run.scoring_steps)
+        ]
+    )
+
+
 def _long_run(level: str, every: int, event: float, per_step: dict[int, float]) -> float:
     """Projected whole-run ratio of a long run: `1 + mean event / every`, the mean over one period of the token
     matrix (`matrix_every_n_steps / every` analyses, one of them with the matrix, costed as the median of the
@@ -316,7 +330,7 @@ def report(kind: str, runs: dict[RunKey, list[RunTimes]], args: argparse.Namespa
     )
     print(
         f"{'level':<8}{'every':>6}{'runs':>5}{'event (x plain step)':>22}{'run ratio wall':>16}{'CPU':>7}"
-        f"{'steady state':>14}{'target':>9}{'end score (x)':>15}"
+        f"{'other steps':>12}{'steady state':>14}{'target':>9}{'end score (x)':>15}"
     )
     summary = []
     for key, level_runs in runs.items():
@@ -327,6 +341,7 @@ def report(kind: str, runs: dict[RunKey, list[RunTimes]], args: argparse.Namespa
             _median([run.train[i] / plain.train[i] for run, plain in zip(level_runs, plain_runs)]) for i in range(2)
         ]
         event, per_step = _event_multiple(level_runs, plain_step[1], level)
+        other = _other_steps(level_runs) / plain_step[1]
         steady = _long_run(level, every, event, per_step)
         end = _median([run.events["on_train_end"][1] for run in level_runs]) / plain_step[1]
         target = TARGETS[level] if every >= 50 or level == "none" else None
@@ -335,11 +350,20 @@ def report(kind: str, runs: dict[RunKey, list[RunTimes]], args: argparse.Namespa
             verdict += f", event {'met' if event <= EVENT_TARGET else 'MISSED'} (<= {EVENT_TARGET})"
         print(
             f"{level:<8}{every:>6}{len(level_runs):>5}{event:>22.2f}{ratios[0]:>16.3f}{ratios[1]:>7.3f}"
-            f"{steady:>14.3f}{'' if target is None else '<= ' + str(target):>9}{end:>15.2f}   {verdict}"
+            f"{other:>12.3f}{steady:>14.3f}{'' if target is None else '<= ' + str(target):>9}{end:>15.2f}   {verdict}"
             f" (per analysed step: {', '.join(f'{step}: {value:.2f}' for step, value in per_step.items())})"
         )
         summary.append(
-            {"trainer": kind, "level": level, "every": every, "event": event, "wall": ratios[0], "cpu": ratios[1]}
+            {
+                "trainer": kind,
+                "level": level,
+                "every": every,
+                "event": event,
+                "wall": ratios[0],
+                "cpu": ratios[1],
+                "other": other,
+                "steady": steady,
+            }
         )
     _report_parts(kind, runs)
     return summary
